@@ -1,0 +1,75 @@
+"""Hand-derived checks for rlhfkit.rl.logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlhfkit.rl import entropy_from_logits, logprobs_from_logits
+
+LN2, LN3 = math.log(2.0), math.log(3.0)
+
+
+def test_logprobs_temperature_one_and_half():
+    # logits [0, ln2, ln3] -> exp = [1, 2, 3], sum 6 -> p = [1/6, 1/3, 1/2].
+    # temperature 0.5 -> logits * 2 = [0, ln4, ln9] -> exp [1, 4, 9], sum 14 -> p = [1/14, 4/14, 9/14].
+    logits = torch.tensor([[[0.0, LN2, LN3], [0.0, LN2, LN3]]])  # (1, 2, 3)
+    labels = torch.tensor([[2, 0]])
+    out = logprobs_from_logits(logits, labels)
+    assert out.shape == (1, 2) and out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([[math.log(1 / 2), math.log(1 / 6)]]), atol=1e-6, rtol=0)
+
+    out_t = logprobs_from_logits(logits, labels, temperature=0.5)
+    torch.testing.assert_close(out_t, torch.tensor([[math.log(9 / 14), math.log(1 / 14)]]), atol=1e-6, rtol=0)
+
+    # temperature 2 -> logits / 2 = [0, ln sqrt2, ln sqrt3] -> exp [1, sqrt2, sqrt3].
+    out_t2 = logprobs_from_logits(logits, labels, temperature=2.0)
+    denom = 1.0 + math.sqrt(2.0) + math.sqrt(3.0)
+    torch.testing.assert_close(
+        out_t2, torch.tensor([[math.log(math.sqrt(3.0) / denom), math.log(1.0 / denom)]]), atol=1e-6, rtol=0
+    )
+
+
+def test_logprobs_bf16_is_upcast_to_float32():
+    # 0, 1, 2 are exact in bf16, so the answer is exact: log p(2) = 2 - ln(1 + e + e^2).
+    logits = torch.tensor([[[0.0, 1.0, 2.0]]], dtype=torch.bfloat16)
+    out = logprobs_from_logits(logits, torch.tensor([[2]]))
+    assert out.dtype == torch.float32
+    expected = 2.0 - math.log(1.0 + math.e + math.e**2)
+    torch.testing.assert_close(out, torch.tensor([[expected]]), atol=1e-6, rtol=0)
+
+
+def test_logprobs_matches_reference_log_softmax():
+    # Cross-check against torch.log_softmax (an independent implementation).
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 7, generator=gen)
+    labels = torch.randint(0, 7, (3, 4), generator=gen)
+    expected = torch.log_softmax(logits / 0.7, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logprobs_from_logits(logits, labels, 0.7), expected, atol=1e-6, rtol=0)
+
+
+def test_entropy_hand_values():
+    # Uniform over 3 tokens: H = ln 3.
+    # p = [1/6, 1/3, 1/2]: H = (1/6) ln6 + (1/3) ln3 + (1/2) ln2.
+    # temperature 0.5 -> p = [1/14, 4/14, 9/14]: H = ln14 - (4 ln4 + 9 ln9) / 14.
+    logits = torch.tensor([[[5.0, 5.0, 5.0], [0.0, LN2, LN3]]])
+    out = entropy_from_logits(logits)
+    assert out.dtype == torch.float32
+    h_second = math.log(6) / 6 + LN3 / 3 + LN2 / 2
+    torch.testing.assert_close(out, torch.tensor([[LN3, h_second]]), atol=1e-6, rtol=0)
+
+    out_t = entropy_from_logits(torch.tensor([[[0.0, LN2, LN3]]]), temperature=0.5)
+    h_t = math.log(14) - (4 * math.log(4) + 9 * math.log(9)) / 14
+    torch.testing.assert_close(out_t, torch.tensor([[h_t]]), atol=1e-6, rtol=0)
+
+    # fp16 input is upcast: uniform (5 is exact in fp16) stays exactly ln 3.
+    out16 = entropy_from_logits(logits[:, :1].to(torch.float16))
+    assert out16.dtype == torch.float32
+    torch.testing.assert_close(out16, torch.tensor([[LN3]]), atol=1e-6, rtol=0)
+
+
+def test_entropy_with_banned_token_is_finite():
+    # A -inf logit has p = 0 and contributes nothing: two equal survivors -> H = ln 2.
+    logits = torch.tensor([[[0.0, 0.0, float("-inf")]]])
+    torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([[LN2]]), atol=1e-6, rtol=0)
