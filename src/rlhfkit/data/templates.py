@@ -151,7 +151,7 @@ class FormatTemplate(Template):
 
     def _pieces(self, tokenizer: Any, messages: list[dict[str, str]], system: str | None) -> tuple[list[tuple[list, list]], list]:
         system = system if system is not None else self.default_system
-        head = self._bos(tokenizer) + self.prefix + (self.system.replace("{content}", system) if system else "")
+        head = self.prefix + (self.system.replace("{content}", system) if system else "")
         pairs: list[tuple[list, list]] = []
         prompt = [head]
         for message in messages:
@@ -161,10 +161,14 @@ class FormatTemplate(Template):
                 reply = [p.replace("{content}", message["content"]) if isinstance(p, str) else p for p in self.assistant]
                 pairs.append((prompt, reply))
                 prompt = [self.separator]
+        first = pairs[0][0] if pairs else prompt
+        first.insert(0, self._bos(tokenizer, "".join(first)))
         return pairs, prompt
 
-    def _bos(self, tokenizer: Any) -> str:
-        if self.prefix or tokenizer.bos_token_id is None:
+    def _bos(self, tokenizer: Any, start: str) -> str:
+        """The tokenizer's BOS text if it adds BOS to plain text itself and `start` lacks it."""
+        bos = tokenizer.bos_token
+        if self.prefix or tokenizer.bos_token_id is None or not bos or start.startswith(bos):
             return ""
         with_special = tokenizer.encode("a", add_special_tokens=True)
         adds_bos = with_special[:1] == [tokenizer.bos_token_id] and encode_text(tokenizer, "a")[:1] != [tokenizer.bos_token_id]
