@@ -1,0 +1,190 @@
+"""Read a YAML config plus `key=value` overrides into a typed, validated `Config`."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhfkit.config.arguments import (
+    IGNORED_KEYS,
+    SECTIONS,
+    DataArguments,
+    FinetuningArguments,
+    GenerationArguments,
+    ModelArguments,
+    OutputArguments,
+    PPOArguments,
+    TrainingArguments,
+)
+from rlhfkit.config.validation import validate
+from rlhfkit.errors import fail
+
+
+@dataclass
+class Config:
+    """The whole configuration of one run, one attribute per concern."""
+
+    model: ModelArguments = field(default_factory=ModelArguments)
+    data: DataArguments = field(default_factory=DataArguments)
+    finetuning: FinetuningArguments = field(default_factory=FinetuningArguments)
+    training: TrainingArguments = field(default_factory=TrainingArguments)
+    generation: GenerationArguments = field(default_factory=GenerationArguments)
+    ppo: PPOArguments = field(default_factory=PPOArguments)
+    output: OutputArguments = field(default_factory=OutputArguments)
+    ignored_keys: list[str] = field(default_factory=list)
+    """LLaMA-Factory keys that were present but have no effect here."""
+    source: str = "<overrides>"
+    """Where the config came from, for messages."""
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """All keys with their values, as one flat mapping (the YAML form)."""
+        flat: dict[str, Any] = {}
+        for section in SECTIONS:
+            flat.update(dataclasses.asdict(getattr(self, section)))
+        return flat
+
+
+def _key_owners() -> dict[str, tuple[str, dataclasses.Field]]:
+    owners = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            owners[f.name] = (section, f)
+    return owners
+
+
+KEY_OWNERS = _key_owners()
+
+
+def all_keys() -> list[str]:
+    """Every accepted configuration key."""
+    return sorted(KEY_OWNERS)
+
+
+def closest_key(key: str) -> str | None:
+    """The valid key that looks most like `key`, if any is close."""
+    match = difflib.get_close_matches(key, list(KEY_OWNERS) + list(IGNORED_KEYS), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+_HINTS = {name: _type_hints(cls) for name, cls in SECTIONS.items()}
+
+
+def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against the field's type; accept ints for floats and strings for numbers."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union:
+        if value is None:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(key, value, non_none[0], where)
+    if hint is Any:
+        return value
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return ",".join(value)
+    elif hint is list or origin is list:
+        if isinstance(value, list):
+            return value
+    else:
+        return value
+    raise fail(f"{where}: key '{key}' must be {expected.get(hint, str(hint))}, got {value!r}")
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise fail(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Load a YAML mapping with the safe loader; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise fail(f"config file {path} does not exist; pass the path of a YAML file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise fail(f"{path}{line}: {problem}; fix the YAML syntax") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise fail(f"{path}: the config must be a mapping of key: value lines")
+    return loaded
+
+
+def build_config(values: dict[str, Any], source: str = "<config>", check: bool = True) -> Config:
+    """Turn a flat mapping of keys into a validated `Config`."""
+    config = Config(source=source)
+    for key, value in values.items():
+        key = str(key)
+        if key in IGNORED_KEYS:
+            config.ignored_keys.append(key)
+            continue
+        if key not in KEY_OWNERS:
+            suggestion = closest_key(key)
+            hint = f"; did you mean '{suggestion}'?" if suggestion else "; see docs/configuration.md for the keys"
+            raise fail(f"{source}: unknown key '{key}'{hint}")
+        section, f = KEY_OWNERS[key]
+        coerced = _coerce(key, value, _HINTS[section][f.name], source)
+        setattr(getattr(config, section), key, coerced)
+    if check:
+        validate(config)
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, check: bool = True) -> Config:
+    """Read `path` (YAML) and apply `key=value` overrides on top; validate the result."""
+    values: dict[str, Any] = read_yaml(path) if path is not None else {}
+    for text in overrides or []:
+        key, value = _parse_override(text)
+        values[key] = value
+    source = str(path) if path is not None else "<overrides>"
+    return build_config(values, source=source, check=check)

@@ -1,0 +1,96 @@
+"""LoRA through peft: load existing adapters, add a trainable one, or freeze layers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from rlhfkit.config import FinetuningArguments
+from rlhfkit.errors import fail
+from rlhfkit.models.loading import POLICY_ADAPTER, apply_freeze, upcast_trainable_parameters
+
+logger = logging.getLogger(__name__)
+
+
+def split_paths(value: str | None) -> list[str]:
+    """Comma-separated paths as a list."""
+    return [p.strip() for p in (value or "").split(",") if p.strip()]
+
+
+def check_adapter_dir(path: str) -> None:
+    """Fail clearly unless `path` holds a peft adapter."""
+    if not Path(path).is_dir():
+        raise fail(f"adapter folder {path} does not exist; check adapter_name_or_path")
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise fail(f"{path} has no adapter_config.json; it is not a LoRA adapter folder")
+
+
+def adapter_base_path(path: str) -> str | None:
+    """The base model an adapter folder was trained on, as recorded by peft."""
+    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    return config.get("base_model_name_or_path")
+
+
+def lora_config(finetuning: FinetuningArguments) -> LoraConfig:
+    """The LoraConfig for a new trainable adapter."""
+    targets = [t.strip() for t in finetuning.lora_target.split(",") if t.strip()]
+    target_modules = "all-linear" if targets == ["all"] else targets
+    extra = split_paths(finetuning.additional_target) or None
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=finetuning.lora_rank,
+        lora_alpha=finetuning.lora_alpha or 2 * finetuning.lora_rank,
+        lora_dropout=finetuning.lora_dropout,
+        target_modules=target_modules,
+        modules_to_save=extra,
+    )
+
+
+def merge_adapters(model: PreTrainedModel, paths: list[str]) -> PreTrainedModel:
+    """Merge each adapter in `paths` into the base weights, in order."""
+    for path in paths:
+        check_adapter_dir(path)
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        logger.info("merged adapter %s into the base weights", path)
+    return model
+
+
+def setup_finetuning(
+    model: PreTrainedModel,
+    finetuning: FinetuningArguments,
+    adapter_paths: list[str],
+    trainable: bool = True,
+):
+    """Prepare `model` for training according to `finetuning_type`.
+
+    lora: the adapters in `adapter_paths` before the last are merged into the base; the last one is
+    resumed for training, unless `create_new_adapter`, which merges it too and starts a fresh
+    adapter. With no adapters a fresh one is created. Returns a PeftModel whose trainable adapter is
+    named `default`. full: every weight trains. freeze: only the chosen layers train.
+    """
+    if finetuning.finetuning_type != "lora":
+        if adapter_paths:
+            model = merge_adapters(model, adapter_paths)
+        if finetuning.finetuning_type == "full":
+            model.requires_grad_(trainable)
+        else:
+            apply_freeze(model, finetuning)
+        upcast_trainable_parameters(model)
+        return model
+    resume = adapter_paths[-1] if adapter_paths and not finetuning.create_new_adapter else None
+    to_merge = adapter_paths[:-1] if resume else adapter_paths
+    model = merge_adapters(model, to_merge)
+    if resume is not None:
+        check_adapter_dir(resume)
+        model = PeftModel.from_pretrained(model, resume, adapter_name=POLICY_ADAPTER, is_trainable=trainable)
+        logger.info("resumed adapter %s for training", resume)
+    else:
+        model = get_peft_model(model, lora_config(finetuning), adapter_name=POLICY_ADAPTER)
+    if not trainable:
+        model.requires_grad_(False)
+    upcast_trainable_parameters(model)
+    return model

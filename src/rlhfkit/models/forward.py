@@ -1,0 +1,49 @@
+"""Forward passes shared by every stage: position ids from the mask, scores, selective logits."""
+
+from __future__ import annotations
+
+import torch
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them. ``(b, T)``."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)
+
+
+def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-padding token of each row, for left or right padding. ``(b,)``."""
+    length = attention_mask.shape[-1]
+    flipped_first = attention_mask.long().flip(-1).argmax(-1)
+    return length - 1 - flipped_first
+
+
+def causal_lm_forward(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int = 0,
+    output_hidden_states: bool = False,
+):
+    """Run `model` with position ids from the mask and no KV cache.
+
+    `logits_to_keep` > 0 computes vocabulary logits only for the last that many positions, which
+    is all PPO needs (responses sit at the end of left-padded sequences).
+    """
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=logits_to_keep,
+        output_hidden_states=output_hidden_states,
+        use_cache=False,
+    )
+
+
+def sequence_scores(model, value_head, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward-model score of each sequence: the value head at its last real token. ``(b,)``."""
+    output = causal_lm_forward(model, input_ids, attention_mask, logits_to_keep=1, output_hidden_states=True)
+    hidden = output.hidden_states[-1]  # (b, T, h)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = hidden[rows, last_real_index(attention_mask)]  # (b, h)
+    return value_head(last)

@@ -1,0 +1,170 @@
+"""Load tokenizers and causal LMs (dtype, device, LoRA, freezing) in one place for every stage."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from rlhfkit.config import FinetuningArguments, ModelArguments, TrainingArguments
+from rlhfkit.errors import fail
+
+logger = logging.getLogger(__name__)
+
+POLICY_ADAPTER = "default"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; anything else is passed to torch.device."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(model_args: ModelArguments, training_args: TrainingArguments | None = None) -> torch.dtype:
+    """Weight dtype from `torch_dtype`, or from the bf16/fp16 flags when it is auto."""
+    named = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if model_args.torch_dtype != "auto":
+        return named[model_args.torch_dtype]
+    if training_args is not None and training_args.bf16:
+        return torch.bfloat16
+    if training_args is not None and training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def _check_model_path(path: str) -> None:
+    local = Path(path).expanduser()
+    looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1
+    if looks_local and not local.is_dir():
+        raise fail(f"model path {path} does not exist; set model_name_or_path to a model folder")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise fail(f"{path} has no config.json; it is not a Hugging Face model folder")
+
+
+def load_tokenizer(model_args: ModelArguments, path: str | None = None):
+    """Load the tokenizer and make PAD a real token different from EOS.
+
+    If the tokenizer has no PAD (or PAD equals EOS), an existing special token that is not EOS
+    (unk, then bos) becomes PAD; failing that a `<|pad|>` token is added (the model's embeddings
+    are resized by `load_causal_lm`). Every forward pass uses explicit attention masks, so the
+    choice of PAD never changes a result.
+    """
+    path = path or model_args.model_name_or_path
+    _check_model_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise fail(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise fail(f"the tokenizer in {path} has no EOS token; set eos_token in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        for candidate in (tokenizer.unk_token, tokenizer.bos_token):
+            if candidate is not None and tokenizer.convert_tokens_to_ids(candidate) != tokenizer.eos_token_id:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        logger.info("PAD set to %r (id %d), distinct from EOS", tokenizer.pad_token, tokenizer.pad_token_id)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _attn_implementation(model_args: ModelArguments) -> str | None:
+    mapping = {"disabled": "eager", "fa2": "flash_attention_2", "sdpa": "sdpa", "auto": None}
+    if model_args.flash_attn is not None and model_args.attn_implementation == "auto":
+        return mapping.get(model_args.flash_attn, model_args.flash_attn)
+    return None if model_args.attn_implementation == "auto" else model_args.attn_implementation
+
+
+def load_causal_lm(
+    path: str,
+    model_args: ModelArguments,
+    dtype: torch.dtype,
+    device: torch.device | None,
+    tokenizer=None,
+) -> PreTrainedModel:
+    """Load a causal LM from `path` in `dtype` onto `device` (None leaves it on the CPU for accelerate)."""
+    _check_model_path(path)
+    kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
+    attn = _attn_implementation(model_args)
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise fail(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def hidden_size_of(path: str, trust_remote_code: bool = False) -> int:
+    """The hidden size from a model folder's config, without loading weights."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return config.get_text_config().hidden_size
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability in `model` to zero (PPO needs deterministic forward passes)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Turn on activation recomputation; inputs need grads so LoRA-only training still flows."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def upcast_trainable_parameters(model: nn.Module) -> None:
+    """Keep trainable parameters in float32 (mixed precision keeps master weights there)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def apply_freeze(model: PreTrainedModel, finetuning: FinetuningArguments) -> None:
+    """`finetuning_type: freeze`: train only the last (or first) N decoder layers."""
+    layers = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.endswith("layers"):
+            layers = (name, len(module))
+            break
+    if layers is None:
+        raise fail("finetuning_type: freeze could not find the decoder layers of this model; use lora or full")
+    prefix, count = layers
+    n = finetuning.freeze_trainable_layers
+    chosen = range(count - n, count) if n > 0 else range(0, -n)
+    trainable_prefixes = [f"{prefix}.{i}." for i in chosen]
+    modules = [m.strip() for m in finetuning.freeze_trainable_modules.split(",") if m.strip()]
+    for name, param in model.named_parameters():
+        in_layer = any(name.startswith(p) or f".{p}" in name for p in trainable_prefixes)
+        in_module = modules == ["all"] or any(f".{m}." in name for m in modules)
+        param.requires_grad_(in_layer and in_module)

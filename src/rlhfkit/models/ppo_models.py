@@ -1,0 +1,225 @@
+"""PPO's models: policy + value head, reference, reward sources, sharing one base where possible.
+
+With LoRA, one base serves all: the policy is adapter `default` (resumed from the SFT adapter when
+one is given), the reference is adapter `reference` (a frozen copy of that SFT adapter) or the base
+with adapters disabled, and a LoRA reward model is adapter `reward` plus its value head. Full
+fine-tuning holds a frozen copy for the reference, and a separate model for the reward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from rlhfkit.config import Config
+from rlhfkit.data import get_template
+from rlhfkit.errors import fail
+from rlhfkit.models.adapters import adapter_base_path, check_adapter_dir, merge_adapters, setup_finetuning, split_paths
+from rlhfkit.models.loading import (
+    disable_dropout,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_dtype,
+)
+from rlhfkit.models.value_head import ValueHead, has_value_head
+from rlhfkit.rewards.api import ApiReward
+from rlhfkit.rewards.function import FunctionReward
+from rlhfkit.rewards.model import REWARD_ADAPTER, SeparateModelReward, SharedBaseReward, active_adapter
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_ADAPTER = "reference"
+
+
+@dataclass
+class RewardSpec:
+    """One reward source as configured."""
+
+    path: str
+    type: str
+    weight: float = 1.0
+    name: str = ""
+
+
+@dataclass
+class PPOModels:
+    """Everything PPO runs: the trainable policy and head, the reference and the reward sources."""
+
+    policy: Any
+    value_head: ValueHead
+    reference: Any
+    reference_adapter: str | None
+    """Adapter that makes `reference` the reference: `reference`, None (adapters disabled) or "" (own model)."""
+    rewards: list[tuple[Any, float]] = field(default_factory=list)
+
+    def reference_context(self):
+        """Context in which `reference` computes reference log-probs."""
+        if self.reference_adapter == "":
+            return contextlib.nullcontext()
+        return active_adapter(self.reference, self.reference_adapter)
+
+
+def reward_specs(config: Config) -> list[RewardSpec]:
+    """The configured reward sources, from reward_model or the reward_models list."""
+    p = config.ppo
+    if not p.reward_models:
+        return [RewardSpec(p.reward_model, p.reward_model_type, 1.0, p.reward_model_type)]
+    specs = []
+    for index, entry in enumerate(p.reward_models):
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise fail(f"{config.source}: reward_models[{index}] must be a mapping with at least 'path' "
+                       "(and type, weight, name)")
+        unknown = set(entry) - {"path", "type", "weight", "name"}
+        if unknown:
+            raise fail(f"{config.source}: reward_models[{index}] has unknown key(s) {sorted(unknown)}; "
+                       "allowed: path, type, weight, name")
+        kind = entry.get("type", "lora")
+        if kind not in ("lora", "full", "api", "function"):
+            raise fail(f"{config.source}: reward_models[{index}].type is '{kind}'; allowed: lora, full, api, function")
+        specs.append(RewardSpec(str(entry["path"]), kind, float(entry.get("weight", 1.0)),
+                                str(entry.get("name", f"{kind}{index}"))))
+    return specs
+
+
+def _same_vocab(a, b) -> bool:
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def _config_without_name(path: str) -> dict:
+    config = json.loads((Path(path) / "config.json").read_text())
+    for key in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"):
+        config.pop(key, None)
+    return config
+
+
+def check_lora_reward(path: str, config: Config, tokenizer) -> None:
+    """A LoRA RM must be an adapter with a value head, trained on the policy's base and tokenizer."""
+    check_adapter_dir(path)
+    if not has_value_head(path):
+        raise fail(f"{Path(path) / 'value_head.safetensors'} not found: {path} is not a reward model "
+                   "(train one with stage: rm)")
+    trained_on = adapter_base_path(path)
+    base = config.model.model_name_or_path
+    if trained_on and Path(trained_on).is_dir() and Path(base).is_dir():
+        if Path(trained_on).resolve() != Path(base).resolve() and \
+                _config_without_name(trained_on) != _config_without_name(base):
+            raise fail(f"reward adapter {path} was trained on {trained_on}, a different base than "
+                       f"model_name_or_path {base}; use reward_model_type: full or retrain the RM on {base}")
+    if (Path(path) / "tokenizer_config.json").is_file():
+        rm_tokenizer = load_tokenizer(config.model, path)
+        if not _same_vocab(rm_tokenizer, tokenizer):
+            raise fail(f"reward adapter {path} has a different tokenizer than {base}; a lora RM must share "
+                       "the policy's tokenizer (use reward_model_type: full for another model)")
+
+
+def _load_frozen(path: str, config: Config, dtype, device, tokenizer=None, adapters: list[str] | None = None):
+    model = load_causal_lm(path, config.model, dtype, device, tokenizer)
+    if adapters:
+        model = merge_adapters(model, adapters)
+    model.requires_grad_(False)
+    model.eval()
+    disable_dropout(model)
+    return model
+
+
+def build_reward_source(spec: RewardSpec, config: Config, models: PPOModels, tokenizer, dtype, device,
+                        shared_base_ok: bool):
+    """Instantiate one reward source."""
+    p = config.ppo
+    chunk = config.training.per_device_eval_batch_size
+    if spec.type == "function":
+        return FunctionReward(spec.path, spec.name)
+    if spec.type == "api":
+        return ApiReward(spec.path, spec.name, p.reward_api_timeout, p.reward_api_retries)
+    if spec.type == "lora":
+        check_lora_reward(spec.path, config, tokenizer)
+        hidden = models.policy.config.get_text_config().hidden_size
+        head = ValueHead.load(spec.path, hidden).to(device)
+        if shared_base_ok:
+            models.policy.load_adapter(spec.path, adapter_name=REWARD_ADAPTER, is_trainable=False)
+            models.policy.base_model.set_adapter("default")
+            return SharedBaseReward(models.policy, head, spec.name, chunk)
+        model = _load_frozen(config.model.model_name_or_path, config, dtype, device, tokenizer, [spec.path])
+        return SeparateModelReward(model, head, tokenizer, None, True, spec.name, chunk)
+    # full: its own model folder with value_head.safetensors
+    if not Path(spec.path).is_dir():
+        raise fail(f"reward model folder {spec.path} does not exist; set reward_model to an RM folder")
+    if not has_value_head(spec.path):
+        raise fail(f"{Path(spec.path) / 'value_head.safetensors'} not found: {spec.path} is not a reward model "
+                   "(train one with stage: rm)")
+    rm_tokenizer = load_tokenizer(config.model, spec.path)
+    model = _load_frozen(spec.path, config, dtype, device, rm_tokenizer)
+    head = ValueHead.load(spec.path, model.config.get_text_config().hidden_size).to(device)
+    same = _same_vocab(rm_tokenizer, tokenizer)
+    template = None if same else get_template(config.data.template, rm_tokenizer)
+    return SeparateModelReward(model, head, rm_tokenizer, template, same, spec.name, chunk)
+
+
+def build_ppo_models(config: Config, tokenizer, device: torch.device) -> PPOModels:
+    """Load policy (+ value head), reference and reward sources for `config`."""
+    f, m = config.finetuning, config.model
+    dtype = resolve_dtype(m, config.training)
+    adapters = split_paths(m.adapter_name_or_path)
+    specs = reward_specs(config)
+    base = load_causal_lm(m.model_name_or_path, m, dtype, device, tokenizer)
+    disable_dropout(base)
+    frozen_reference = None
+    if f.finetuning_type != "lora" and not config.ppo.ref_model:
+        frozen_reference = _load_frozen(m.model_name_or_path, config, dtype, device, tokenizer, adapters)
+    if config.training.gradient_checkpointing:
+        enable_gradient_checkpointing(base)
+    policy = setup_finetuning(base, f, adapters)
+    disable_dropout(policy)
+    hidden = policy.config.get_text_config().hidden_size
+    models = PPOModels(policy=policy, value_head=ValueHead(hidden).to(device), reference=None, reference_adapter="")
+    # Reference: explicit model, the frozen SFT adapter, the adapter-less base, or a frozen copy.
+    resumed_adapter = f.finetuning_type == "lora" and adapters and not f.create_new_adapter
+    if config.ppo.ref_model:
+        models.reference = _load_frozen(config.ppo.ref_model, config, dtype, device, tokenizer,
+                                        split_paths(config.ppo.ref_model_adapters))
+    elif f.finetuning_type == "lora":
+        models.reference = policy
+        models.reference_adapter = None
+        if resumed_adapter:
+            policy.load_adapter(adapters[-1], adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            policy.base_model.set_adapter("default")
+            models.reference_adapter = REFERENCE_ADAPTER
+    else:
+        models.reference = frozen_reference
+    # Reward sources: a LoRA RM shares the base when the base was not changed by merged adapters.
+    shared_base_ok = f.finetuning_type == "lora" and len(adapters) <= 1 and not f.create_new_adapter
+    for spec in specs:
+        source = build_reward_source(spec, config, models, tokenizer, dtype, device, shared_base_ok)
+        models.rewards.append((source, spec.weight))
+    _init_value_head(config, models, specs)
+    return models
+
+
+def _init_value_head(config: Config, models: PPOModels, specs: list[RewardSpec]) -> None:
+    choice = config.ppo.value_head_init
+    model_sources = [s for s, _ in models.rewards if isinstance(s, (SharedBaseReward, SeparateModelReward))]
+    same_size = [s for s in model_sources if s.value_head.summary.in_features == models.value_head.summary.in_features]
+    if choice == "reward" and not same_size:
+        raise fail(f"{config.source}: value_head_init: reward needs a lora or full reward model with the policy's "
+                   "hidden size; use value_head_init: zero")
+    if choice == "reward" or (choice == "auto" and any(isinstance(s, SharedBaseReward) for s in same_size)):
+        models.value_head.load_state_dict(copy.deepcopy(same_size[0].value_head.state_dict()))
+        logger.info("value head initialised from the reward model's head")
+    else:
+        logger.info("value head zero-initialised")
+
+
+def trainable_policy_parameters(models: PPOModels) -> list[tuple[str, torch.nn.Parameter]]:
+    """Trainable (name, parameter) pairs of the policy and the value head."""
+    named = [(f"policy.{n}", p) for n, p in models.policy.named_parameters() if p.requires_grad]
+    named += [(f"value_head.{n}", p) for n, p in models.value_head.named_parameters()]
+    return named

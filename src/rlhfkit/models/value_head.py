@@ -1,0 +1,64 @@
+"""Scalar head (hidden -> 1) used as the reward model's score and as PPO's critic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rlhfkit.errors import fail
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class ValueHead(nn.Module):
+    """A linear map from the last hidden state to one scalar per position.
+
+    Shapes: ``(b, t, hidden)`` -> ``(b, t)``. Kept in float32 whatever the backbone's dtype.
+    """
+
+    def __init__(self, hidden_size: int, zero_init: bool = True) -> None:
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        if zero_init:
+            nn.init.zeros_(self.summary.weight)
+            nn.init.zeros_(self.summary.bias)
+        else:
+            nn.init.normal_(self.summary.weight, std=1.0 / (hidden_size + 1))
+            nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.summary.weight
+        return self.summary(hidden_states.to(weight.dtype)).squeeze(-1)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `value_head.safetensors` into `directory`."""
+        path = Path(directory) / VALUE_HEAD_FILE
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={"hidden_size": str(self.summary.in_features)})
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path, hidden_size: int | None = None) -> "ValueHead":
+        """Read `value_head.safetensors` from `directory`; check it fits `hidden_size`."""
+        path = Path(directory) / VALUE_HEAD_FILE
+        if not path.is_file():
+            raise fail(f"{path} not found: {directory} is not a reward model folder of this tool "
+                       "(train one with `stage: rm`, which saves the value head there)")
+        tensors = load_file(str(path))
+        if "summary.weight" not in tensors:
+            raise fail(f"{path} has no 'summary.weight'; it is not a value head written by rlhfkit")
+        saved_hidden = tensors["summary.weight"].shape[-1]
+        if hidden_size is not None and saved_hidden != hidden_size:
+            raise fail(f"{path} was trained for hidden size {saved_hidden}, but the model has {hidden_size}; "
+                       "the reward model must share the policy's base model")
+        head = cls(saved_hidden)
+        head.load_state_dict(tensors)
+        return head
+
+
+def has_value_head(directory: str | Path) -> bool:
+    """Whether `directory` holds a saved value head."""
+    return (Path(directory) / VALUE_HEAD_FILE).is_file()

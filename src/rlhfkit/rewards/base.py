@@ -1,0 +1,54 @@
+"""The reward-source interface: one scalar per (prompt, response) pair."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from rlhfkit.errors import fail
+
+
+@dataclass
+class ScoringBatch:
+    """What a reward source may read about a rollout batch of b samples."""
+
+    prompts: list[str]
+    """Each sample's last user message (plain text)."""
+    responses: list[str]
+    """Each decoded response, truncated after its stop token, special tokens removed."""
+    messages: list[list[dict[str, str]]]
+    """Each prompt conversation (role/content), for sources that render their own template."""
+    systems: list[str | None]
+    """Each prompt's system message."""
+    sequence_ids: torch.Tensor
+    """``(b, P + R)`` the policy's tokens: left-padded prompt then truncated, right-padded response."""
+    sequence_mask: torch.Tensor
+    """``(b, P + R)`` attention mask of sequence_ids."""
+
+
+class RewardSource(Protocol):
+    """Anything that scores a ScoringBatch; `name` labels its statistics."""
+
+    name: str
+
+    def score(self, batch: ScoringBatch) -> torch.Tensor:
+        """Scores ``(b,)`` float32 on the CPU."""
+
+
+def checked_scores(name: str, values, expected: int) -> torch.Tensor:
+    """Validate a source's output: right count, numbers, finite; one-line errors otherwise."""
+    try:
+        scores = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise fail(f"reward source '{name}' returned non-numeric scores; it must return {expected} floats") from None
+    if len(scores) != expected:
+        raise fail(f"reward source '{name}' returned {len(scores)} scores for {expected} responses; "
+                   "it must return exactly one per response")
+    bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+    if bad:
+        raise fail(f"reward source '{name}' returned a non-finite score (sample {bad[0]}: {scores[bad[0]]}); "
+                   "make it return finite floats")
+    return torch.tensor(scores, dtype=torch.float32)

@@ -1,0 +1,54 @@
+"""A Python callable as reward source: `module:callable` or `path/to/file.py:callable`."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhfkit.errors import fail
+from rlhfkit.rewards.base import ScoringBatch, checked_scores
+
+
+def import_callable(spec: str) -> Callable:
+    """Resolve `module:callable` (importable module or a .py file path) to the callable."""
+    if ":" not in spec:
+        raise fail(f"reward function '{spec}' must look like module:callable or path/to/file.py:callable")
+    module_name, attribute = spec.rsplit(":", 1)
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise fail(f"reward function file {path} does not exist")
+            unique = f"rlhfkit_reward_{abs(hash(str(path.resolve())))}"
+            module_spec = importlib.util.spec_from_file_location(unique, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[unique] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise fail(f"cannot import reward function module '{module_name}': {err}") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise fail(f"'{attribute}' in {module_name} is not a callable; reward_model must name a function")
+    return function
+
+
+class FunctionReward:
+    """Calls `fn(prompts, responses) -> list[float]`; rule-based and verifiable rewards."""
+
+    def __init__(self, spec: str, name: str | None = None) -> None:
+        self.name = name or spec.rsplit(":", 1)[-1]
+        self.function = import_callable(spec)
+
+    def score(self, batch: ScoringBatch) -> torch.Tensor:
+        try:
+            values = self.function(list(batch.prompts), list(batch.responses))
+        except Exception as err:  # a user function may raise anything
+            raise fail(f"reward function '{self.name}' raised {type(err).__name__}: {err}") from None
+        return checked_scores(self.name, values, len(batch.responses))

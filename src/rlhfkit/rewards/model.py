@@ -1,0 +1,81 @@
+"""Reward models with a value head: a LoRA adapter on the policy's base, or a separate model."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from rlhfkit.data import collate_prompts
+from rlhfkit.models.forward import sequence_scores
+from rlhfkit.models.value_head import ValueHead
+from rlhfkit.rewards.base import ScoringBatch
+
+REWARD_ADAPTER = "reward"
+
+
+@contextlib.contextmanager
+def active_adapter(peft_model, name: str | None):
+    """Run with adapter `name` active (None: all adapters disabled), then restore the policy's."""
+    previous = peft_model.active_adapter
+    if name is None:
+        with peft_model.disable_adapter():
+            yield
+        return
+    peft_model.base_model.set_adapter(name, inference_mode=True)
+    try:
+        yield
+    finally:
+        peft_model.base_model.set_adapter(previous)
+
+
+class SharedBaseReward:
+    """The RM stage's adapter loaded as a second adapter on the policy's base, with its head."""
+
+    def __init__(self, peft_model, value_head: ValueHead, name: str = "reward", chunk_size: int = 8) -> None:
+        self.model, self.value_head, self.name, self.chunk_size = peft_model, value_head, name, chunk_size
+
+    @torch.no_grad()
+    def score(self, batch: ScoringBatch) -> torch.Tensor:
+        scores = []
+        with active_adapter(self.model, REWARD_ADAPTER):
+            for begin in range(0, batch.sequence_ids.shape[0], self.chunk_size):
+                ids = batch.sequence_ids[begin:begin + self.chunk_size]
+                mask = batch.sequence_mask[begin:begin + self.chunk_size]
+                scores.append(sequence_scores(self.model, self.value_head, ids, mask).float().cpu())
+        return torch.cat(scores)
+
+
+class SeparateModelReward:
+    """A reward model with its own weights (full RM, or a LoRA RM merged into its own base copy).
+
+    With the policy's tokenizer it scores the policy's tokens directly; otherwise it renders each
+    conversation with its own tokenizer and template and scores that.
+    """
+
+    def __init__(self, model, value_head: ValueHead, tokenizer, template, same_tokenizer: bool,
+                 name: str = "reward", chunk_size: int = 8) -> None:
+        self.model, self.value_head, self.tokenizer, self.template = model, value_head, tokenizer, template
+        self.same_tokenizer, self.name, self.chunk_size = same_tokenizer, name, chunk_size
+
+    def _encode(self, batch: ScoringBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.same_tokenizer:
+            return batch.sequence_ids, batch.sequence_mask
+        rows = []
+        for messages, system, response in zip(batch.messages, batch.systems, batch.responses):
+            turns = self.template.encode_turns(self.tokenizer, messages + [{"role": "assistant", "content": response}],
+                                               system)
+            rows.append({"input_ids": [t for prompt, reply in turns for t in prompt + reply]})
+        collated = collate_prompts(rows, self.tokenizer.pad_token_id)
+        return collated["input_ids"], collated["attention_mask"]
+
+    @torch.no_grad()
+    def score(self, batch: ScoringBatch) -> torch.Tensor:
+        ids, mask = self._encode(batch)
+        device = next(self.model.parameters()).device
+        scores = []
+        for begin in range(0, ids.shape[0], self.chunk_size):
+            chunk_ids = ids[begin:begin + self.chunk_size].to(device)
+            chunk_mask = mask[begin:begin + self.chunk_size].to(device)
+            scores.append(sequence_scores(self.model, self.value_head, chunk_ids, chunk_mask).float().cpu())
+        return torch.cat(scores)

@@ -1,0 +1,98 @@
+"""Set-up shared by the stages: data for a stage, the trainable model, the end-of-run save."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhfkit.config import Config
+from rlhfkit.data import (
+    get_template,
+    load_examples,
+    resolve_datasets,
+    tokenize_pairwise,
+    tokenize_prompts,
+    tokenize_sft,
+    train_val_split,
+)
+from rlhfkit.errors import fail
+from rlhfkit.models.adapters import setup_finetuning, split_paths
+from rlhfkit.models.loading import (
+    count_parameters,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    resolve_dtype,
+)
+
+logger = logging.getLogger(__name__)
+
+KIND_BY_STAGE = {"sft": "sft", "rm": "pairwise", "ppo": "prompt"}
+
+
+@dataclass
+class StageData:
+    """Tokenized train and evaluation items of one stage."""
+
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    template: Any
+
+
+def _tokenize(config: Config, examples, tokenizer, template) -> tuple[list[dict], Any]:
+    d = config.data
+    stage = config.finetuning.stage
+    if stage == "sft":
+        return tokenize_sft(examples, tokenizer, template, d.cutoff_len, d.train_on_prompt, d.mask_history)
+    if stage == "rm":
+        return tokenize_pairwise(examples, tokenizer, template, d.cutoff_len)
+    return tokenize_prompts(examples, tokenizer, template, d.cutoff_len, d.overlong_prompts)
+
+
+def load_stage_data(config: Config, tokenizer) -> StageData:
+    """Read, template and tokenize the datasets of `config` for its stage; split off validation."""
+    d = config.data
+    kind = KIND_BY_STAGE[config.finetuning.stage]
+    template = get_template(d.template, tokenizer)
+    examples = load_examples(resolve_datasets(d.dataset, d.dataset_dir), kind, d.max_samples)
+    train, stats = _tokenize(config, examples, tokenizer, template)
+    logger.info("dataset %s: %s", d.dataset, stats.summary())
+    if not train:
+        raise fail(f"dataset {d.dataset}: no usable rows after tokenization with cutoff_len={d.cutoff_len}; "
+                   "raise cutoff_len or check the data")
+    evaluation: list[dict] = []
+    if d.eval_dataset:
+        eval_examples = load_examples(resolve_datasets(d.eval_dataset, d.dataset_dir), kind, d.max_samples)
+        evaluation, eval_stats = _tokenize(config, eval_examples, tokenizer, template)
+        logger.info("eval dataset %s: %s", d.eval_dataset, eval_stats.summary())
+    elif d.val_size > 0:
+        val_size = int(d.val_size) if d.val_size >= 1 else d.val_size
+        train, evaluation = train_val_split(train, val_size, config.training.seed)
+        if not train:
+            raise fail(f"val_size={d.val_size} leaves no training rows; lower it")
+    return StageData(train=train, eval=evaluation, template=template)
+
+
+def load_trainable_model(config: Config, tokenizer, device: torch.device | None):
+    """The base model with the stage's finetuning applied (LoRA adapter, full or freeze)."""
+    dtype = resolve_dtype(config.model, config.training)
+    model = load_causal_lm(config.model.model_name_or_path, config.model, dtype, device, tokenizer)
+    if config.training.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = setup_finetuning(model, config.finetuning, split_paths(config.model.adapter_name_or_path))
+    trainable, total = count_parameters(model)
+    logger.info("model %s: %s, %.2fM trainable of %.2fM parameters", config.model.model_name_or_path,
+                config.finetuning.finetuning_type, trainable / 1e6, total / 1e6)
+    if trainable == 0:
+        raise fail("no trainable parameters; check finetuning_type, lora_target and freeze_trainable_layers")
+    return model
+
+
+def trainable_named_parameters(*modules) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) pairs of every trainable parameter of `modules`, in order."""
+    named = []
+    for index, module in enumerate(modules):
+        named += [(f"{index}.{n}", p) for n, p in module.named_parameters() if p.requires_grad]
+    return named

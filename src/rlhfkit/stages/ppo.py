@@ -1,0 +1,216 @@
+"""Stage `ppo`: align the policy with reward sources under a KL penalty to the reference.
+
+Per PPO step (one rollout batch of per_device_train_batch_size x gradient_accumulation_steps x
+ppo_buffer_size prompts per process):
+1. rollout     sample responses; truncate after the first stop token; masks
+2. score       reward sources on the truncated text; EOS penalty, normalisation, clipping
+3. evaluate    old log-probs, values and reference log-probs (logits / temperature)
+4. shape       per-token reward = -beta * KL, plus the score on the last real token
+5. advantages  GAE(gamma, lambda) -> returns; whitened advantages
+6. update      ppo_epochs x shuffled mini-batches x micro-batches; clipped losses; clip; step
+7. control     KL controller; statistics; log
+Then save the policy (adapter or full model) with its value head beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from rlhfkit.config import Config
+from rlhfkit.data import collate_prompts
+from rlhfkit.errors import fail
+from rlhfkit.models.loading import load_tokenizer
+from rlhfkit.models.ppo_models import build_ppo_models, trainable_policy_parameters
+from rlhfkit.models.saving import save_pretrained_model
+from rlhfkit.rewards.base import ScoringBatch
+from rlhfkit.rl import (
+    AdaptiveKLController,
+    FixedKLController,
+    PPOLoss,
+    RunningMoments,
+    apply_missing_eos_penalty,
+    explained_variance,
+    kl_penalty,
+    masked_mean,
+)
+from rlhfkit.rollout import HFGenerator
+from rlhfkit.stages.common import load_stage_data
+from rlhfkit.stages.ppo_steps import (
+    Rollout,
+    compute_advantages,
+    evaluate_rollout,
+    masked_row_sum_mean,
+    ppo_update_minibatch,
+)
+from rlhfkit.tracking.trainer_log import TrainerLog
+from rlhfkit.training.batches import step_batches
+from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_and_step
+from rlhfkit.training.runtime import build_accelerator, check_output_dir, seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+def rollout_sizes(config: Config) -> tuple[int, int, int]:
+    """(micro-batch, mini-batch, rollout batch) per process; rollout = mini x ppo_buffer_size."""
+    t = config.training
+    micro = t.per_device_train_batch_size
+    mini = micro * t.gradient_accumulation_steps
+    return micro, mini, mini * config.ppo.ppo_buffer_size
+
+
+def score_batch(models, batch: ScoringBatch, config: Config, ended: torch.Tensor, moments: RunningMoments,
+                accelerator) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the reward sources, then EOS penalty, running normalisation and clipping."""
+    p = config.ppo
+    total = torch.zeros(len(batch.responses))
+    stats: dict[str, float] = {}
+    for source, weight in models.rewards:
+        raw = source.score(batch)
+        stats[f"score/{source.name}"] = float(raw.mean())
+        stats[f"score_std/{source.name}"] = float(raw.std()) if raw.numel() > 1 else 0.0
+        total += weight * raw
+    stats["reward"] = float(total.mean())
+    total = apply_missing_eos_penalty(total, ended.cpu(), p.missing_eos_penalty)
+    if p.ppo_score_norm:
+        values = total.to(accelerator.device)
+        count = accelerator.reduce(torch.tensor(float(values.numel()), device=values.device), "sum")
+        mean = accelerator.reduce(values.sum(), "sum") / count
+        var = accelerator.reduce(((values - mean) ** 2).sum(), "sum") / count
+        moments.update_from_moments(float(mean), float(var), int(count))
+        total = (total - moments.mean) / (moments.std + 1e-8)
+    if p.reward_clip is not None:
+        total = total.clamp(-p.reward_clip, p.reward_clip)
+    return total, stats
+
+
+def run_ppo(config: Config) -> dict[str, float]:
+    """Train the policy with PPO; return the final statistics."""
+    accelerator = build_accelerator(config)
+    t, g, p = config.training, config.generation, config.ppo
+    seed_everything(t.seed + accelerator.process_index)
+    output_dir = check_output_dir(config)
+    device = accelerator.device
+    world = accelerator.num_processes
+    # Set-up: prompts, models, optimizer.
+    tokenizer = load_tokenizer(config.model)
+    data = load_stage_data(config, tokenizer)
+    micro_size, mini_size, rollout_size = rollout_sizes(config)
+    global_rollout = rollout_size * world
+    if len(data.train) < global_rollout:
+        raise fail(f"dataset {config.data.dataset} yields {len(data.train)} prompts, fewer than one rollout batch "
+                   f"({global_rollout} = per_device_train_batch_size x gradient_accumulation_steps x "
+                   f"ppo_buffer_size x processes); add prompts or lower those sizes")
+    total_steps = t.max_steps if t.max_steps > 0 else max(
+        1, math.ceil(t.num_train_epochs * math.ceil(len(data.train) / global_rollout)))
+    models = build_ppo_models(config, tokenizer, device)
+    named_params = trainable_policy_parameters(models)
+    params = [param for _, param in named_params]
+    optimizer = build_optimizer(named_params, t)
+    optimizer_steps = total_steps * p.ppo_epochs * p.ppo_buffer_size
+    scheduler = build_scheduler(optimizer, t, optimizer_steps)
+    policy, value_head, optimizer = accelerator.prepare(models.policy, models.value_head, optimizer)
+    generator = HFGenerator(tokenizer, g, data.template.stop_token_ids(tokenizer))
+    loss_fn = PPOLoss(p.cliprange, p.cliprange_value, p.vf_coef, p.entropy_coef)
+    kl_controller = (AdaptiveKLController(p.kl_coef, p.ppo_target, p.kl_horizon) if p.adaptive_kl
+                     else FixedKLController(p.kl_coef))
+    score_moments = RunningMoments()
+    shuffle = torch.Generator().manual_seed(t.seed)
+    log = TrainerLog(output_dir, total_steps, enabled=accelerator.is_main_process,
+                     console_keys=("reward", "kl", "loss", "response_length", "seconds_per_step"))
+    logger.info("ppo: %d prompts, %d steps; rollout batch %d (x%d processes), mini-batch %d, micro-batch %d, "
+                "%d epochs", len(data.train), total_steps, rollout_size, world, mini_size, micro_size, p.ppo_epochs)
+    final: dict[str, float] = {}
+    for plan in step_batches(len(data.train), global_rollout, t.seed):
+        if plan.step >= total_steps:
+            break
+        step_start = time.time()
+        timings: dict[str, float] = {}
+        items = [data.train[i] for i in plan.indices[accelerator.process_index::world]]
+        # 1. rollout
+        tick = time.time()
+        prompts = collate_prompts(items, tokenizer.pad_token_id)
+        query_ids, query_mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)
+        generated = generator.generate(accelerator.unwrap_model(policy), query_ids, query_mask)
+        response_ids, response_mask = generated.response_ids, generated.response_mask
+        timings["time/rollout"] = time.time() - tick
+        # 2. score
+        tick = time.time()
+        responses = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, tokenizer.pad_token_id),
+                                           skip_special_tokens=True)
+        ids = torch.cat([query_ids, response_ids], dim=1)
+        mask = torch.cat([query_mask, response_mask.to(query_mask.dtype)], dim=1)
+        scoring = ScoringBatch(
+            prompts=[item["messages"][-1]["content"] for item in items], responses=responses,
+            messages=[item["messages"] for item in items], systems=[item.get("system") for item in items],
+            sequence_ids=ids, sequence_mask=mask)
+        scores, score_stats = score_batch(models, scoring, config, generated.ended_with_stop, score_moments,
+                                          accelerator)
+        scores = scores.to(device)
+        timings["time/score"] = time.time() - tick
+        # 3. evaluate
+        tick = time.time()
+        evaluated = evaluate_rollout(policy, value_head, models.reference, models.reference_context, ids, mask,
+                                     response_ids, g.temperature, t.per_device_eval_batch_size)
+        timings["time/evaluate"] = time.time() - tick
+        # 4. shape and 5. advantages
+        float_mask = response_mask.float()
+        rewards, advantages, returns, kl = compute_advantages(
+            scores, evaluated["logprobs"], evaluated["ref_logprobs"], evaluated["values"], float_mask,
+            kl_controller.value, p.kl_estimator, p.gamma, p.lam, p.ppo_whiten_rewards, p.whiten_advantages)
+        rollout = Rollout(query_ids, query_mask, response_ids, response_mask, scores, evaluated["logprobs"],
+                          evaluated["ref_logprobs"], evaluated["values"] * float_mask, advantages, returns)
+        # 6. update
+        tick = time.time()
+        update_stats: dict[str, float] = {}
+        updates = 0
+        for _ in range(p.ppo_epochs):
+            order = torch.randperm(len(items), generator=shuffle)
+            for begin in range(0, len(items), mini_size):
+                minibatch = rollout.select(order[begin:begin + mini_size])
+                stats = ppo_update_minibatch(accelerator, policy, value_head, loss_fn, minibatch, micro_size,
+                                             g.temperature, world)
+                stats["grad_norm"] = clip_and_step(accelerator, policy, optimizer, scheduler, t.max_grad_norm,
+                                                   params)
+                for key, value in stats.items():
+                    update_stats[key] = update_stats.get(key, 0.0) + value
+                updates += 1
+        timings["time/update"] = time.time() - tick
+        # 7. control and statistics
+        k1 = kl_penalty(evaluated["logprobs"], evaluated["ref_logprobs"], "k1")
+        k3 = kl_penalty(evaluated["logprobs"], evaluated["ref_logprobs"], "k3")
+        kl_per_response = masked_row_sum_mean(kl, float_mask)
+        beta = kl_controller.value
+        kl_controller.update(kl_per_response, global_rollout)
+        step = plan.step + 1
+        elapsed = time.time() - step_start
+        generated_tokens = float(response_mask.sum())
+        record = {
+            **{key: value / updates for key, value in update_stats.items()},
+            **score_stats,
+            "kl": masked_row_sum_mean(k1, float_mask), "kl_k3": masked_row_sum_mean(k3, float_mask),
+            "kl_coef": beta, "shaped_reward": masked_row_sum_mean(rewards, float_mask),
+            "entropy_rollout": float(masked_mean(evaluated["entropy"], float_mask)),
+            "explained_variance": float(explained_variance(rollout.values, returns, float_mask)),
+            "response_length": float(response_mask.sum(-1).float().mean()),
+            "ended_with_eos": float(generated.ended_with_stop.float().mean()),
+            "lr": scheduler.get_last_lr()[0], "epoch": round(plan.epoch, 4),
+            **timings, "seconds_per_step": elapsed,
+            "tokens_per_second": generated_tokens / max(timings["time/rollout"], 1e-9),
+        }
+        if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
+            bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+            raise fail(f"step {step}: non-finite statistics {bad}; lower learning_rate or check the reward source")
+        if step % config.output.logging_steps == 0 or step == total_steps or step == 1:
+            log.log(step, record)
+        final = record
+    # Save the policy without the value head; the head goes beside it for further training.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_pretrained_model(accelerator.unwrap_model(policy), tokenizer, output_dir,
+                              accelerator.unwrap_model(value_head))
+        logger.info("saved policy to %s", output_dir)
+    return final

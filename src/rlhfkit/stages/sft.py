@@ -1,0 +1,120 @@
+"""Stage `sft`: causal-LM loss on response tokens.
+
+1. data      read, template, tokenize; split off validation
+2. model     tokenizer, base, LoRA / full / freeze
+3. optimizer AdamW + LR schedule with warm-up
+4. loop      per optimizer step: micro-batches (grad accumulation), loss normalised by the step's
+             label-token count so accumulation equals one large batch; clip; step; log; evaluate
+5. save      adapter or full model plus tokenizer
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from rlhfkit.config import Config
+from rlhfkit.data import collate_sft
+from rlhfkit.models.forward import causal_lm_forward
+from rlhfkit.models.loading import load_tokenizer
+from rlhfkit.models.saving import save_pretrained_model
+from rlhfkit.stages.common import load_stage_data, load_trainable_model, trainable_named_parameters
+from rlhfkit.tracking.trainer_log import TrainerLog
+from rlhfkit.training.batches import micro_batches, step_batches
+from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_and_step, total_optimizer_steps
+from rlhfkit.training.runtime import build_accelerator, check_output_dir, seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+def token_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token negative log-likelihood over label tokens, and their count."""
+    logits = causal_lm_forward(model, batch["input_ids"], batch["attention_mask"]).logits  # (b, T, v)
+    shift_logits = logits[:, :-1].float()
+    shift_labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                          ignore_index=-100, reduction="sum")
+    return nll, (shift_labels != -100).sum()
+
+
+@torch.no_grad()
+def evaluate_sft(model, items: list[dict], batch_size: int, pad_token_id: int, device) -> float:
+    """Mean token loss over `items`."""
+    model.eval()
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for begin in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in collate_sft(items[begin:begin + batch_size], pad_token_id).items()}
+        nll, n = token_nll_sum(model, batch)
+        total, count = total + nll.float(), count + n
+    model.train()
+    return float(total / count.clamp(min=1))
+
+
+def run_sft(config: Config) -> dict[str, float]:
+    """Train with the SFT loss; return the final statistics."""
+    accelerator = build_accelerator(config)
+    t = config.training
+    seed_everything(t.seed)
+    output_dir = check_output_dir(config)
+    # 1. data
+    tokenizer = load_tokenizer(config.model)
+    data = load_stage_data(config, tokenizer)
+    # 2. model
+    model = load_trainable_model(config, tokenizer, accelerator.device)
+    named_params = trainable_named_parameters(model)
+    params = [p for _, p in named_params]
+    # 3. optimizer
+    world = accelerator.num_processes
+    samples_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
+    total_steps = total_optimizer_steps(t, len(data.train), samples_per_step)
+    optimizer = build_optimizer(named_params, t)
+    scheduler = build_scheduler(optimizer, t, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    log = TrainerLog(output_dir, total_steps, enabled=accelerator.is_main_process, console_keys=("loss", "eval_loss"))
+    logger.info("sft: %d train / %d eval samples, %d steps of %d samples", len(data.train), len(data.eval),
+                total_steps, samples_per_step)
+    # 4. loop
+    model.train()
+    for batch_plan in step_batches(len(data.train), samples_per_step, t.seed):
+        if batch_plan.step >= total_steps:
+            break
+        rank_indices = batch_plan.indices[accelerator.process_index::world]
+        micros = micro_batches(rank_indices, t.per_device_train_batch_size)
+        batches = [collate_sft([data.train[i] for i in m], tokenizer.pad_token_id) for m in micros]
+        # The step's label-token count over all processes normalises every micro-batch's sum.
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        step_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device), "sum")
+        step_loss = 0.0
+        for index, batch in enumerate(batches):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            sync = index == len(batches) - 1
+            context = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+            with context, accelerator.autocast():
+                nll, _ = token_nll_sum(model, batch)
+                loss = nll * world / step_tokens.clamp(min=1)  # DDP averages over processes
+                accelerator.backward(loss)
+            step_loss += float(nll.detach()) / float(step_tokens.clamp(min=1))
+        step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum"))
+        grad_norm = clip_and_step(accelerator, model, optimizer, scheduler, t.max_grad_norm, params)
+        step = batch_plan.step + 1
+        stats = {"loss": step_loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                 "epoch": round(batch_plan.epoch, 4)}
+        if data.eval and t.eval_steps and step % t.eval_steps == 0 and step < total_steps:
+            stats["eval_loss"] = evaluate_sft(model, data.eval, t.per_device_eval_batch_size,
+                                              tokenizer.pad_token_id, accelerator.device)
+        if step % config.output.logging_steps == 0 or step == total_steps or "eval_loss" in stats:
+            log.log(step, stats)
+    # 5. evaluate and save
+    final = {"train_loss": log.history[-1]["loss"] if log.history else float("nan")}
+    if data.eval:
+        final["eval_loss"] = evaluate_sft(model, data.eval, t.per_device_eval_batch_size,
+                                          tokenizer.pad_token_id, accelerator.device)
+        logger.info("eval_loss=%.4f", final["eval_loss"])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_pretrained_model(accelerator.unwrap_model(model), tokenizer, output_dir)
+        logger.info("saved to %s", output_dir)
+    return final

@@ -1,0 +1,59 @@
+"""AdamW with decay groups, LR schedules with warm-up, step counting and gradient clipping."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from rlhfkit.config import TrainingArguments
+
+
+def build_optimizer(params: list[tuple[str, nn.Parameter]], args: TrainingArguments) -> torch.optim.AdamW:
+    """AdamW over the trainable `params`; no weight decay on biases, norms and 1-D tensors."""
+    decay = [p for n, p in params if p.requires_grad and p.ndim >= 2 and "norm" not in n.lower()]
+    no_decay = [p for n, p in params if p.requires_grad and (p.ndim < 2 or "norm" in n.lower())]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(
+        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+    )
+
+
+def warmup_steps_for(args: TrainingArguments, total_steps: int) -> int:
+    """Warm-up steps: warmup_steps if set, else ceil(warmup_ratio x total)."""
+    return args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, total_steps: int):
+    """The LR schedule named by lr_scheduler_type, with linear warm-up."""
+    return get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=warmup_steps_for(args, total_steps),
+        num_training_steps=total_steps,
+    )
+
+
+def total_optimizer_steps(args: TrainingArguments, samples: int, samples_per_step: int) -> int:
+    """max_steps if set, else ceil(num_train_epochs x steps per epoch)."""
+    if args.max_steps > 0:
+        return args.max_steps
+    return max(1, math.ceil(args.num_train_epochs * math.ceil(samples / samples_per_step)))
+
+
+def clip_and_step(
+    accelerator, model: nn.Module, optimizer, scheduler, max_grad_norm: float, params: list[nn.Parameter]
+) -> float:
+    """Clip the gradient norm (if max_grad_norm > 0), step optimizer and schedule; return the norm."""
+    if max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    else:
+        grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+        norm = torch.stack(grads).norm() if grads else torch.zeros(())
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
