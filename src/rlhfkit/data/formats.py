@@ -39,7 +39,7 @@ def row_to_example(row: dict[str, Any], source: str, spec: DatasetSpec) -> Examp
     return _alpaca(row, source, spec)
 
 
-def _column(row: dict[str, Any], source: str, spec: DatasetSpec, key: str, required: bool) -> Any:
+def column_value(row: dict[str, Any], source: str, spec: DatasetSpec, key: str, required: bool) -> Any:
     """The value of the column mapped to `key`, or None when optional and absent."""
     name = spec.columns.get(key)
     if name is None or name not in row:
@@ -88,14 +88,14 @@ def _maybe_json(value: Any) -> Any:
 
 def _alpaca(row: dict[str, Any], source: str, spec: DatasetSpec) -> Example:
     prompt_col = spec.columns.get("prompt") or "prompt"
-    user = _text(_column(row, source, spec, "prompt", True), source, f"column {prompt_col!r}")
-    query = _text(_column(row, source, spec, "query", False), source, "the query column")
+    user = _text(column_value(row, source, spec, "prompt", True), source, f"column {prompt_col!r}")
+    query = _text(column_value(row, source, spec, "query", False), source, "the query column")
     if query:
         user = f"{user}\n{query}"
     if not user.strip():
         raise fail(f"{source}: empty prompt (column {prompt_col!r}); fill it in or remove the row")
     messages: list[dict[str, str]] = []
-    history = _decode(_column(row, source, spec, "history", False), source, "history")
+    history = _decode(column_value(row, source, spec, "history", False), source, "history")
     for index, pair in enumerate(history or [], start=1):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise fail(f"{source}: history item {index} must be a [user, assistant] pair; fix the row")
@@ -104,18 +104,18 @@ def _alpaca(row: dict[str, Any], source: str, spec: DatasetSpec) -> Example:
             raise fail(f"{source}: history item {index} has an empty turn; fill it in or remove the row")
         messages += [{"role": "user", "content": past_user}, {"role": "assistant", "content": past_reply}]
     messages.append({"role": "user", "content": user})
-    system = _text(_column(row, source, spec, "system", False), source, "system") or None
+    system = _text(column_value(row, source, spec, "system", False), source, "system") or None
     example = Example(messages, system=system, source=source)
     if spec.ranking:
-        response = _maybe_json(_column(row, source, spec, "response", False))
+        response = _maybe_json(column_value(row, source, spec, "response", False))
         if spec.columns.get("chosen") not in row and isinstance(response, list) and len(response) == 2:
             example.chosen, example.rejected = (_text(v, source, "response") for v in response)  # old style
         else:
-            example.chosen = _text(_column(row, source, spec, "chosen", True), source, "chosen")
-            example.rejected = _text(_column(row, source, spec, "rejected", True), source, "rejected")
+            example.chosen = _text(column_value(row, source, spec, "chosen", True), source, "chosen")
+            example.rejected = _text(column_value(row, source, spec, "rejected", True), source, "rejected")
         _check_pair(example, source)
         return example
-    reply = _text(_column(row, source, spec, "response", False), source, "response")
+    reply = _text(column_value(row, source, spec, "response", False), source, "response")
     if reply.strip():
         messages.append({"role": "assistant", "content": reply})
     return example
@@ -136,10 +136,10 @@ def _sharegpt(row: dict[str, Any], source: str, spec: DatasetSpec) -> Example:
         tags["assistant_tag"]: "assistant",
         tags["function_tag"]: "assistant",
     }
-    turns = _decode(_column(row, source, spec, "messages", True), source, "the conversation")
+    turns = _decode(column_value(row, source, spec, "messages", True), source, "the conversation")
     if not isinstance(turns, list) or not turns:
         raise fail(f"{source}: the conversation must be a non-empty list of turns; fix the row")
-    system = _text(_column(row, source, spec, "system", False), source, "system") or None
+    system = _text(column_value(row, source, spec, "system", False), source, "system") or None
     messages: list[dict[str, str]] = []
     for index, turn in enumerate(turns, start=1):
         where = f"{source} turn {index}"
@@ -178,8 +178,8 @@ def _sharegpt(row: dict[str, Any], source: str, spec: DatasetSpec) -> Example:
     if spec.ranking:
         if example.ends_with_reply:
             raise fail(f"{source}: a pairwise conversation must end with a user turn (the replies go in chosen/rejected); fix the row")
-        example.chosen = _reply(_column(row, source, spec, "chosen", True), source, "chosen", content_tag)
-        example.rejected = _reply(_column(row, source, spec, "rejected", True), source, "rejected", content_tag)
+        example.chosen = _reply(column_value(row, source, spec, "chosen", True), source, "chosen", content_tag)
+        example.rejected = _reply(column_value(row, source, spec, "rejected", True), source, "rejected", content_tag)
         _check_pair(example, source)
     return example
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from rlhfkit.data.dataset_info import DatasetSpec
 from rlhfkit.data.example import Example
 from rlhfkit.data.files import iter_rows
-from rlhfkit.data.formats import row_to_example
+from rlhfkit.data.formats import column_value, row_to_example
 from rlhfkit.errors import fail
 
 KINDS = ("sft", "pairwise", "prompt")
@@ -64,6 +64,8 @@ def read_examples(spec: DatasetSpec, kind: str, max_samples: int | None = None) 
         example = row_to_example(row, source, spec)
         if kind == "sft" and not example.ends_with_reply:
             column = spec.columns.get("response") if spec.formatting == "alpaca" else None
+            if column is not None:
+                column_value(row, source, spec, "response", required=True)  # names a missing column
             what = f"empty response (column {column!r})" if column else "no final assistant reply"
             raise fail(f"{source}: {what}; supervised fine-tuning needs a reply, so fill it in or remove the row")
         if kind == "prompt" and example.ends_with_reply:
