@@ -185,3 +185,13 @@ def test_bad_history_item(tmp_path: Path) -> None:
     write(tmp_path / "dataset_info.json", json.dumps({"d": {"file_name": "d.jsonl", "columns": {"history": "history"}}}))
     message = error_of(load, "d", tmp_path)
     assert "history item 1" in message and str(path) in message
+
+
+def test_bad_turn_order_in_tokenisation_names_the_row() -> None:
+    from rlhfkit.data import Example, get_template, tokenize_sft
+    from rlhfkit.models.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    example = Example([{"role": "assistant", "content": "a"}], source="d.jsonl line 4")
+    message = error_of(tokenize_sft, [example], tok, get_template("chatml", tok), 64)
+    assert message.startswith("d.jsonl line 4: message 1")

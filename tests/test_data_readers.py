@@ -283,3 +283,21 @@ def test_stage_mismatch_errors(tmp_path: Path) -> None:
     with pytest.raises(RlhfkitError, match="not pairwise") as err:
         load_examples(resolve_datasets(str(tmp_path / "sft.jsonl"), str(tmp_path)), "pairwise")
     assert "\n" not in str(err.value)
+
+
+def test_csv_sharegpt_pairwise_with_json_cells(tmp_path: Path) -> None:
+    path = tmp_path / "pref.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["conversations", "chosen", "rejected"])
+        writer.writerow([json.dumps([{"from": "human", "value": "give json"}]), json.dumps({"from": "gpt", "value": "ok"}), '{"a": 1}'])
+    [example] = load_examples(resolve_datasets(str(path), str(tmp_path)), "pairwise")
+    assert example.messages == [user("give json")]
+    # A serialised turn is unpacked; JSON that is not a turn is the reply text itself.
+    assert (example.chosen, example.rejected) == ("ok", '{"a": 1}')
+
+
+def test_alpaca_empty_instruction_uses_input(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "", "input": "just input", "output": "o"}])
+    [example] = load_examples(resolve_datasets(str(path), str(tmp_path)), "sft")
+    assert example.messages[0] == user("just input")

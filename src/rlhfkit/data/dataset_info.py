@@ -119,7 +119,10 @@ def _resolve_one(name: str, dataset_dir: str, info: dict[str, Any] | None, info_
         where = f"not a dataset in {info_path} and " if info is not None else f"no {info_path}, and "
         raise fail(f"dataset {name!r}: {where}no file at {tried}; check the name or path")
     close = difflib.get_close_matches(name, list(info), n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"known: {', '.join(sorted(info)[:20])}"
+    if close:
+        hint = f"did you mean {', '.join(repr(c) for c in close)}?"
+    else:
+        hint = f"known: {', '.join(sorted(info)[:20])}"
     raise fail(f"dataset {name!r} is not in {info_path} and is not a file; {hint}")
 
 
@@ -149,7 +152,7 @@ def _spec_from_entry(name: str, entry: Any, dataset_dir: str, info_path: Path) -
     tags = dict(SHAREGPT_TAGS)
     tags.update(_string_map(entry.get("tags"), f"{where} tags", allow_null=False))
     num_samples = entry.get("num_samples")
-    if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1):
+    if num_samples is not None and (type(num_samples) is not int or num_samples < 1):
         raise fail(f"{where}: num_samples must be a positive integer, got {num_samples!r}")
     path = Path(file_name) if Path(file_name).is_absolute() else Path(dataset_dir) / file_name
     if not path.exists():

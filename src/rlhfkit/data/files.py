@@ -78,7 +78,8 @@ def _read_text(file: Path) -> str:
     except UnicodeDecodeError as error:
         raise fail(f"{file}: not valid UTF-8 text ({_one_line(error)}); re-save it as UTF-8") from None
     except OSError as error:
-        raise fail(f"{file}: cannot read ({_one_line(error.strerror or error)}); check the path and permissions") from None
+        reason = _one_line(error.strerror or error)
+        raise fail(f"{file}: cannot read ({reason}); check the path and permissions") from None
 
 
 def _check_object(source: str, row: Any) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Converting raw rows in alpaca or sharegpt format (LLaMA-Factory's conventions) to `Example`s.
 
-alpaca: the user turn is `instruction`, plus "\\n" + `input` when that is not empty; the
+alpaca: the user turn is `instruction` and `input` joined by "\\n" (an empty one is left out); the
 `history` column holds earlier `[user, assistant]` pairs, prepended in order; `system` is a
 per-row system prompt. An empty or missing `output` gives a prompt-only example.
 
@@ -90,8 +90,7 @@ def _alpaca(row: dict[str, Any], source: str, spec: DatasetSpec) -> Example:
     prompt_col = spec.columns.get("prompt") or "prompt"
     user = _text(column_value(row, source, spec, "prompt", True), source, f"column {prompt_col!r}")
     query = _text(column_value(row, source, spec, "query", False), source, "the query column")
-    if query:
-        user = f"{user}\n{query}"
+    user = "\n".join(part for part in (user, query) if part)
     if not user.strip():
         raise fail(f"{source}: empty prompt (column {prompt_col!r}); fill it in or remove the row")
     messages: list[dict[str, str]] = []
@@ -157,7 +156,9 @@ def _sharegpt(row: dict[str, Any], source: str, spec: DatasetSpec) -> Example:
             raise fail(f"{where}: a system turn is only allowed as the first turn; fix the row")
         if tag not in roles:
             known = ", ".join(repr(t) for t in roles)
-            raise fail(f"{where}: unknown role {tag!r} (expected one of {known}); fix the row or set tags in dataset_info.json")
+            raise fail(
+                f"{where}: unknown role {tag!r} (expected one of {known}); fix the row or set tags in dataset_info.json"
+            )
         role = roles[tag]
         expected = "user" if len(messages) % 2 == 0 else "assistant"
         if role != expected:
@@ -177,17 +178,24 @@ def _sharegpt(row: dict[str, Any], source: str, spec: DatasetSpec) -> Example:
     example = Example(messages, system=system, source=source)
     if spec.ranking:
         if example.ends_with_reply:
-            raise fail(f"{source}: a pairwise conversation must end with a user turn (the replies go in chosen/rejected); fix the row")
-        example.chosen = _reply(column_value(row, source, spec, "chosen", True), source, "chosen", content_tag)
-        example.rejected = _reply(column_value(row, source, spec, "rejected", True), source, "rejected", content_tag)
+            raise fail(
+                f"{source}: a pairwise conversation must end with a user turn "
+                "(the replies go in chosen/rejected); fix the row"
+            )
+        for what in ("chosen", "rejected"):
+            setattr(example, what, _reply(column_value(row, source, spec, what, True), source, what, content_tag))
         _check_pair(example, source)
     return example
 
 
 def _reply(value: Any, source: str, what: str, content_tag: str) -> str:
-    value = _maybe_json(value)
+    """A pairwise reply given as a turn dict, as a turn dict serialised to text (CSV), or as text."""
+    decoded = _maybe_json(value)
+    if isinstance(decoded, dict) and content_tag in decoded:
+        value = decoded
     if isinstance(value, dict):
         if content_tag not in value:
-            raise fail(f"{source}: {what} has no {content_tag!r} key (found {', '.join(map(str, value))}); fix the row")
+            found = ", ".join(map(str, value))
+            raise fail(f"{source}: {what} has no {content_tag!r} key (found {found}); fix the row")
         value = value[content_tag]
     return _text(value, source, what)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlhfkit.data.templates import EOS, TEMPLATES, Template
+from rlhfkit.data.templates import EOS, TEMPLATES, Pieces, Template
 from rlhfkit.errors import fail
 
 
@@ -23,7 +23,7 @@ class TokenizerTemplate(Template):
 
     name = "auto"
 
-    def _pieces(self, tokenizer: Any, messages: list[dict[str, str]], system: str | None) -> tuple[list[tuple[list, list]], list]:
+    def _pieces(self, tokenizer: Any, messages: list[dict[str, str]], system: str | None) -> Pieces:
         conversation = [{"role": "system", "content": system}] if system else []
         conversation += [{"role": m["role"], "content": m["content"]} for m in messages]
         consumed = ""
@@ -46,7 +46,8 @@ class TokenizerTemplate(Template):
         return pairs, tail
 
     def _stop_words(self, tokenizer: Any) -> list[str]:
-        pairs, _ = self._pieces(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], None)
+        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        pairs, _ = self._pieces(tokenizer, probe, None)
         _, terminator = _split_reply(tokenizer, pairs[0][1][0], "y")
         return [terminator] if terminator else []
 
@@ -69,7 +70,8 @@ class TokenizerTemplate(Template):
         if not text.startswith(prefix):
             raise fail(
                 "template: the tokenizer's chat_template renders earlier turns differently once more turns "
-                f"follow, so it cannot be split into prompt/response; set template: to one of {', '.join(TEMPLATES)}"
+                "follow, so it cannot be split into prompt/response; "
+                f"set template: to one of {', '.join(TEMPLATES)}"
             )
 
 

@@ -19,13 +19,14 @@ If every example of a non-empty input is dropped, `RlhfkitError` is raised (rais
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from rlhfkit.data.example import Example
 from rlhfkit.data.templates import Template
-from rlhfkit.errors import fail
+from rlhfkit.errors import RlhfkitError, fail
 
 IGNORE_INDEX = -100
 
@@ -42,7 +43,19 @@ class TokenizeStats:
     def summary(self) -> str:
         """One line such as "98 kept (3 truncated), 2 dropped as longer than cutoff_len=512"."""
         limit = f"cutoff_len={self.cutoff_len}" if self.cutoff_len is not None else "cutoff_len"
-        return f"{self.kept} kept ({self.truncated} truncated), {self.dropped_too_long} dropped as longer than {limit}"
+        dropped = f"{self.dropped_too_long} dropped as longer than {limit}"
+        return f"{self.kept} kept ({self.truncated} truncated), {dropped}"
+
+
+@contextmanager
+def _about(example: Example) -> Iterator[None]:
+    """Prefix template errors with the row they came from."""
+    try:
+        yield
+    except RlhfkitError as error:
+        if example.source and not str(error).startswith(example.source):
+            raise fail(f"{example.source}: {error}") from None
+        raise
 
 
 def _check_cutoff(cutoff_len: int) -> None:
@@ -75,7 +88,8 @@ def tokenize_sft(
     stats = TokenizeStats(cutoff_len=cutoff_len)
     samples: list[dict[str, list[int]]] = []
     for example in examples:
-        turns = template.encode_turns(tokenizer, example.messages, example.system)
+        with _about(example):
+            turns = template.encode_turns(tokenizer, example.messages, example.system)
         if not turns:
             raise fail(f"{example.source or 'example'}: has no assistant reply; SFT needs one")
         input_ids: list[int] = []
@@ -117,10 +131,11 @@ def tokenize_pairwise(
         where = example.source or "example"
         if not example.is_pairwise:
             raise fail(f"{where}: has no chosen/rejected replies; reward modelling needs pairwise data")
-        prompt, chosen = _prompt_and_reply(tokenizer, template, example, example.chosen)
-        prompt_r, rejected = _prompt_and_reply(tokenizer, template, example, example.rejected)
+        with _about(example):
+            prompt, chosen = _prompt_and_reply(tokenizer, template, example, example.chosen)
+            prompt_r, rejected = _prompt_and_reply(tokenizer, template, example, example.rejected)
         if prompt != prompt_r:
-            raise fail(f"{where}: the template encodes the prompt differently for chosen and rejected; use another template")
+            raise fail(f"{where}: the template encodes the prompt differently for the two replies; use another template")
         room = cutoff_len - len(prompt)
         if room < 1:
             stats.dropped_too_long += 1
@@ -138,7 +153,9 @@ def tokenize_pairwise(
     return samples, stats
 
 
-def _prompt_and_reply(tokenizer: Any, template: Template, example: Example, reply: str | None) -> tuple[list[int], list[int]]:
+def _prompt_and_reply(
+    tokenizer: Any, template: Template, example: Example, reply: str | None
+) -> tuple[list[int], list[int]]:
     messages = list(example.messages) + [{"role": "assistant", "content": reply or ""}]
     turns = template.encode_turns(tokenizer, messages, example.system)
     prompt = [token for pair in turns[:-1] for part in pair for token in part] + turns[-1][0]
@@ -162,7 +179,8 @@ def tokenize_prompts(
         messages = [dict(m) for m in example.messages]
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
-        input_ids = template.encode_prompt(tokenizer, messages, example.system)
+        with _about(example):
+            input_ids = template.encode_prompt(tokenizer, messages, example.system)
         if len(input_ids) > cutoff_len:
             if overlong == "error":
                 raise fail(

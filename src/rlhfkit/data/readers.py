@@ -35,7 +35,7 @@ def load_examples(specs: Sequence[DatasetSpec], kind: str, max_samples: int | No
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
+    if max_samples is not None and (type(max_samples) is not int or max_samples < 1):
         raise fail(f"max_samples must be a positive integer, got {max_samples!r}")
     examples: list[Example] = []
     for spec in specs:

@@ -32,6 +32,8 @@ from rlhfkit.errors import fail
 
 Messages = Sequence[dict[str, str]]
 Pair = tuple[list[int], list[int]]
+# ([(prompt pieces, response pieces)] per reply, prompt pieces after the last reply); a piece is text or EOS.
+Pieces = tuple[list[tuple[list, list]], list]
 
 
 class _Eos:
@@ -108,11 +110,8 @@ class Template:
         return ids
 
     # -- for subclasses -------------------------------------------------------------------
-    def _pieces(self, tokenizer: Any, messages: list[dict[str, str]], system: str | None) -> tuple[list[tuple[list, list]], list]:
-        """([(prompt_pieces, response_pieces)] per reply, prompt pieces for a trailing user turn).
-
-        A piece is text or `EOS`.
-        """
+    def _pieces(self, tokenizer: Any, messages: list[dict[str, str]], system: str | None) -> Pieces:
+        """Prompt/response pieces per reply, and the prompt pieces for a trailing user turn."""
         raise NotImplementedError
 
     def _stop_words(self, tokenizer: Any) -> list[str]:
@@ -149,7 +148,7 @@ class FormatTemplate(Template):
     default_system: str | None = None
     stop_words: tuple[str, ...] = ()
 
-    def _pieces(self, tokenizer: Any, messages: list[dict[str, str]], system: str | None) -> tuple[list[tuple[list, list]], list]:
+    def _pieces(self, tokenizer: Any, messages: list[dict[str, str]], system: str | None) -> Pieces:
         system = system if system is not None else self.default_system
         head = self.prefix + (self.system.replace("{content}", system) if system else "")
         pairs: list[tuple[list, list]] = []
@@ -158,7 +157,8 @@ class FormatTemplate(Template):
             if message["role"] == "user":
                 prompt.append(self.user.replace("{content}", message["content"]))
             else:
-                reply = [p.replace("{content}", message["content"]) if isinstance(p, str) else p for p in self.assistant]
+                content = message["content"]
+                reply = [p.replace("{content}", content) if isinstance(p, str) else p for p in self.assistant]
                 pairs.append((prompt, reply))
                 prompt = [self.separator]
         first = pairs[0][0] if pairs else prompt
@@ -170,9 +170,9 @@ class FormatTemplate(Template):
         bos = tokenizer.bos_token
         if self.prefix or tokenizer.bos_token_id is None or not bos or start.startswith(bos):
             return ""
-        with_special = tokenizer.encode("a", add_special_tokens=True)
-        adds_bos = with_special[:1] == [tokenizer.bos_token_id] and encode_text(tokenizer, "a")[:1] != [tokenizer.bos_token_id]
-        return tokenizer.bos_token if adds_bos else ""
+        bos_id = tokenizer.bos_token_id
+        adds_bos = tokenizer.encode("a", add_special_tokens=True)[:1] == [bos_id] != encode_text(tokenizer, "a")[:1]
+        return bos if adds_bos else ""
 
     def _stop_words(self, tokenizer: Any) -> list[str]:
         return list(self.stop_words)
@@ -220,8 +220,9 @@ def get_template(name: str | None, tokenizer: Any) -> Template:
             )
         return TokenizerTemplate()
     if key not in TEMPLATES:
-        raise fail(f"template: unknown template {name!r}; use 'auto' (the tokenizer's own) or one of {', '.join(TEMPLATES)}")
+        names = ", ".join(TEMPLATES)
+        raise fail(f"template: unknown template {name!r}; use 'auto' (the tokenizer's own) or one of {names}")
     template = TEMPLATES[key]
     if EOS in template.assistant and tokenizer.eos_token_id is None:
-        raise fail(f"template: {key!r} ends replies with the EOS token, but the tokenizer has none; use another template")
+        raise fail(f"template: {key!r} ends replies with EOS, but the tokenizer has no eos_token; use another template")
     return template
