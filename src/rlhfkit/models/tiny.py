@@ -52,8 +52,13 @@ def build_tiny_model(
     num_heads: int = 4,
     intermediate_size: int = 128,
     seed: int = 0,
+    initializer_range: float = 0.2,
 ) -> Path:
-    """Write a randomly initialised tiny Llama and its character tokenizer to `output_dir`."""
+    """Write a randomly initialised tiny Llama and its character tokenizer to `output_dir`.
+
+    The initialisation is wider than Llama's default (0.02) so the tied embedding/output matrix
+    gives logits of useful scale: LoRA, which leaves that matrix frozen, can then learn quickly.
+    """
     output_dir = Path(output_dir)
     tokenizer = build_char_tokenizer()
     config = LlamaConfig(
@@ -65,6 +70,7 @@ def build_tiny_model(
         num_key_value_heads=num_heads,
         max_position_embeddings=512,
         tie_word_embeddings=True,
+        initializer_range=initializer_range,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
