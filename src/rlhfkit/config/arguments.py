@@ -27,7 +27,7 @@ class ModelArguments:
     flash_attn: Optional[str] = None
     """LLaMA-Factory's name for the attention kernel (auto, disabled, sdpa, fa2); maps onto attn_implementation."""
     device: str = "auto"
-    """Device for single-process runs: auto (cuda, then mps, then cpu), or an explicit torch device."""
+    """auto (accelerate picks cuda, mps or cpu; `accelerate launch` assigns one device per process) or cpu."""
 
 
 @dataclass

@@ -45,6 +45,7 @@ def validate(config: "Config") -> None:
     _choice(src, "stage", f.stage, STAGES)
     _choice(src, "finetuning_type", f.finetuning_type, FINETUNING_TYPES)
     _choice(src, "torch_dtype", m.torch_dtype, DTYPES)
+    _choice(src, "device", m.device, ("auto", "cpu"))
     _choice(src, "lr_scheduler_type", t.lr_scheduler_type, SCHEDULERS)
     _choice(src, "overlong_prompts", d.overlong_prompts, ("drop", "error"))
     _choice(src, "reward_model_type", p.reward_model_type, REWARD_MODEL_TYPES)

@@ -17,17 +17,6 @@ logger = logging.getLogger(__name__)
 POLICY_ADAPTER = "default"
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; anything else is passed to torch.device."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def resolve_dtype(model_args: ModelArguments, training_args: TrainingArguments | None = None) -> torch.dtype:
     """Weight dtype from `torch_dtype`, or from the bf16/fp16 flags when it is auto."""
     named = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -105,7 +105,7 @@ def run_sft(config: Config) -> dict[str, float]:
         if data.eval and t.eval_steps and step % t.eval_steps == 0 and step < total_steps:
             stats["eval_loss"] = evaluate_sft(model, data.eval, t.per_device_eval_batch_size,
                                               tokenizer.pad_token_id, accelerator.device)
-        if step % config.output.logging_steps == 0 or step == total_steps or "eval_loss" in stats:
+        if step % config.output.logging_steps == 0 or step in (1, total_steps) or "eval_loss" in stats:
             log.log(step, stats)
     # 5. evaluate and save
     final = {"train_loss": log.history[-1]["loss"] if log.history else float("nan")}
