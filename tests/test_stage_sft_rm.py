@@ -1,0 +1,266 @@
+"""End-to-end tests of the `sft` and `rm` stages on the tiny character-level Llama.
+
+Each run is a few hundred milliseconds on one CPU thread: the data sets are tiny and memorisable,
+so learning is asserted with wide margins, and the saved folders are reloaded with plain
+transformers / peft calls (not rlhfkit's loaders) to check what a user would get.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhfkit.config import build_config
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.models.forward import sequence_scores
+from rlhfkit.models.value_head import VALUE_HEAD_FILE, ValueHead
+from rlhfkit.stages import run_stage
+from rlhfkit.tracking.trainer_log import read_trainer_log
+
+EOS_ID = 2  # <|im_end|> of the tiny model's tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine two OpenMP
+    threads spin against other processes and make each run 10-30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run(model_dir, output_dir, **keys):
+    values = {"model_name_or_path": str(model_dir), "output_dir": str(output_dir), "logging_steps": 1}
+    values.update(keys)
+    return run_stage(build_config(values))
+
+
+def _prompt_ids(tokenizer, text: str) -> list[int]:
+    """The chat prompt of one user message, rendered by the tokenizer's own chat template."""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def _greedy(model, tokenizer, text: str, new_tokens: int) -> str:
+    ids = torch.tensor([_prompt_ids(tokenizer, text)])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=new_tokens, pad_token_id=0, eos_token_id=EOS_ID)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------- SFT
+
+WORDS = "abcdefgh"
+
+
+def _sft_rows():
+    return [{"instruction": f"say {w}", "output": w * 4} for w in WORDS]
+
+
+def _check_sft_learned(output_dir):
+    log = read_trainer_log(output_dir)
+    losses = [record["loss"] for record in log]
+    assert len(losses) >= 10
+    assert all(isinstance(x, float) for x in losses)
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.5, losses
+
+
+def _count_reproduced(model, tokenizer) -> int:
+    model.eval()
+    return sum(_greedy(model, tokenizer, f"say {w}", 5).startswith(w * 4) for w in WORDS)
+
+
+def test_sft_full_learns_and_reloads(tiny_model_dir, tmp_path, jsonl):
+    data = jsonl(tmp_path / "sft.jsonl", _sft_rows())
+    out = tmp_path / "out"
+    final = _run(tiny_model_dir, out, stage="sft", finetuning_type="full", dataset=str(data),
+                 learning_rate=3e-3, per_device_train_batch_size=8, max_steps=40)
+    _check_sft_learned(out)
+    assert final["train_loss"] == pytest.approx(read_trainer_log(out)[-1]["loss"])
+    assert (out / "model.safetensors").is_file()
+    assert not (out / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # The saved weights differ from the base: it trained and saved the trained weights.
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    saved = load_file(str(out / "model.safetensors"))
+    assert set(saved) == set(base)
+    assert any(not torch.equal(saved[k], base[k]) for k in base)
+    assert _count_reproduced(model, tokenizer) >= len(WORDS) // 2
+
+
+def test_sft_lora_learns_and_reloads(tiny_model_dir, tmp_path, jsonl):
+    data = jsonl(tmp_path / "sft.jsonl", _sft_rows())
+    out = tmp_path / "out"
+    _run(tiny_model_dir, out, stage="sft", finetuning_type="lora", dataset=str(data),
+         learning_rate=3e-2, per_device_train_batch_size=8, max_steps=60)
+    _check_sft_learned(out)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert not (out / "model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    untrained = _count_reproduced(base, tokenizer)
+    model = PeftModel.from_pretrained(base, out)
+    assert _count_reproduced(model, tokenizer) >= max(len(WORDS) // 2, untrained + 1)
+
+
+@pytest.mark.parametrize("batch,accumulation", [(2, 2), (1, 4)])
+def test_sft_gradient_accumulation_equals_one_large_batch(tiny_model_dir, tmp_path, jsonl, batch, accumulation):
+    # Replies of 1, 3, 6 and 11 characters: a per-micro-batch mean would weight them differently
+    # from the token-normalised mean over the whole step.
+    rows = [{"instruction": "one", "output": "a"}, {"instruction": "three", "output": "bcd"},
+            {"instruction": "six", "output": "efghij"}, {"instruction": "eleven", "output": "klmnopqrstu"}]
+    data = jsonl(tmp_path / "sft.jsonl", rows)
+    common = dict(stage="sft", finetuning_type="full", dataset=str(data), learning_rate=1e-3,
+                  lr_scheduler_type="constant", max_steps=3)
+    _run(tiny_model_dir, tmp_path / "big", per_device_train_batch_size=4, gradient_accumulation_steps=1, **common)
+    _run(tiny_model_dir, tmp_path / "acc", per_device_train_batch_size=batch,
+         gradient_accumulation_steps=accumulation, **common)
+    big = load_file(str(tmp_path / "big" / "model.safetensors"))
+    acc = load_file(str(tmp_path / "acc" / "model.safetensors"))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert set(big) == set(acc)
+    moved = 0
+    for name in big:
+        torch.testing.assert_close(acc[name], big[name], atol=1e-5, rtol=0, msg=name)
+        moved += not torch.equal(big[name], base[name])
+    assert moved > 0  # the comparison is not between two untouched copies of the base
+    big_losses = [r["loss"] for r in read_trainer_log(tmp_path / "big")]
+    acc_losses = [r["loss"] for r in read_trainer_log(tmp_path / "acc")]
+    assert acc_losses == pytest.approx(big_losses, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- RM
+
+
+def _preference_rows(rng: random.Random, count: int) -> list[dict]:
+    def word(alphabet):
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 10)))
+
+    return [{"instruction": f"pick {rng.choice(WORDS)}", "chosen": word("aeiou"), "rejected": word("xyzqw")}
+            for _ in range(count)]
+
+
+def _pair_ids(tokenizer, row, reply_key):
+    reply = tokenizer(row[reply_key], add_special_tokens=False)["input_ids"]
+    return _prompt_ids(tokenizer, row["instruction"]) + reply + [EOS_ID]
+
+
+def _reloaded_accuracy(model, head, tokenizer, rows) -> tuple[float, torch.Tensor]:
+    """Accuracy and margins of the reloaded RM, one sequence at a time (no padding at all)."""
+    margins = []
+    with torch.no_grad():
+        for row in rows:
+            scores = []
+            for key in ("chosen", "rejected"):
+                ids = torch.tensor([_pair_ids(tokenizer, row, key)])
+                scores.append(float(sequence_scores(model, head, ids, torch.ones_like(ids))[0]))
+            margins.append(scores[0] - scores[1])
+    margins = torch.tensor(margins)
+    return float((margins > 0).float().mean()), margins
+
+
+@pytest.fixture(scope="module")
+def preference_files(tmp_path_factory):
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("prefs")
+    train, held_out = _preference_rows(rng, 200), _preference_rows(rng, 40)
+    files = []
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", held_out)):
+        (root / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        files.append(root / name)
+    return files[0], files[1], held_out
+
+
+def _train_rm(model_dir, out, preference_files, finetuning_type, learning_rate, max_steps):
+    train, held_out, _ = preference_files
+    return _run(model_dir, out, stage="rm", finetuning_type=finetuning_type, dataset=str(train),
+                eval_dataset=str(held_out), learning_rate=learning_rate, per_device_train_batch_size=16,
+                per_device_eval_batch_size=16, max_steps=max_steps)
+
+
+def test_rm_lora_learns_preference_and_reloads(tiny_model_dir, tmp_path, preference_files):
+    out = tmp_path / "rm"
+    final = _train_rm(tiny_model_dir, out, preference_files, "lora", 1e-2, 15)
+    assert final["eval_accuracy"] >= 0.9, final
+    log = read_trainer_log(out)
+    assert log[-1]["loss"] < log[0]["loss"]
+    for name in (VALUE_HEAD_FILE, "adapter_config.json", "adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    assert not (out / "model.safetensors").exists()
+    # The value head is not inside the adapter weights.
+    assert not any("summary" in k for k in load_file(str(out / "adapter_model.safetensors")))
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, out).eval()
+    head = ValueHead.load(out, base.config.hidden_size)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    held_out = preference_files[2]
+    accuracy, margins = _reloaded_accuracy(model, head, tokenizer, held_out)
+    # Same held-out pairs, same weights: the reloaded model orders them as the trained one did.
+    assert accuracy == pytest.approx(final["eval_accuracy"], abs=1e-6)
+    assert float(margins[0]) > 0
+    # The trained adapter matters: the base with the same head does not separate the pairs as well.
+    with model.disable_adapter():
+        base_accuracy, base_margins = _reloaded_accuracy(model, head, tokenizer, held_out)
+    assert not torch.allclose(base_margins, margins)
+
+
+def test_rm_full_learns_preference(tiny_model_dir, tmp_path, preference_files):
+    out = tmp_path / "rm"
+    final = _train_rm(tiny_model_dir, out, preference_files, "full", 1e-3, 15)
+    assert final["eval_accuracy"] >= 0.9, final
+    assert (out / VALUE_HEAD_FILE).is_file() and (out / "model.safetensors").is_file()
+    assert not (out / "adapter_config.json").exists()
+    saved = load_file(str(out / "model.safetensors"))
+    assert not any("summary" in k for k in saved)  # the head is kept out of the LM weights
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    head = ValueHead.load(out, model.config.hidden_size)
+    accuracy, _ = _reloaded_accuracy(model, head, AutoTokenizer.from_pretrained(out), preference_files[2])
+    assert accuracy == pytest.approx(final["eval_accuracy"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------ value head files
+
+
+def test_value_head_round_trip_is_exact(tmp_path):
+    torch.manual_seed(3)
+    head = ValueHead(24, zero_init=False)
+    with torch.no_grad():
+        head.summary.bias.fill_(0.375)
+    path = head.save(tmp_path)
+    assert path == tmp_path / VALUE_HEAD_FILE
+    loaded = ValueHead.load(tmp_path, 24)
+    for name, tensor in head.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert ValueHead.load(tmp_path).summary.in_features == 24  # hidden size read from the file
+    hidden = torch.randn(2, 5, 24)
+    assert torch.equal(loaded(hidden), head(hidden))
+    assert loaded(hidden).shape == (2, 5)
+
+
+def test_value_head_missing_file_is_a_one_line_error(tmp_path):
+    with pytest.raises(RlhfkitError) as info:
+        ValueHead.load(tmp_path, 24)
+    message = str(info.value)
+    assert "\n" not in message
+    assert VALUE_HEAD_FILE in message and str(tmp_path) in message
+
+
+def test_value_head_wrong_hidden_size_is_a_one_line_error(tmp_path):
+    ValueHead(24).save(tmp_path)
+    with pytest.raises(RlhfkitError) as info:
+        ValueHead.load(tmp_path, 32)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "24" in message and "32" in message
