@@ -1,0 +1,275 @@
+"""Invariances of PPO's forward passes and update on the tiny model, without running the stage.
+
+Expected values come from plain forward passes of the unpadded sequences through the raw model
+(`log_softmax` of its logits, the head's linear map of its hidden states), never from rlhfkit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from rlhfkit.models.value_head import ValueHead
+from rlhfkit.rl import PPOLoss
+from rlhfkit.stages.ppo_steps import Rollout, evaluate_rollout, ppo_update_minibatch, response_forward
+
+PAD = 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(model_dir, attn="sdpa"):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn)
+    model.eval()
+    return model
+
+
+def _head(hidden: int, seed: int = 0) -> ValueHead:
+    torch.manual_seed(seed)
+    head = ValueHead(hidden, zero_init=False)
+    with torch.no_grad():
+        head.summary.weight.normal_(std=0.5)
+        head.summary.bias.fill_(0.1)
+    return head
+
+
+def _lora(model, seed: int = 1):
+    """A LoRA policy whose adapter is not the identity (B is randomised), so it differs from the base."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0)
+    peft = get_peft_model(model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
+    peft.eval()
+    return peft
+
+
+def _batch(prompts: list[list[int]], responses: list[list[int]]):
+    """Left-padded prompts and right-padded responses, as the rollout builds them."""
+    width_p = max(map(len, prompts))
+    width_r = max(map(len, responses))
+    query = torch.full((len(prompts), width_p), PAD)
+    query_mask = torch.zeros_like(query)
+    response = torch.full((len(responses), width_r), PAD)
+    response_mask = torch.zeros_like(response, dtype=torch.bool)
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        query[row, width_p - len(p):] = torch.tensor(p)
+        query_mask[row, width_p - len(p):] = 1
+        response[row, :len(r)] = torch.tensor(r)
+        response_mask[row, :len(r)] = True
+    ids = torch.cat([query, response], dim=1)
+    mask = torch.cat([query_mask, response_mask.long()], dim=1)
+    return query, query_mask, response, response_mask, ids, mask
+
+
+def _reference_row(model, head, prompt, response, temperature):
+    """Log-probs, values and entropies of one unpadded prompt + response from the raw model."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
+    logits = out.logits[0, positions].double() / temperature
+    logp = F.log_softmax(logits, dim=-1)
+    logprobs = logp.gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    hidden = out.hidden_states[-1][0, positions].double()
+    values = None
+    if head is not None:
+        values = hidden @ head.summary.weight[0].double() + head.summary.bias[0].double()
+    return logprobs.float(), None if values is None else values.float(), entropy.float()
+
+
+PROMPTS = [[5, 17, 40, 33, 8, 61], [70, 12], [9, 9, 9, 44, 81, 23, 50, 3, 27], [66, 31, 15, 88]]
+RESPONSES = [[21, 34, 2], [45, 46, 47, 48, 49, 50, 51], [90], [13, 57, 24, 2]]
+
+
+# ------------------------------------------------------------------------------- left padding
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_left_padding_does_not_change_logprobs_or_values(tiny_model_dir, attn):
+    model = _model(tiny_model_dir, attn)
+    head = _head(model.config.hidden_size)
+    prompt, response = [5, 17, 40, 33, 8, 61, 72], [21, 34, 55, 2]
+    results = []
+    for pads in (0, 5):
+        ids = torch.tensor([[PAD] * pads + prompt + response])
+        mask = torch.tensor([[0] * pads + [1] * (len(prompt) + len(response))])
+        with torch.no_grad():
+            results.append(response_forward(model, head, ids, mask, torch.tensor([response]), 1.0,
+                                            with_values=True, with_entropy=True))
+    (lp0, v0, e0), (lp5, v5, e5) = results
+    assert lp0.shape == v0.shape == e0.shape == (1, len(response))
+    torch.testing.assert_close(lp5, lp0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(v5, v0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(e5, e0, atol=1e-5, rtol=0)
+    # ... and both equal the unpadded computation from the raw model.
+    expected_lp, expected_v, expected_e = _reference_row(model, head, prompt, response, 1.0)
+    torch.testing.assert_close(lp0[0], expected_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(v0[0], expected_v, atol=1e-5, rtol=0)
+    torch.testing.assert_close(e0[0], expected_e, atol=1e-5, rtol=0)
+
+
+# -------------------------------------------------------------------------------- temperature
+
+
+def test_response_forward_uses_temperature_scaled_logprobs(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    head = _head(model.config.hidden_size)
+    prompt, response = [11, 42, 7, 19, 30], [64, 3, 77, 2]
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logprobs, values, entropy = response_forward(model, head, ids, torch.ones_like(ids), torch.tensor([response]),
+                                                     0.7, with_values=True, with_entropy=True)
+        raw = model(input_ids=ids, use_cache=False).logits[0].double()  # (T, v)
+    positions = range(len(prompt) - 1, len(prompt) + len(response) - 1)
+    expected = torch.tensor([float(F.log_softmax(raw[p] / 0.7, -1)[t]) for p, t in zip(positions, response)])
+    torch.testing.assert_close(logprobs[0], expected.float(), atol=1e-5, rtol=0)
+    at_one = torch.tensor([float(F.log_softmax(raw[p], -1)[t]) for p, t in zip(positions, response)])
+    assert (expected - at_one).abs().max() > 1e-3  # the temperature really changes the answer
+    scaled = F.log_softmax(raw[len(prompt) - 1:len(prompt) + len(response) - 1] / 0.7, -1)
+    torch.testing.assert_close(entropy[0], (-(scaled.exp() * scaled).sum(-1)).float(), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- chunked rollout
+
+
+@pytest.mark.parametrize("kind", ["same_model", "lora"])
+def test_chunked_rollout_evaluation_equals_unchunked(tiny_model_dir, kind):
+    base = _model(tiny_model_dir)
+    hidden = base.config.hidden_size
+    head = _head(hidden)
+    if kind == "lora":
+        plain_base = _model(tiny_model_dir)  # an untouched copy: the expected reference
+        policy = _lora(base)
+
+        def reference_context():
+            return policy.disable_adapter()
+    else:
+        plain_base = policy = base
+        reference_context = contextlib.nullcontext
+    _, _, response, response_mask, ids, mask = _batch(PROMPTS, RESPONSES)
+    one = evaluate_rollout(policy, head, policy, reference_context, ids, mask, response, 1.0, chunk_size=1)
+    eight = evaluate_rollout(policy, head, policy, reference_context, ids, mask, response, 1.0, chunk_size=8)
+    three = evaluate_rollout(policy, head, policy, reference_context, ids, mask, response, 1.0, chunk_size=3)
+    assert set(one) == {"logprobs", "values", "entropy", "ref_logprobs"}
+    for key in one:
+        assert one[key].shape == response.shape, key
+        for other in (eight, three):
+            torch.testing.assert_close(other[key][response_mask], one[key][response_mask], atol=1e-5, rtol=0,
+                                       msg=key)
+    # Each row against the raw model on the unpadded sequence.
+    for row, (prompt, reply) in enumerate(zip(PROMPTS, RESPONSES)):
+        n = len(reply)
+        with torch.no_grad():
+            lp, values, entropy = _reference_row(policy, head, prompt, reply, 1.0)
+            ref_lp, _, _ = _reference_row(plain_base, None, prompt, reply, 1.0)
+        torch.testing.assert_close(one["logprobs"][row, :n], lp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(one["values"][row, :n], values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(one["entropy"][row, :n], entropy, atol=1e-5, rtol=0)
+        torch.testing.assert_close(one["ref_logprobs"][row, :n], ref_lp, atol=1e-5, rtol=0)
+    differs = (one["logprobs"] - one["ref_logprobs"])[response_mask].abs().max()
+    if kind == "lora":
+        assert differs > 1e-3  # the reference really is the adapter-less base
+        # The adapter is active again afterwards: the per-row policy check above ran after evaluate_rollout
+        # and matched, and the reference context did not leave any LoRA layer disabled.
+        assert policy.active_adapter == "default"
+        assert not any(getattr(m, "disable_adapters", False) for m in policy.modules() if hasattr(m, "lora_A"))
+    else:
+        assert differs < 1e-6
+
+
+# --------------------------------------------------------------------- accumulation in update
+
+
+class StandInAccelerator:
+    """The parts of accelerate.Accelerator that ppo_update_minibatch uses, on one process."""
+
+    device = torch.device("cpu")
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor
+
+    def no_sync(self, model):
+        return contextlib.nullcontext()
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def _fixed_rollout(policy, head, seed: int = 0) -> Rollout:
+    query, query_mask, response, response_mask, ids, mask = _batch(PROMPTS, RESPONSES)
+    with torch.no_grad():
+        logprobs, values, _ = response_forward(policy, head, ids, mask, response, 0.9)
+    generator = torch.Generator().manual_seed(seed)
+    float_mask = response_mask.float()
+    shape = response.shape
+    # Old log-probs a little off the current ones, so some ratios leave the clip range.
+    old_logprobs = (logprobs + 0.3 * torch.randn(shape, generator=generator)) * float_mask
+    old_values = (values + 0.3 * torch.randn(shape, generator=generator)) * float_mask
+    advantages = torch.randn(shape, generator=generator) * float_mask
+    returns = torch.randn(shape, generator=generator) * float_mask
+    return Rollout(query, query_mask, response, response_mask, torch.randn(len(PROMPTS), generator=generator),
+                   old_logprobs, torch.zeros(shape), old_values, advantages, returns)
+
+
+def _update_grads(policy, head, rollout, micro, accelerator):
+    params = [(f"policy.{n}", p) for n, p in policy.named_parameters() if p.requires_grad]
+    params += [(f"head.{n}", p) for n, p in head.named_parameters()]
+    for _, p in params:
+        p.grad = None
+    loss_fn = PPOLoss(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, entropy_coef=0.01)
+    stats = ppo_update_minibatch(accelerator, policy, head, loss_fn, rollout, micro, 0.9, 1)
+    grads = {name: p.grad.detach().clone() for name, p in params if p.grad is not None}
+    assert len(grads) == len(params)
+    return stats, grads
+
+
+@pytest.mark.parametrize("policy_kind", ["full", "lora"])
+@pytest.mark.parametrize("accelerator_kind", ["stand_in", "accelerate"])
+def test_micro_batches_accumulate_to_one_large_batch(tiny_model_dir, policy_kind, accelerator_kind):
+    model = _model(tiny_model_dir)
+    policy = _lora(model) if policy_kind == "lora" else model
+    if policy_kind == "lora":
+        for name, param in policy.named_parameters():
+            param.requires_grad_("lora_" in name)
+    policy.train()  # as in the stage loop; the tiny model has no dropout
+    head = _head(model.config.hidden_size)
+    rollout = _fixed_rollout(policy, head)
+    if accelerator_kind == "accelerate":
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=True)
+    else:
+        accelerator = StandInAccelerator()
+    large_stats, large = _update_grads(policy, head, rollout, 4, accelerator)
+    small_stats, small = _update_grads(policy, head, rollout, 1, accelerator)
+    mixed_stats, mixed = _update_grads(policy, head, rollout, 3, accelerator)  # micro-batches of 3 and 1
+    assert large_stats["policy_clipfrac"] > 0  # the clipped branch is exercised
+    total = 0.0
+    for name, grad in large.items():
+        scale = float(grad.abs().max())
+        total += scale
+        for other in (small, mixed):
+            torch.testing.assert_close(other[name], grad, rtol=1e-5, atol=1e-6 * max(scale, 1e-6), msg=name)
+    assert total > 0
+    assert set(small_stats) == set(large_stats)
+    for key, value in large_stats.items():
+        assert small_stats[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        assert mixed_stats[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
