@@ -29,12 +29,12 @@ def resolve_dtype(model_args: ModelArguments, training_args: TrainingArguments |
     return torch.float32
 
 
-def _check_model_path(path: str) -> None:
+def _check_model_path(path: str, require_config: bool = True) -> None:
     local = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1
     if looks_local and not local.is_dir():
         raise fail(f"model path {path} does not exist; set model_name_or_path to a model folder")
-    if local.is_dir() and not (local / "config.json").is_file():
+    if require_config and local.is_dir() and not (local / "config.json").is_file():
         raise fail(f"{path} has no config.json; it is not a Hugging Face model folder")
 
 
@@ -47,7 +47,8 @@ def load_tokenizer(model_args: ModelArguments, path: str | None = None):
     choice of PAD never changes a result.
     """
     path = path or model_args.model_name_or_path
-    _check_model_path(path)
+    # A tokenizer folder needs no config.json: an RM adapter folder holds only adapter and tokenizer files.
+    _check_model_path(path, require_config=not (Path(path).expanduser() / "tokenizer_config.json").is_file())
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as err:

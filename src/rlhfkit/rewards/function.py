@@ -50,5 +50,6 @@ class FunctionReward:
         try:
             values = self.function(list(batch.prompts), list(batch.responses))
         except Exception as err:  # a user function may raise anything
-            raise fail(f"reward function '{self.name}' raised {type(err).__name__}: {err}") from None
+            detail = " ".join(str(err).split())  # one line, whatever the function's message
+            raise fail(f"reward function '{self.name}' raised {type(err).__name__}: {detail}") from None
         return checked_scores(self.name, values, len(batch.responses))
