@@ -1,0 +1,389 @@
+"""Reward sources: the HTTP `api` source against a local server, and model-based sources (LoRA on the
+policy's shared base, LoRA merged into its own copy, a full RM with its own tokenizer) checked
+against scores computed directly from the raw models.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhfkit.config import build_config
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.models.loading import load_tokenizer
+from rlhfkit.models.ppo_models import build_ppo_models
+from rlhfkit.models.tiny import build_tiny_model
+from rlhfkit.models.value_head import ValueHead
+from rlhfkit.rewards.api import ApiReward
+from rlhfkit.rewards.base import ScoringBatch
+from rlhfkit.stages import run_stage
+from rlhfkit.stages.ppo_steps import response_forward
+from rlhfkit.tracking.trainer_log import read_trainer_log
+
+EOS_ID = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    """Requests to the local server must not go through a proxy from the environment."""
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# ---------------------------------------------------------------------------- local server
+
+
+class RewardServer:
+    """LLaMA-Factory's reward API on 127.0.0.1: POST {"model", "messages": [text, ...]} -> {"scores"}.
+
+    `behaviour(request_number, payload)` returns (status, body bytes); requests are recorded.
+    """
+
+    def __init__(self, behaviour):
+        self.requests: list[dict] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append(payload)
+                status, body = behaviour(len(server.requests), payload)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1/score/evaluation"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def count_a(text: str) -> float:
+    return float(text.count("a"))
+
+
+def _batch(prompts: list[str], responses: list[str]) -> ScoringBatch:
+    return ScoringBatch(prompts=prompts, responses=responses,
+                        messages=[[{"role": "user", "content": p}] for p in prompts],
+                        systems=[None] * len(prompts), sequence_ids=torch.zeros(len(prompts), 1, dtype=torch.long),
+                        sequence_mask=torch.ones(len(prompts), 1, dtype=torch.long))
+
+
+PROMPTS = ["write a poem", "say hi", "count to three"]
+RESPONSES = ["banana", "hello", "aaa bbb aaa"]
+
+
+def test_api_returns_the_servers_scores():
+    def behaviour(number, payload):
+        return 200, json.dumps({"scores": [count_a(text) for text in payload["messages"]]}).encode()
+
+    with RewardServer(behaviour) as server:
+        scores = ApiReward(server.url, "judge", timeout=5, retries=0).score(_batch(PROMPTS, RESPONSES))
+    assert scores.dtype == torch.float32 and scores.shape == (3,)
+    expected = [count_a(p) + count_a(r) for p, r in zip(PROMPTS, RESPONSES)]
+    assert scores.tolist() == expected
+    assert len(server.requests) == 1
+    payload = server.requests[0]
+    assert payload["model"] == "judge"
+    messages = payload["messages"]
+    assert isinstance(messages, list) and all(isinstance(m, str) for m in messages)
+    for text, prompt, response in zip(messages, PROMPTS, RESPONSES):
+        assert prompt in text and text.endswith(response)  # prompt + response, in order
+
+
+def test_api_retries_after_http_500():
+    def behaviour(number, payload):
+        if number <= 2:
+            return 500, b'{"error": "busy"}'
+        return 200, json.dumps({"scores": [1.5] * len(payload["messages"])}).encode()
+
+    with RewardServer(behaviour) as server:
+        scores = ApiReward(server.url, timeout=5, retries=3, backoff=0.01).score(_batch(PROMPTS, RESPONSES))
+    assert scores.tolist() == [1.5, 1.5, 1.5]
+    assert len(server.requests) == 3
+    assert server.requests[0] == server.requests[2]  # the same request is sent again
+
+
+@pytest.mark.parametrize("body,pattern", [
+    (b"<html>oops</html>", "not JSON"),
+    (b'{"score": [1, 2, 3]}', "no 'scores'"),
+    (b'{"scores": [1.0, 2.0]}', "2 scores for 3 responses"),
+    (b'{"scores": [1.0, NaN, 2.0]}', "non-finite"),
+    (b'{"scores": ["a", "b", "c"]}', "non-numeric"),
+])
+def test_api_bad_replies_fail_after_retries(body, pattern):
+    with RewardServer(lambda number, payload: (200, body)) as server:
+        source = ApiReward(server.url, timeout=5, retries=2, backoff=0.01)
+        with pytest.raises(RlhfkitError) as info:
+            source.score(_batch(PROMPTS, RESPONSES))
+    message = str(info.value)
+    assert "\n" not in message
+    assert pattern in message and server.url in message and "2 retries" in message
+    assert len(server.requests) == 3  # first try plus two retries
+
+
+def test_api_server_always_failing_names_the_status():
+    with RewardServer(lambda number, payload: (503, b"unavailable")) as server:
+        with pytest.raises(RlhfkitError) as info:
+            ApiReward(server.url, timeout=5, retries=1, backoff=0.01).score(_batch(PROMPTS, RESPONSES))
+    assert "HTTP 503" in str(info.value) and "\n" not in str(info.value)
+    assert len(server.requests) == 2
+
+
+def test_api_timeout_is_retried_then_fails():
+    import time
+
+    release = threading.Event()
+
+    def behaviour(number, payload):
+        release.wait(2.0)
+        return 200, json.dumps({"scores": [0.0] * len(payload["messages"])}).encode()
+
+    with RewardServer(behaviour) as server:
+        started = time.time()
+        with pytest.raises(RlhfkitError) as info:
+            ApiReward(server.url, timeout=0.2, retries=1, backoff=0.01).score(_batch(PROMPTS, RESPONSES))
+        release.set()
+    assert time.time() - started < 1.9
+    assert "\n" not in str(info.value) and server.url in str(info.value)
+
+
+def test_api_unreachable_server_fails_cleanly():
+    with RewardServer(lambda number, payload: (200, b"{}")) as server:
+        url = server.url
+    with pytest.raises(RlhfkitError) as info:  # the server is gone: connection refused
+        ApiReward(url, timeout=1, retries=1, backoff=0.01).score(_batch(PROMPTS, RESPONSES))
+    assert url in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/score", "file:///tmp/score.json", "127.0.0.1:8000/score",
+                                 "localhost:8000"])
+def test_api_refuses_non_http_urls(url):
+    with pytest.raises(RlhfkitError) as info:
+        ApiReward(url)
+    assert url in str(info.value) and "\n" not in str(info.value)
+
+
+def test_ppo_with_api_reward(tiny_model_dir, tmp_path):
+    rows = [{"instruction": f"write {w}{i}"} for w in "abcdefgh" for i in range(2)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    replies: list[list[float]] = []
+
+    def behaviour(number, payload):
+        scores = [count_a(text) / 4 for text in payload["messages"]]
+        replies.append(scores)
+        return 200, json.dumps({"scores": scores}).encode()
+
+    out = tmp_path / "out"
+    with RewardServer(behaviour) as server:
+        final = run_stage(build_config(dict(
+            stage="ppo", model_name_or_path=str(tiny_model_dir), dataset=str(data), output_dir=str(out),
+            finetuning_type="lora", reward_model=server.url, reward_model_type="api", learning_rate=1e-2,
+            per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2, logging_steps=1,
+            max_new_tokens=6, top_k=0, top_p=1.0, temperature=1.0)))
+    assert len(server.requests) == 2 and len(replies) == 2
+    assert all(len(r["messages"]) == 8 for r in server.requests)
+    log = read_trainer_log(out)
+    assert [r["current_steps"] for r in log] == [1, 2]
+    for record, reply in zip(log, replies):
+        assert record["score/api"] == pytest.approx(sum(reply) / len(reply), abs=1e-6)
+        assert record["reward"] == pytest.approx(record["score/api"])
+    assert final["reward"] == pytest.approx(log[-1]["reward"])
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------- model-based sources
+
+
+def _random_lora(model, seed, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")):
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
+    return peft
+
+
+def _random_head(hidden, seed):
+    torch.manual_seed(seed)
+    head = ValueHead(hidden, zero_init=False)
+    with torch.no_grad():
+        head.summary.weight.normal_(std=1.0)
+        head.summary.bias.fill_(0.25)
+    return head
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory, tiny_model_dir):
+    """An SFT adapter, a LoRA RM folder and a full RM folder with another tokenizer and hidden size,
+    all written with peft / transformers directly."""
+    root = tmp_path_factory.mktemp("sources")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    sft = root / "sft"
+    _random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 1).save_pretrained(sft)
+    rm = root / "rm_lora"
+    _random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 2, ("q_proj", "v_proj")).save_pretrained(rm)
+    _random_head(64, 3).save(rm)
+    tokenizer.save_pretrained(rm)
+    # A full RM of another size whose tokenizer has one more token: it re-renders the text itself.
+    other = build_tiny_model(root / "rm_full", hidden_size=32, num_heads=2, intermediate_size=64, seed=5)
+    other_tokenizer = AutoTokenizer.from_pretrained(other)
+    other_tokenizer.add_tokens(["<|extra|>"])
+    other_model = AutoModelForCausalLM.from_pretrained(other)
+    other_model.resize_token_embeddings(len(other_tokenizer))
+    other_model.save_pretrained(other)
+    other_tokenizer.save_pretrained(other)
+    _random_head(32, 4).save(other)
+    return {"sft": sft, "rm_lora": rm, "rm_full": other}
+
+
+CONVERSATIONS = [("write a", "abab"), ("hello there", "xyz"), ("q", "a longer reply")]
+
+
+def _policy_batch(tokenizer, with_eos=(True, False, True)):
+    """Left-padded chat prompts and right-padded responses in the policy's tokens."""
+    prompts, responses = [], []
+    for (prompt, reply), eos in zip(CONVERSATIONS, with_eos):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        responses.append(tokenizer(reply, add_special_tokens=False)["input_ids"] + ([EOS_ID] if eos else []))
+    width_p, width_r = max(map(len, prompts)), max(map(len, responses))
+    ids = torch.zeros(len(prompts), width_p + width_r, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        ids[row, width_p - len(p):width_p] = torch.tensor(p)
+        ids[row, width_p:width_p + len(r)] = torch.tensor(r)
+        mask[row, width_p - len(p):width_p + len(r)] = 1
+    return ScoringBatch(prompts=[p for p, _ in CONVERSATIONS], responses=[r for _, r in CONVERSATIONS],
+                        messages=[[{"role": "user", "content": p}] for p, _ in CONVERSATIONS],
+                        systems=[None] * len(CONVERSATIONS), sequence_ids=ids, sequence_mask=mask), prompts, responses
+
+
+def _direct_scores(model, head, sequences: list[list[int]]) -> torch.Tensor:
+    """The head on the last hidden state of each unpadded sequence, from the raw model."""
+    scores = []
+    with torch.no_grad():
+        for seq in sequences:
+            out = model(input_ids=torch.tensor([seq]), output_hidden_states=True, use_cache=False)
+            last = out.hidden_states[-1][0, -1].double()
+            scores.append(float(last @ head.summary.weight[0].double() + head.summary.bias[0].double()))
+    return torch.tensor(scores)
+
+
+def _ppo_config(tiny_model_dir, tmp_path, **keys):
+    values = dict(stage="ppo", model_name_or_path=str(tiny_model_dir), dataset="unused.jsonl",
+                  output_dir=str(tmp_path / "out"), per_device_eval_batch_size=2)
+    values.update(keys)
+    return build_config(values)
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_lora_reward_model_scores_match_the_rm_alone(tiny_model_dir, tmp_path, model_folders, finetuning_type):
+    """lora policy: the RM adapter shares the policy's base; full policy: it is merged into its own copy.
+    Either way the score is the RM's own, not mixed with the policy's (SFT) adapter."""
+    keys = dict(finetuning_type=finetuning_type, reward_model=str(model_folders["rm_lora"]), reward_model_type="lora")
+    if finetuning_type == "lora":
+        keys["adapter_name_or_path"] = str(model_folders["sft"])
+    config = _ppo_config(tiny_model_dir, tmp_path, **keys)
+    tokenizer = load_tokenizer(config.model)
+    models = build_ppo_models(config, tokenizer, torch.device("cpu"))
+    (source, weight), = models.rewards
+    assert weight == 1.0 and source.name == "lora"
+    batch, prompts, responses = _policy_batch(tokenizer)
+    scores = source.score(batch)
+
+    rm_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                         model_folders["rm_lora"]).eval()
+    head = ValueHead.load(model_folders["rm_lora"], 64)
+    expected = _direct_scores(rm_model, head, [p + r for p, r in zip(prompts, responses)])
+    # Merging the adapter into the weights (full policy) rounds differently from applying it on the fly.
+    torch.testing.assert_close(scores, expected.float(), atol=1e-5 if finetuning_type == "lora" else 1e-4, rtol=0)
+    base_only = _direct_scores(AutoModelForCausalLM.from_pretrained(tiny_model_dir), head,
+                               [p + r for p, r in zip(prompts, responses)])
+    assert (base_only - expected).abs().max() > 1e-3  # the RM adapter matters for these scores
+
+    if finetuning_type == "lora":
+        # value_head_init auto: the critic starts from the RM's head.
+        assert torch.equal(models.value_head.summary.weight, head.summary.weight)
+        # After scoring, the policy is the trainable SFT adapter again, and the reference is that
+        # adapter frozen: both give the SFT model's log-probs.
+        policy = models.policy
+        assert policy.active_adapter == "default"
+        trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+        assert trainable and all(".default." in n for n in trainable)
+        sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                              model_folders["sft"]).eval()
+        ids, mask = batch.sequence_ids, batch.sequence_mask
+        response_ids = ids[:, -max(map(len, responses)):]
+        with torch.no_grad():
+            policy_lp, _, _ = response_forward(policy, None, ids, mask, response_ids, 1.0, with_values=False)
+            with models.reference_context():
+                ref_lp, _, _ = response_forward(models.reference, None, ids, mask, response_ids, 1.0,
+                                                with_values=False)
+            sft_lp, _, _ = response_forward(sft_model, None, ids, mask, response_ids, 1.0, with_values=False)
+        response_mask = mask[:, -response_ids.shape[1]:].bool()
+        torch.testing.assert_close(policy_lp[response_mask], sft_lp[response_mask], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ref_lp[response_mask], sft_lp[response_mask], atol=1e-5, rtol=0)
+        assert policy.active_adapter == "default"
+
+
+def test_full_reward_model_with_its_own_tokenizer(tiny_model_dir, tmp_path, model_folders):
+    folder = model_folders["rm_full"]
+    config = _ppo_config(tiny_model_dir, tmp_path, finetuning_type="lora", reward_model=str(folder),
+                         reward_model_type="full")
+    tokenizer = load_tokenizer(config.model)
+    models = build_ppo_models(config, tokenizer, torch.device("cpu"))
+    (source, _), = models.rewards
+    batch, _, _ = _policy_batch(tokenizer)
+    scores = source.score(batch)
+    # Expected: the RM's own rendering of each conversation, scored by the RM alone.
+    rm_tokenizer = AutoTokenizer.from_pretrained(folder)
+    sequences = []
+    for prompt, reply in CONVERSATIONS:
+        text = rm_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                add_generation_prompt=True)
+        sequences.append(rm_tokenizer(text, add_special_tokens=False)["input_ids"]
+                         + rm_tokenizer(reply, add_special_tokens=False)["input_ids"] + [EOS_ID])
+    rm_model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    expected = _direct_scores(rm_model, ValueHead.load(folder, 32), sequences)
+    torch.testing.assert_close(scores, expected.float(), atol=1e-5, rtol=0)
+    # A head of another size cannot seed the critic: it starts at zero.
+    assert float(models.value_head.summary.weight.detach().abs().max()) == 0.0
+
+
+def test_lora_reward_folder_without_value_head_is_refused(tiny_model_dir, tmp_path, model_folders):
+    config = _ppo_config(tiny_model_dir, tmp_path, finetuning_type="lora", reward_model=str(model_folders["sft"]),
+                         reward_model_type="lora")
+    with pytest.raises(RlhfkitError) as info:
+        build_ppo_models(config, load_tokenizer(config.model), torch.device("cpu"))
+    assert "value_head.safetensors" in str(info.value) and "\n" not in str(info.value)
