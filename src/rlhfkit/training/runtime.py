@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,9 @@ def setup_logging(debug: bool = False) -> None:
     for name in ("transformers", "datasets", "accelerate", "peft", "urllib3", "httpx", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING if not debug else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
     try:
         import transformers
 
