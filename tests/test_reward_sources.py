@@ -387,3 +387,26 @@ def test_lora_reward_folder_without_value_head_is_refused(tiny_model_dir, tmp_pa
     with pytest.raises(RlhfkitError) as info:
         build_ppo_models(config, load_tokenizer(config.model), torch.device("cpu"))
     assert "value_head.safetensors" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_two_lora_reward_models_each_score_with_their_own_adapter(tiny_model_dir, tmp_path, model_folders):
+    second = tmp_path / "rm_lora_2"
+    _random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 7, ("k_proj", "up_proj")).save_pretrained(second)
+    _random_head(64, 8).save(second)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(second)
+    first = model_folders["rm_lora"]
+    config = _ppo_config(tiny_model_dir, tmp_path, finetuning_type="lora", reward_models=[
+        {"path": str(first), "type": "lora", "weight": 1.0, "name": "one"},
+        {"path": str(second), "type": "lora", "weight": 0.5, "name": "two"}])
+    tokenizer = load_tokenizer(config.model)
+    models = build_ppo_models(config, tokenizer, torch.device("cpu"))
+    assert [(source.name, weight) for source, weight in models.rewards] == [("one", 1.0), ("two", 0.5)]
+    batch, prompts, responses = _policy_batch(tokenizer)
+    sequences = [p + r for p, r in zip(prompts, responses)]
+    for (source, _), folder in zip(models.rewards, (first, second)):
+        rm_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder).eval()
+        expected = _direct_scores(rm_model, ValueHead.load(folder, 64), sequences)
+        torch.testing.assert_close(source.score(batch), expected.float(), atol=1e-5, rtol=0, msg=source.name)
+    # The policy is still the trainable default adapter, alone.
+    trainable = {n for n, p in models.policy.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)

@@ -145,9 +145,14 @@ def build_reward_source(spec: RewardSpec, config: Config, models: PPOModels, tok
         hidden = models.policy.config.get_text_config().hidden_size
         head = ValueHead.load(spec.path, hidden).to(device)
         if shared_base_ok:
-            models.policy.load_adapter(spec.path, adapter_name=REWARD_ADAPTER, is_trainable=False)
+            # One adapter per LoRA reward source: `reward`, then `reward1`, `reward2`, ...
+            adapter, number = REWARD_ADAPTER, 0
+            while adapter in models.policy.peft_config:
+                number += 1
+                adapter = f"{REWARD_ADAPTER}{number}"
+            models.policy.load_adapter(spec.path, adapter_name=adapter, is_trainable=False)
             models.policy.base_model.set_adapter("default")
-            return SharedBaseReward(models.policy, head, spec.name, chunk)
+            return SharedBaseReward(models.policy, head, spec.name, chunk, adapter)
         model = _load_frozen(config.model.model_name_or_path, config, dtype, device, tokenizer, [spec.path])
         return SeparateModelReward(model, head, tokenizer, None, True, spec.name, chunk)
     # full: its own model folder with value_head.safetensors

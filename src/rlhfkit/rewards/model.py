@@ -32,13 +32,15 @@ def active_adapter(peft_model, name: str | None):
 class SharedBaseReward:
     """The RM stage's adapter loaded as a second adapter on the policy's base, with its head."""
 
-    def __init__(self, peft_model, value_head: ValueHead, name: str = "reward", chunk_size: int = 8) -> None:
+    def __init__(self, peft_model, value_head: ValueHead, name: str = "reward", chunk_size: int = 8,
+                 adapter_name: str = REWARD_ADAPTER) -> None:
         self.model, self.value_head, self.name, self.chunk_size = peft_model, value_head, name, chunk_size
+        self.adapter_name = adapter_name
 
     @torch.no_grad()
     def score(self, batch: ScoringBatch) -> torch.Tensor:
         scores = []
-        with active_adapter(self.model, REWARD_ADAPTER):
+        with active_adapter(self.model, self.adapter_name):
             for begin in range(0, batch.sequence_ids.shape[0], self.chunk_size):
                 ids = batch.sequence_ids[begin:begin + self.chunk_size]
                 mask = batch.sequence_mask[begin:begin + self.chunk_size]
