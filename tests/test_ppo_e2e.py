@@ -150,6 +150,20 @@ def test_function_reward_rises(tiny_model_dir, assets, tmp_path, finetuning_type
     assert share >= rewards[0] + 0.2, (share, texts)
 
 
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_gradient_checkpointing_does_not_change_the_run(tiny_model_dir, assets, tmp_path, finetuning_type):
+    runs = {}
+    for checkpointing in (False, True):
+        out = tmp_path / f"gc{int(checkpointing)}"
+        _ppo(tiny_model_dir, assets, out, finetuning_type=finetuning_type, gradient_checkpointing=checkpointing,
+             per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2 if finetuning_type == "lora" else 1e-3)
+        runs[checkpointing] = read_trainer_log(out)
+    for key in ("reward", "kl", "loss", "policy_loss", "value_loss", "grad_norm", "response_length"):
+        plain = [r[key] for r in runs[False]]
+        assert [r[key] for r in runs[True]] == pytest.approx(plain, rel=1e-4, abs=1e-6), key
+    assert runs[False][-1]["kl"] > 0  # the policy moved, so the comparison covers updates
+
+
 # ------------------------------------------------------------------------------ reward models
 
 

@@ -410,3 +410,34 @@ def test_two_lora_reward_models_each_score_with_their_own_adapter(tiny_model_dir
     # The policy is still the trainable default adapter, alone.
     trainable = {n for n, p in models.policy.named_parameters() if p.requires_grad}
     assert trainable and all(".default." in n for n in trainable)
+
+
+def test_score_batch_weights_penalty_and_clip(tiny_model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from rlhfkit.rewards.function import FunctionReward
+    from rlhfkit.rl import RunningMoments
+    from rlhfkit.stages.ppo import score_batch
+
+    (tmp_path / "fns.py").write_text(
+        "def length(prompts, responses):\n    return [float(len(r)) for r in responses]\n"
+        "def minus_one(prompts, responses):\n    return [-1.0] * len(responses)\n")
+    sources = SimpleNamespace(rewards=[(FunctionReward(f"{tmp_path / 'fns.py'}:length", "len"), 0.5),
+                                       (FunctionReward(f"{tmp_path / 'fns.py'}:minus_one", "neg"), 2.0)])
+    config = _ppo_config(tiny_model_dir, tmp_path, reward_model="x:y", reward_model_type="function",
+                         missing_eos_penalty=1.5, reward_clip=2.0)
+    batch = _batch(["p"] * 4, ["", "ab", "abcdefgh", "abcdefghijklmnop"])
+    ended = torch.tensor([True, False, True, False])
+    scores, stats = score_batch(sources, batch, config, ended, RunningMoments(), StandInAccelerator())
+    raw = [0.5 * n - 2.0 for n in (0, 2, 8, 16)]                    # [-2, -1, 2, 6]
+    penalised = [s - (0.0 if e else 1.5) for s, e in zip(raw, ended.tolist())]  # [-2, -2.5, 2, 4.5]
+    assert scores.tolist() == pytest.approx([max(-2.0, min(2.0, s)) for s in penalised])
+    assert stats["reward"] == pytest.approx(sum(raw) / 4)            # before penalty and clipping
+    assert stats["score/len"] == pytest.approx(6.5) and stats["score/neg"] == pytest.approx(-1.0)
+
+
+class StandInAccelerator:
+    device = torch.device("cpu")
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor

@@ -213,7 +213,7 @@ def test_rm_lora_learns_preference_and_reloads(tiny_model_dir, tmp_path, prefere
     assert float(margins[0]) > 0
     # The trained adapter matters: the base with the same head does not separate the pairs as well.
     with model.disable_adapter():
-        base_accuracy, base_margins = _reloaded_accuracy(model, head, tokenizer, held_out)
+        _, base_margins = _reloaded_accuracy(model, head, tokenizer, held_out)
     assert not torch.allclose(base_margins, margins)
 
 
