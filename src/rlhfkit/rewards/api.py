@@ -21,8 +21,9 @@ class ApiReward:
     """Scores by HTTP POST, with a timeout and retries with exponential backoff.
 
     The request body is `{"model": name, "messages": [full text per sample], "conversations":
-    [[{role, content}, ...] per sample]}`: `messages` holds prompt plus response as one decoded
-    string each (what LLaMA-Factory sends); `conversations` the same as structured turns. The
+    [[{role, content}, ...] per sample]}`: `messages` holds the templated prompt plus response as
+    one decoded string each, padding removed (what LLaMA-Factory sends); `conversations` the same
+    as structured turns. The
     reply must be `{"scores": [float per sample]}`. A fault never becomes a silent zero reward:
     after `retries` retries the run stops with the last fault.
     """
@@ -49,7 +50,7 @@ class ApiReward:
 
     def score(self, batch: ScoringBatch) -> torch.Tensor:
         conversations = [msgs + [{"role": "assistant", "content": r}] for msgs, r in zip(batch.messages, batch.responses)]
-        texts = [f"{p}\n{r}" for p, r in zip(batch.prompts, batch.responses)]
+        texts = batch.texts or [f"{p}\n{r}" for p, r in zip(batch.prompts, batch.responses)]
         payload = json.dumps({"model": self.name, "messages": texts, "conversations": conversations}).encode()
         last_fault = ""
         for attempt in range(self.retries + 1):

@@ -27,6 +27,8 @@ class ScoringBatch:
     """``(b, P + R)`` the policy's tokens: left-padded prompt then truncated, right-padded response."""
     sequence_mask: torch.Tensor
     """``(b, P + R)`` attention mask of sequence_ids."""
+    texts: list[str] | None = None
+    """Each templated prompt plus response as decoded text, special tokens kept, padding removed."""
 
 
 class RewardSource(Protocol):

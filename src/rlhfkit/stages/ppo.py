@@ -146,7 +146,8 @@ def run_ppo(config: Config) -> dict[str, float]:
         scoring = ScoringBatch(
             prompts=[item["messages"][-1]["content"] for item in items], responses=responses,
             messages=[item["messages"] for item in items], systems=[item.get("system") for item in items],
-            sequence_ids=ids, sequence_mask=mask)
+            sequence_ids=ids, sequence_mask=mask,
+            texts=[tokenizer.decode(row[row_mask.bool()]) for row, row_mask in zip(ids, mask)])
         scores, score_stats = score_batch(models, scoring, config, generated.ended_with_stop, score_moments,
                                           accelerator)
         scores = scores.to(device)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from rlhfkit.config import Config
 from rlhfkit.errors import fail
@@ -32,6 +33,9 @@ def build_accelerator(config: Config) -> Accelerator:
     the Accelerator is created with one accumulation step.
     """
     precision = "bf16" if config.training.bf16 else "fp16" if config.training.fp16 else "no"
+    # A new run in the same process (tests, the demo) may ask for another precision; keep the
+    # process group (PartialState) but forget the previous run's settings.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=precision, cpu=config.model.device == "cpu")
 
 

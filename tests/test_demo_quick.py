@@ -1,0 +1,24 @@
+"""`rlhfkit demo --quick`: the whole pipeline (SFT, pairs, RM, PPO, report) on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhfkit.cli import main
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path: Path):
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "PPO − SFT gold score" in report and "## Samples" in report
+    for stage in ("sft", "rm", "ppo"):
+        assert (tmp_path / stage / "adapter_model.safetensors").is_file()
+        assert (tmp_path / stage / "demo_stage_done.json").is_file()
+    assert (tmp_path / "rm" / "value_head.safetensors").is_file()
+    ppo_log = [json.loads(line) for line in (tmp_path / "ppo" / "trainer_log.jsonl").read_text().splitlines()]
+    assert {"score/rm", "score/gold", "kl", "reward"} <= set(ppo_log[-1])
+    assert (tmp_path / "gold_vs_proxy.png").stat().st_size > 1000
