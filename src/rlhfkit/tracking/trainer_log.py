@@ -1,4 +1,16 @@
-"""trainer_log.jsonl (LLaMA-Factory's fields plus ours) and a concise console line per log step."""
+"""What a training run shows and records: trainer_log.jsonl (LLaMA-Factory's fields plus ours),
+the console (progress bar on a terminal, one concise line per logging step), TensorBoard events
+(`report_to: tensorboard`), samples.jsonl (PPO) and PNG curves (`plot_loss: true`).
+
+A stage loop uses one `TrainerLog`::
+
+    log = TrainerLog(output_dir, total_steps, enabled=is_main_process, console_keys=("loss",), config=config)
+    for step in ...:
+        log.advance(step)              # every step: moves the progress bar
+        if step % logging_steps == 0:
+            log.log(step, stats)       # trainer_log.jsonl, console line, TensorBoard scalars
+    log.close()                        # closes the bar and event file; writes the plots
+"""
 
 from __future__ import annotations
 
@@ -7,18 +19,17 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence, TextIO
+
+import torch
+
+from rlhfkit.tracking.progress import Progress, console_line, format_seconds, format_stats
+from rlhfkit.tracking.samples import append_samples, sample_rows
+from rlhfkit.tracking.tensorboard import TensorBoardWriter
 
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "trainer_log.jsonl"
-
-
-def _format_seconds(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def _clean(value: Any) -> Any:
@@ -30,25 +41,47 @@ def _clean(value: Any) -> Any:
 
 
 class TrainerLog:
-    """Appends one JSON line per logged step and prints a short summary of it.
+    """Appends one JSON line per logged step and shows it on the console, TensorBoard and in plots.
 
-    Only the main process writes (`enabled`); `start_step` and `elapsed_before` let a resumed run
-    keep its timing and step count continuous.
+    Only the main process writes or prints (`enabled`); `start_step` lets a resumed run keep its
+    step count and ETA continuous. With `config`, its `report_to`, `plot_loss` and `stage` keys
+    switch on TensorBoard, the plots and the bar's label. `stream` is where the progress bar
+    goes (default stderr); the bar is shown only when it is a terminal.
     """
 
     def __init__(self, output_dir: str | Path, total_steps: int, enabled: bool = True,
-                 console_keys: tuple[str, ...] = ("loss",), start_step: int = 0) -> None:
-        self.path = Path(output_dir) / LOG_FILE
+                 console_keys: tuple[str, ...] = ("loss",), start_step: int = 0, config: Any = None,
+                 stream: TextIO | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / LOG_FILE
         self.total_steps = total_steps
         self.enabled = enabled
         self.console_keys = console_keys
         self.start_time = time.time()
         self.start_step = start_step
         self.history: list[dict[str, Any]] = []
+        self._last_time, self._last_step = self.start_time, start_step
+        stage = ""
+        self.tensorboard: TensorBoardWriter | None = None
+        self.plot = False
+        if config is not None:
+            from rlhfkit.config import report_to_list
+
+            stage = config.finetuning.stage
+            if enabled and "tensorboard" in report_to_list(config.output.report_to):
+                self.tensorboard = TensorBoardWriter(self.output_dir)
+            self.plot = enabled and bool(config.output.plot_loss)
+        self.stage = stage
+        self.progress = Progress(total_steps, start_step, stage, stream, enabled)
+
+    def advance(self, step: int) -> None:
+        """Mark optimizer step `step` (1-based) done: moves the progress bar."""
+        self.progress.advance(step)
 
     def log(self, step: int, stats: dict[str, Any], console: bool = True) -> dict[str, Any]:
         """Record the statistics of optimizer step `step` (1-based)."""
-        elapsed = time.time() - self.start_time
+        now = time.time()
+        elapsed = now - self.start_time
         done = max(step - self.start_step, 1)
         remaining = elapsed / done * (self.total_steps - step)
         record = {
@@ -56,21 +89,53 @@ class TrainerLog:
             "total_steps": self.total_steps,
             **{k: _clean(v) for k, v in stats.items()},
             "percentage": round(100.0 * step / self.total_steps, 2),
-            "elapsed_time": _format_seconds(elapsed),
-            "remaining_time": _format_seconds(remaining),
+            "elapsed_time": format_seconds(elapsed),
+            "remaining_time": format_seconds(remaining),
         }
         self.history.append(record)
+        seconds_per_step = (now - self._last_time) / max(step - self._last_step, 1)
+        self._last_time, self._last_step = now, step
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                self.tensorboard.scalars(step, record)
+            self.advance(step)
             if console:
-                shown = " ".join(
-                    f"{k}={record[k]:.4g}" for k in self.console_keys if isinstance(record.get(k), (int, float))
-                )
-                logger.info("[%d/%d] %s (%s elapsed, %s left)", step, self.total_steps, shown,
-                            record["elapsed_time"], record["remaining_time"])
+                shown = format_stats(record, self.console_keys)
+                self.progress.line(console_line(step, self.total_steps, shown, seconds_per_step, elapsed, remaining),
+                                   postfix=shown)
         return record
+
+    def log_samples(self, step: int, prompts: Sequence[str], responses: Sequence[str],
+                    source_scores: dict[str, torch.Tensor], rewards: torch.Tensor, kl: torch.Tensor) -> None:
+        """Append a batch of b samples to samples.jsonl (and TensorBoard's `samples` table).
+
+        `source_scores` maps each reward source's name to its raw scores ``(b,)``; `rewards` ``(b,)``
+        are the scores PPO used and `kl` ``(b,)`` each response's summed KL to the reference.
+        """
+        if not self.enabled:
+            return
+        rows = sample_rows(step, prompts, responses, source_scores, rewards, kl)
+        append_samples(self.output_dir, rows)
+        if self.tensorboard is not None:
+            self.tensorboard.samples(step, rows)
+
+    def close(self) -> list[Path]:
+        """Finish the bar and the event file; write the plots if `plot_loss`. Returns the plots."""
+        self.progress.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if not (self.plot and self.enabled):
+            return []
+        from rlhfkit.tracking.plots import plot_curves
+
+        written = plot_curves(read_trainer_log(self.output_dir), self.output_dir, title=self.stage)
+        if written:
+            logger.info("plots: %s", ", ".join(p.name for p in written))
+        self.plot = False  # once
+        return written
 
 
 def read_trainer_log(output_dir: str | Path) -> list[dict[str, Any]]:
