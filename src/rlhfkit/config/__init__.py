@@ -4,6 +4,7 @@ from rlhfkit.config.arguments import (
     IGNORED_KEYS,
     SECTIONS,
     DataArguments,
+    ExportArguments,
     FinetuningArguments,
     GenerationArguments,
     ModelArguments,
@@ -15,7 +16,7 @@ from rlhfkit.config.loader import Config, all_keys, build_config, closest_key, l
 from rlhfkit.config.validation import report_to_list
 
 __all__ = [
-    "IGNORED_KEYS", "SECTIONS", "Config", "DataArguments", "FinetuningArguments", "GenerationArguments",
+    "IGNORED_KEYS", "SECTIONS", "Config", "DataArguments", "ExportArguments", "FinetuningArguments", "GenerationArguments",
     "ModelArguments", "OutputArguments", "PPOArguments", "TrainingArguments", "all_keys", "build_config",
     "closest_key", "load_config", "read_yaml", "report_to_list",
 ]

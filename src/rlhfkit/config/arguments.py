@@ -124,8 +124,10 @@ class TrainingArguments:
     """Recompute activations in the backward pass to save memory."""
     eval_steps: Optional[int] = None
     """Evaluate every this many steps (default: only at the end)."""
-    resume_from_checkpoint: Optional[str] = None
-    """Resume from a checkpoint: true (the latest in output_dir) or a checkpoint folder."""
+    resume_from_checkpoint: Any = None
+    """Resume from a checkpoint: true (the latest in output_dir, or a fresh start if none) or a checkpoint folder."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive updates skipped for NaN/Inf loss, gradients or rewards."""
 
 
 @dataclass
@@ -226,6 +228,20 @@ class OutputArguments:
     """Write PNG curves of the logged statistics at the end."""
 
 
+@dataclass
+class ExportArguments:
+    """`rlhfkit export`: merge LoRA adapters into the base and save a standalone model."""
+
+    export_dir: Optional[str] = None
+    """Folder for the exported model (weights, tokenizer, generation config). Required by `rlhfkit export`."""
+    export_size: float = 5.0
+    """Largest weight file in GB; bigger models are split into shards with an index (fractions allowed)."""
+    export_legacy_format: bool = False
+    """Write PyTorch .bin files instead of safetensors; not supported (transformers 5 writes only safetensors)."""
+    export_device: str = "cpu"
+    """Where the adapters are merged: cpu, or auto (the accelerator accelerate finds)."""
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelArguments,
     "data": DataArguments,
@@ -234,6 +250,7 @@ SECTIONS: dict[str, type] = {
     "generation": GenerationArguments,
     "ppo": PPOArguments,
     "output": OutputArguments,
+    "export": ExportArguments,
 }
 
 # LLaMA-Factory keys accepted so its files work unchanged, with why they change nothing here.

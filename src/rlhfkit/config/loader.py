@@ -15,6 +15,7 @@ from rlhfkit.config.arguments import (
     IGNORED_KEYS,
     SECTIONS,
     DataArguments,
+    ExportArguments,
     FinetuningArguments,
     GenerationArguments,
     ModelArguments,
@@ -37,6 +38,7 @@ class Config:
     generation: GenerationArguments = field(default_factory=GenerationArguments)
     ppo: PPOArguments = field(default_factory=PPOArguments)
     output: OutputArguments = field(default_factory=OutputArguments)
+    export: ExportArguments = field(default_factory=ExportArguments)
     ignored_keys: list[str] = field(default_factory=list)
     """LLaMA-Factory keys that were present but have no effect here."""
     source: str = "<overrides>"

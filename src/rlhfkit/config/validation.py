@@ -67,6 +67,7 @@ def validate(config: "Config") -> None:
     _positive(src, "cutoff_len", d.cutoff_len)
     _positive(src, "lora_rank", f.lora_rank)
     _positive(src, "logging_steps", o.logging_steps)
+    _positive(src, "max_bad_steps", t.max_bad_steps)
     for key in ("weight_decay", "max_grad_norm", "warmup_steps"):
         _positive(src, key, getattr(t, key), allow_zero=True)
     _positive(src, "save_steps", o.save_steps, allow_zero=True)

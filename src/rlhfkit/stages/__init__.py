@@ -15,15 +15,18 @@ def run_stage(config: Config) -> dict[str, float]:
         from rlhfkit.config import IGNORED_KEYS
 
         logger.info("note: key '%s' has no effect here (%s)", key, IGNORED_KEYS[key])
+    from rlhfkit.training.control import StopSignals
+
     stage = config.finetuning.stage
-    if stage == "sft":
-        from rlhfkit.stages.sft import run_sft
+    with StopSignals():
+        if stage == "sft":
+            from rlhfkit.stages.sft import run_sft
 
-        return run_sft(config)
-    if stage == "rm":
-        from rlhfkit.stages.rm import run_rm
+            return run_sft(config)
+        if stage == "rm":
+            from rlhfkit.stages.rm import run_rm
 
-        return run_rm(config)
-    from rlhfkit.stages.ppo import run_ppo
+            return run_rm(config)
+        from rlhfkit.stages.ppo import run_ppo
 
-    return run_ppo(config)
+        return run_ppo(config)

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from rlhfkit.checkpoint import RunCheckpoints, check_finite
 from rlhfkit.config import Config
 from rlhfkit.data import collate_prompts
 from rlhfkit.errors import fail
@@ -49,6 +50,7 @@ from rlhfkit.stages.ppo_steps import (
 from rlhfkit.tracking.trainer_log import TrainerLog
 from rlhfkit.training.batches import step_batches
 from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_and_step
+from rlhfkit.training.control import NonFiniteGuard, active_signals
 from rlhfkit.training.runtime import build_accelerator, check_output_dir, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -118,13 +120,23 @@ def run_ppo(config: Config) -> dict[str, float]:
     kl_controller = (AdaptiveKLController(p.kl_coef, p.ppo_target, p.kl_horizon) if p.adaptive_kl
                      else FixedKLController(p.kl_coef))
     score_moments = RunningMoments()
-    shuffle = torch.Generator().manual_seed(t.seed)
+    guard = NonFiniteGuard(t.max_bad_steps)
+    modules = {"policy": accelerator.unwrap_model(policy), "value_head": accelerator.unwrap_model(value_head)}
+    checkpoints = RunCheckpoints(config, accelerator, output_dir, modules, optimizer, scheduler, tokenizer,
+                                 modules["policy"], modules["value_head"])
+    resumed = checkpoints.resume()
+    if resumed["step"]:
+        kl_controller.load_state_dict(resumed["kl_controller"])
+        score_moments.load_state_dict(resumed["score_moments"])
+        guard.load_state_dict(resumed["guard"])
+    signals = active_signals()
     log = TrainerLog(output_dir, total_steps, enabled=accelerator.is_main_process,
-                     console_keys=("reward", "kl", "loss", "response_length", "seconds_per_step"))
+                     console_keys=("reward", "kl", "loss", "response_length", "seconds_per_step"),
+                     start_step=resumed["step"])
     logger.info("ppo: %d prompts, %d steps; rollout batch %d (x%d processes), mini-batch %d, micro-batch %d, "
                 "%d epochs", len(data.train), total_steps, rollout_size, world, mini_size, micro_size, p.ppo_epochs)
     final: dict[str, float] = {}
-    for plan in step_batches(len(data.train), global_rollout, t.seed):
+    for plan in step_batches(len(data.train), global_rollout, t.seed, start_step=resumed["step"]):
         if plan.step >= total_steps:
             break
         step_start = time.time()
@@ -168,14 +180,19 @@ def run_ppo(config: Config) -> dict[str, float]:
         tick = time.time()
         update_stats: dict[str, float] = {}
         updates = 0
-        for _ in range(p.ppo_epochs):
-            order = torch.randperm(len(items), generator=shuffle)
+        shuffle = torch.Generator().manual_seed(t.seed * 7919 + plan.step)
+        rewards_ok = guard.ok(float(scores.sum()), what="rewards", step=plan.step + 1)
+        for _ in range(p.ppo_epochs if rewards_ok else 0):
+            order = torch.randperm(len(items), generator=shuffle)  # seeded by step: resumable
             for begin in range(0, len(items), mini_size):
                 minibatch = rollout.select(order[begin:begin + mini_size])
                 stats = ppo_update_minibatch(accelerator, policy, value_head, loss_fn, minibatch, micro_size,
                                              g.temperature, world)
+                skip = not guard.ok(stats["loss"], what="loss", step=plan.step + 1)
                 stats["grad_norm"] = clip_and_step(accelerator, policy, optimizer, scheduler, t.max_grad_norm,
-                                                   params)
+                                                   params, skip=skip)
+                if skip or not guard.ok(stats["grad_norm"], what="gradients", step=plan.step + 1):
+                    continue
                 for key, value in stats.items():
                     update_stats[key] = update_stats.get(key, 0.0) + value
                 updates += 1
@@ -190,7 +207,8 @@ def run_ppo(config: Config) -> dict[str, float]:
         elapsed = time.time() - step_start
         generated_tokens = float(response_mask.sum())
         record = {
-            **{key: value / updates for key, value in update_stats.items()},
+            **{key: value / max(updates, 1) for key, value in update_stats.items()},
+            "skipped_updates": guard.total,
             **score_stats,
             "kl": masked_row_sum_mean(k1, float_mask), "kl_k3": masked_row_sum_mean(k3, float_mask),
             "kl_coef": beta, "shaped_reward": masked_row_sum_mean(rewards, float_mask),
@@ -202,15 +220,16 @@ def run_ppo(config: Config) -> dict[str, float]:
             **timings, "seconds_per_step": elapsed,
             "tokens_per_second": generated_tokens / max(timings["time/rollout"], 1e-9),
         }
-        if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
-            bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
-            raise fail(f"step {step}: non-finite statistics {bad}; lower learning_rate or check the reward source")
         if step % config.output.logging_steps == 0 or step == total_steps or step == 1:
             log.log(step, record)
         final = record
+        checkpoints.after_step(step, total_steps, signals, {
+            "kl_controller": kl_controller.state_dict(), "score_moments": score_moments.state_dict(),
+            "guard": guard.state_dict()})
     # Save the policy without the value head; the head goes beside it for further training.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        check_finite(modules)
         save_pretrained_model(accelerator.unwrap_model(policy), tokenizer, output_dir,
                               accelerator.unwrap_model(value_head))
         logger.info("saved policy to %s", output_dir)

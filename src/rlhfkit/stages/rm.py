@@ -16,6 +16,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.checkpoint import RunCheckpoints, check_finite
 from rlhfkit.config import Config
 from rlhfkit.data import collate_pairwise
 from rlhfkit.models.forward import sequence_scores
@@ -26,6 +27,7 @@ from rlhfkit.stages.common import load_stage_data, load_trainable_model, trainab
 from rlhfkit.tracking.trainer_log import TrainerLog
 from rlhfkit.training.batches import micro_batches, step_batches
 from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_and_step, total_optimizer_steps
+from rlhfkit.training.control import NonFiniteGuard, active_signals
 from rlhfkit.training.runtime import build_accelerator, check_output_dir, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -74,14 +76,21 @@ def run_rm(config: Config) -> dict[str, float]:
     optimizer = build_optimizer(named_params, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     model, value_head, optimizer = accelerator.prepare(model, value_head, optimizer)
+    modules = {"model": accelerator.unwrap_model(model), "value_head": accelerator.unwrap_model(value_head)}
+    checkpoints = RunCheckpoints(config, accelerator, output_dir, modules, optimizer, scheduler, tokenizer,
+                                 modules["model"], modules["value_head"])
+    guard = NonFiniteGuard(t.max_bad_steps)
+    resumed = checkpoints.resume()
+    guard.load_state_dict(resumed.get("guard", guard.state_dict()))
+    signals = active_signals()
     log = TrainerLog(output_dir, total_steps, enabled=accelerator.is_main_process,
-                     console_keys=("loss", "accuracy", "eval_accuracy"))
+                     console_keys=("loss", "accuracy", "eval_accuracy"), start_step=resumed["step"])
     logger.info("rm: %d train / %d eval pairs, %d steps of %d pairs", len(data.train), len(data.eval),
                 total_steps, pairs_per_step)
     # 4. loop
     model.train()
     step_pairs = float(pairs_per_step)
-    for batch_plan in step_batches(len(data.train), pairs_per_step, t.seed):
+    for batch_plan in step_batches(len(data.train), pairs_per_step, t.seed, start_step=resumed["step"]):
         if batch_plan.step >= total_steps:
             break
         step_pairs = float(len(batch_plan.indices))
@@ -103,15 +112,19 @@ def run_rm(config: Config) -> dict[str, float]:
             correct += (chosen > rejected).sum()
             margin += (chosen - rejected).detach().sum()
         totals = accelerator.reduce(torch.stack([loss_sum, correct, margin]), "sum") / step_pairs
-        grad_norm = clip_and_step(accelerator, model, optimizer, scheduler, t.max_grad_norm, params)
         step = batch_plan.step + 1
+        skip = not guard.ok(float(totals[0]), what="loss", step=step)
+        grad_norm = clip_and_step(accelerator, model, optimizer, scheduler, t.max_grad_norm, params, skip=skip)
+        skip = skip or not guard.ok(grad_norm, what="gradients", step=step)
         stats = {"loss": float(totals[0]), "accuracy": float(totals[1]), "margin": float(totals[2]),
-                 "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "epoch": round(batch_plan.epoch, 4)}
+                 "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "epoch": round(batch_plan.epoch, 4),
+                 "skipped_steps": guard.total}
         if data.eval and t.eval_steps and step % t.eval_steps == 0 and step < total_steps:
             stats.update(evaluate_rm(model, value_head, data.eval, t.per_device_eval_batch_size,
                                      tokenizer.pad_token_id, accelerator.device))
         if step % config.output.logging_steps == 0 or step in (1, total_steps) or "eval_loss" in stats:
             log.log(step, stats)
+        checkpoints.after_step(step, total_steps, signals, {"guard": guard.state_dict()})
     # 5. evaluate and save
     final = {"train_loss": log.history[-1]["loss"] if log.history else float("nan")}
     if data.eval:
@@ -120,6 +133,7 @@ def run_rm(config: Config) -> dict[str, float]:
         logger.info("eval_loss=%.4f eval_accuracy=%.4f", final["eval_loss"], final["eval_accuracy"])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        check_finite(modules)
         save_pretrained_model(accelerator.unwrap_model(model), tokenizer, output_dir,
                               accelerator.unwrap_model(value_head))
         logger.info("saved to %s", output_dir)

@@ -16,6 +16,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.checkpoint import RunCheckpoints, check_finite
 from rlhfkit.config import Config
 from rlhfkit.data import collate_sft
 from rlhfkit.models.forward import causal_lm_forward
@@ -25,6 +26,7 @@ from rlhfkit.stages.common import load_stage_data, load_trainable_model, trainab
 from rlhfkit.tracking.trainer_log import TrainerLog
 from rlhfkit.training.batches import micro_batches, step_batches
 from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_and_step, total_optimizer_steps
+from rlhfkit.training.control import NonFiniteGuard, active_signals
 from rlhfkit.training.runtime import build_accelerator, check_output_dir, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -73,12 +75,19 @@ def run_sft(config: Config) -> dict[str, float]:
     optimizer = build_optimizer(named_params, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    log = TrainerLog(output_dir, total_steps, enabled=accelerator.is_main_process, console_keys=("loss", "eval_loss"))
+    checkpoints = RunCheckpoints(config, accelerator, output_dir, {"model": accelerator.unwrap_model(model)},
+                                 optimizer, scheduler, tokenizer, accelerator.unwrap_model(model))
+    guard = NonFiniteGuard(t.max_bad_steps)
+    resumed = checkpoints.resume()
+    guard.load_state_dict(resumed.get("guard", guard.state_dict()))
+    log = TrainerLog(output_dir, total_steps, enabled=accelerator.is_main_process, console_keys=("loss", "eval_loss"),
+                     start_step=resumed["step"])
     logger.info("sft: %d train / %d eval samples, %d steps of %d samples", len(data.train), len(data.eval),
                 total_steps, samples_per_step)
     # 4. loop
     model.train()
-    for batch_plan in step_batches(len(data.train), samples_per_step, t.seed):
+    signals = active_signals()
+    for batch_plan in step_batches(len(data.train), samples_per_step, t.seed, start_step=resumed["step"]):
         if batch_plan.step >= total_steps:
             break
         rank_indices = batch_plan.indices[accelerator.process_index::world]
@@ -98,15 +107,18 @@ def run_sft(config: Config) -> dict[str, float]:
                 accelerator.backward(loss)
             step_loss += float(nll.detach()) / float(step_tokens.clamp(min=1))
         step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum"))
-        grad_norm = clip_and_step(accelerator, model, optimizer, scheduler, t.max_grad_norm, params)
         step = batch_plan.step + 1
+        skip = not guard.ok(step_loss, what="loss", step=step)
+        grad_norm = clip_and_step(accelerator, model, optimizer, scheduler, t.max_grad_norm, params, skip=skip)
+        skip = skip or not guard.ok(grad_norm, what="gradients", step=step)
         stats = {"loss": step_loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                 "epoch": round(batch_plan.epoch, 4)}
+                 "epoch": round(batch_plan.epoch, 4), "skipped_steps": guard.total}
         if data.eval and t.eval_steps and step % t.eval_steps == 0 and step < total_steps:
             stats["eval_loss"] = evaluate_sft(model, data.eval, t.per_device_eval_batch_size,
                                               tokenizer.pad_token_id, accelerator.device)
         if step % config.output.logging_steps == 0 or step in (1, total_steps) or "eval_loss" in stats:
             log.log(step, stats)
+        checkpoints.after_step(step, total_steps, signals, {"guard": guard.state_dict()})
     # 5. evaluate and save
     final = {"train_loss": log.history[-1]["loss"] if log.history else float("nan")}
     if data.eval:
@@ -115,6 +127,7 @@ def run_sft(config: Config) -> dict[str, float]:
         logger.info("eval_loss=%.4f", final["eval_loss"])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        check_finite({"model": accelerator.unwrap_model(model)})
         save_pretrained_model(accelerator.unwrap_model(model), tokenizer, output_dir)
         logger.info("saved to %s", output_dir)
     return final

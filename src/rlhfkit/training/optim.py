@@ -45,15 +45,20 @@ def total_optimizer_steps(args: TrainingArguments, samples: int, samples_per_ste
 
 
 def clip_and_step(
-    accelerator, model: nn.Module, optimizer, scheduler, max_grad_norm: float, params: list[nn.Parameter]
+    accelerator, model: nn.Module, optimizer, scheduler, max_grad_norm: float, params: list[nn.Parameter],
+    skip: bool = False,
 ) -> float:
-    """Clip the gradient norm (if max_grad_norm > 0), step optimizer and schedule; return the norm."""
+    """Clip the gradient norm (if max_grad_norm > 0), step optimizer and schedule; return the norm.
+
+    With `skip`, or when the norm is not finite, the gradients are dropped and nothing steps.
+    """
     if max_grad_norm > 0:
         norm = accelerator.clip_grad_norm_(params, max_grad_norm)
     else:
-        grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
         norm = torch.stack(grads).norm() if grads else torch.zeros(())
-    optimizer.step()
-    scheduler.step()
+    if not skip and math.isfinite(float(norm)):
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)

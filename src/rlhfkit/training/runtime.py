@@ -44,7 +44,7 @@ def check_output_dir(config: Config) -> Path:
     path = Path(config.output.output_dir)
     if path.exists() and not path.is_dir():
         raise fail(f"output_dir {path} is a file; choose a folder path")
-    resuming = config.training.resume_from_checkpoint not in (None, False, "false", "")
+    resuming = str(config.training.resume_from_checkpoint).lower() not in ("none", "false", "")
     if path.is_dir() and any(path.iterdir()) and not (config.output.overwrite_output_dir or resuming):
         raise fail(f"output_dir {path} is not empty; set overwrite_output_dir: true, resume with "
                    "resume_from_checkpoint: true, or choose another folder")
