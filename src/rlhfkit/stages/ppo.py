@@ -65,13 +65,19 @@ def rollout_sizes(config: Config) -> tuple[int, int, int]:
 
 
 def score_batch(models, batch: ScoringBatch, config: Config, ended: torch.Tensor, moments: RunningMoments,
-                accelerator) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of the reward sources, then EOS penalty, running normalisation and clipping."""
+                accelerator, raw_scores: dict[str, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the reward sources, then EOS penalty, running normalisation and clipping.
+
+    `raw_scores`, if given, receives each source's raw scores ``(b,)`` by source name.
+    """
     p = config.ppo
     total = torch.zeros(len(batch.responses))
     stats: dict[str, float] = {}
     for source, weight in models.rewards:
         raw = source.score(batch)
+        if raw_scores is not None:
+            raw_scores[source.name] = raw
         stats[f"score/{source.name}"] = float(raw.mean())
         stats[f"score_std/{source.name}"] = float(raw.std()) if raw.numel() > 1 else 0.0
         total += weight * raw
@@ -132,7 +138,7 @@ def run_ppo(config: Config) -> dict[str, float]:
     signals = active_signals()
     log = TrainerLog(output_dir, total_steps, enabled=accelerator.is_main_process,
                      console_keys=("reward", "kl", "loss", "response_length", "seconds_per_step"),
-                     start_step=resumed["step"])
+                     start_step=resumed["step"], config=config)
     logger.info("ppo: %d prompts, %d steps; rollout batch %d (x%d processes), mini-batch %d, micro-batch %d, "
                 "%d epochs", len(data.train), total_steps, rollout_size, world, mini_size, micro_size, p.ppo_epochs)
     final: dict[str, float] = {}
@@ -160,8 +166,9 @@ def run_ppo(config: Config) -> dict[str, float]:
             messages=[item["messages"] for item in items], systems=[item.get("system") for item in items],
             sequence_ids=ids, sequence_mask=mask,
             texts=[tokenizer.decode(row[row_mask.bool()]) for row, row_mask in zip(ids, mask)])
+        raw_scores: dict[str, torch.Tensor] = {}
         scores, score_stats = score_batch(models, scoring, config, generated.ended_with_stop, score_moments,
-                                          accelerator)
+                                          accelerator, raw_scores)
         scores = scores.to(device)
         timings["time/score"] = time.time() - tick
         # 3. evaluate
@@ -220,12 +227,15 @@ def run_ppo(config: Config) -> dict[str, float]:
             **timings, "seconds_per_step": elapsed,
             "tokens_per_second": generated_tokens / max(timings["time/rollout"], 1e-9),
         }
+        log.advance(step)
         if step % config.output.logging_steps == 0 or step == total_steps or step == 1:
             log.log(step, record)
+            log.log_samples(step, scoring.prompts, responses, raw_scores, scores, (k1 * float_mask).sum(-1))
         final = record
         checkpoints.after_step(step, total_steps, signals, {
             "kl_controller": kl_controller.state_dict(), "score_moments": score_moments.state_dict(),
             "guard": guard.state_dict()})
+    log.close()  # progress bar, TensorBoard, plots
     # Save the policy without the value head; the head goes beside it for further training.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -84,7 +84,7 @@ def run_rm(config: Config) -> dict[str, float]:
     guard.load_state_dict(resumed.get("guard", guard.state_dict()))
     signals = active_signals()
     log = TrainerLog(output_dir, total_steps, enabled=accelerator.is_main_process,
-                     console_keys=("loss", "accuracy", "eval_accuracy"), start_step=resumed["step"])
+                     console_keys=("loss", "accuracy", "eval_accuracy"), start_step=resumed["step"], config=config)
     logger.info("rm: %d train / %d eval pairs, %d steps of %d pairs", len(data.train), len(data.eval),
                 total_steps, pairs_per_step)
     # 4. loop
@@ -122,10 +122,12 @@ def run_rm(config: Config) -> dict[str, float]:
         if data.eval and t.eval_steps and step % t.eval_steps == 0 and step < total_steps:
             stats.update(evaluate_rm(model, value_head, data.eval, t.per_device_eval_batch_size,
                                      tokenizer.pad_token_id, accelerator.device))
+        log.advance(step)
         if step % config.output.logging_steps == 0 or step in (1, total_steps) or "eval_loss" in stats:
             log.log(step, stats)
         checkpoints.after_step(step, total_steps, signals, {"guard": guard.state_dict()})
     # 5. evaluate and save
+    log.close()  # progress bar, TensorBoard, plots
     final = {"train_loss": log.history[-1]["loss"] if log.history else float("nan")}
     if data.eval:
         final.update(evaluate_rm(model, value_head, data.eval, t.per_device_eval_batch_size,

@@ -1,0 +1,120 @@
+"""Each stage on the tiny model with `report_to: tensorboard` and `plot_loss: true`: the event files
+(read back with TensorBoard's own reader), samples.jsonl and the PNG curves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rlhfkit.config import build_config
+from rlhfkit.stages import run_stage
+from rlhfkit.tracking.samples import read_samples
+from rlhfkit.tracking.trainer_log import read_trainer_log
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+REWARDS = """
+def length(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+def prompt_digit(prompts, responses):
+    return [float(p[-1]) for p in prompts]
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _events(output_dir) -> EventAccumulator:
+    accumulator = EventAccumulator(str(output_dir / "runs"))
+    accumulator.Reload()
+    return accumulator
+
+
+def _pngs(output_dir) -> set[str]:
+    names = set()
+    for path in output_dir.glob("training_*.png"):
+        assert path.read_bytes()[:8] == PNG_MAGIC
+        names.add(path.name)
+    return names
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_ppo_writes_events_samples_and_plots(tiny_model_dir, tmp_path):
+    prompts = _write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": f"write {i}"} for i in range(8)])
+    (tmp_path / "rew.py").write_text(REWARDS)
+    out = tmp_path / "ppo"
+    run_stage(build_config(dict(
+        stage="ppo", model_name_or_path=str(tiny_model_dir), dataset=str(prompts), output_dir=str(out),
+        finetuning_type="lora", learning_rate=1e-2, per_device_train_batch_size=4, max_steps=3, logging_steps=2,
+        ppo_epochs=1, max_new_tokens=6, top_k=0, top_p=1.0, temperature=1.0, save_steps=0,
+        reward_models=[{"path": f"{tmp_path / 'rew.py'}:length", "type": "function", "weight": 0.5, "name": "len"},
+                       {"path": f"{tmp_path / 'rew.py'}:prompt_digit", "type": "function", "weight": 2.0,
+                        "name": "digit"}],
+        report_to="tensorboard", plot_loss=True)))
+    logged_steps = [r["current_steps"] for r in read_trainer_log(out)]
+    assert logged_steps == [1, 2, 3]  # step 1, every logging_steps, and the last
+    # samples.jsonl: every sample of each logged step, raw score per source, the score PPO used, KL.
+    samples = read_samples(out)
+    assert [row["step"] for row in samples] == [1] * 4 + [2] * 4 + [3] * 4
+    for row in samples:
+        assert row["prompt"].startswith("write ")
+        assert row["scores"] == {"len": float(len(row["response"])), "digit": float(row["prompt"][-1])}
+        assert row["reward"] == pytest.approx(0.5 * len(row["response"]) + 2.0 * float(row["prompt"][-1]))
+    assert all(abs(row["kl"]) < 1e-4 for row in samples if row["step"] == 1)  # the policy is the reference
+    assert any(abs(row["kl"]) > 1e-4 for row in samples if row["step"] == 3)
+    # TensorBoard: every statistic as a scalar at the logged steps; the sample table as text.
+    events = _events(out)
+    scalars = set(events.Tags()["scalars"])
+    for key in ("loss", "reward", "kl", "score/len", "score/digit", "policy_loss", "value_loss", "response_length",
+                "kl_coef", "lr", "time/rollout", "seconds_per_step"):
+        assert f"train/{key}" in scalars, key
+    assert [e.step for e in events.Scalars("train/reward")] == [1, 2, 3]
+    logged = read_trainer_log(out)
+    assert [e.value for e in events.Scalars("train/kl")] == pytest.approx([r["kl"] for r in logged], abs=1e-6)
+    texts = events.Tensors("samples/text_summary")
+    assert [t.step for t in texts] == [1, 2, 3]
+    table = texts[0].tensor_proto.string_val[0].decode()
+    assert table.splitlines()[0] == "| prompt | response | score/len | score/digit | reward | kl |"
+    assert len(table.splitlines()) == 2 + 4
+    # Plots: loss, reward, KL, policy/value loss and response length.
+    assert _pngs(out) == {f"training_{k}.png" for k in ("loss", "reward", "kl", "policy_loss", "value_loss",
+                                                         "response_length")}
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_sft_and_rm_write_events_and_plots(tiny_model_dir, tmp_path, stage):
+    if stage == "sft":
+        data = _write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"say {w}", "output": w * 3} for w in "abcdefgh"])
+    else:
+        data = _write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"say {w}", "chosen": w * 3, "rejected": "zz"}
+                                                   for w in "abcdefgh"])
+    out = tmp_path / stage
+    run_stage(build_config(dict(
+        stage=stage, model_name_or_path=str(tiny_model_dir), dataset=str(data), output_dir=str(out),
+        finetuning_type="full", learning_rate=1e-3, per_device_train_batch_size=2, max_steps=4, logging_steps=1,
+        val_size=2, eval_steps=2, save_steps=0, report_to="tensorboard", plot_loss=True)))
+    events = _events(out)
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/epoch", "eval/loss"} <= scalars
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("eval/loss")] == [2]
+    assert not events.Tags()["tensors"]  # no samples outside PPO
+    assert not (out / "samples.jsonl").exists()
+    expected = {"training_loss.png", "training_eval_loss.png"}
+    if stage == "rm":
+        assert {"train/accuracy", "eval/accuracy"} <= scalars
+        expected |= {"training_accuracy.png", "training_eval_accuracy.png"}
+    assert _pngs(out) == expected
