@@ -170,6 +170,8 @@ class PPOArguments:
     """Optimisation passes over each rollout batch."""
     ppo_buffer_size: int = 1
     """Mini-batches per rollout batch: rollout batch = per_device_train_batch_size x gradient_accumulation_steps x ppo_buffer_size."""
+    rollout_batch_size: Optional[int] = None
+    """Prompts per PPO step per process, instead of ppo_buffer_size; must be a multiple of per_device_train_batch_size x gradient_accumulation_steps."""
     ppo_score_norm: bool = False
     """Normalise scores with a running mean/std across all processes."""
     ppo_whiten_rewards: bool = False

@@ -107,6 +107,12 @@ def _validate_ppo(config: "Config") -> None:
     for key in ("kl_coef", "vf_coef", "entropy_coef", "reward_api_timeout"):
         _positive(src, key, getattr(p, key), allow_zero=True)
     _positive(src, "reward_api_retries", p.reward_api_retries, allow_zero=True)
+    if p.rollout_batch_size is not None:
+        mini = t.per_device_train_batch_size * t.gradient_accumulation_steps
+        if p.rollout_batch_size <= 0 or p.rollout_batch_size % mini:
+            raise fail(f"{src}: rollout_batch_size {p.rollout_batch_size} is not a positive multiple of "
+                       f"per_device_train_batch_size x gradient_accumulation_steps = {mini}; change one of them")
+        p.ppo_buffer_size = p.rollout_batch_size // mini
     for key in ("gamma", "lam"):
         if not 0.0 <= getattr(p, key) <= 1.0:
             raise fail(f"{src}: {key} must be in [0, 1], got {getattr(p, key)}")

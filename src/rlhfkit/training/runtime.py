@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -48,11 +49,15 @@ def check_output_dir(config: Config) -> Path:
     if path.is_dir() and any(path.iterdir()) and not (config.output.overwrite_output_dir or resuming):
         raise fail(f"output_dir {path} is not empty; set overwrite_output_dir: true, resume with "
                    "resume_from_checkpoint: true, or choose another folder")
-    parent = path.parent if not path.exists() else path
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise fail(f"output_dir {path} is not writable; choose a folder you can write to")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise fail(f"output_dir {path} is inside {existing}, which is a file; choose a folder path")
+    try:  # the only reliable test (root ignores permission bits; read-only mounts do not)
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as err:
+        raise fail(f"output_dir {path} is not writable ({err.strerror}); choose a folder you can write to") from None
     return path
 
 
