@@ -25,6 +25,30 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from rlhfkit.commands.export import run_export
+    from rlhfkit.config import load_config
+
+    run_export(load_config(args.config, args.overrides, check=False))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from rlhfkit.commands.chat import run_chat
+
+    return run_chat(args.model, args.adapter, args.template, args.system, args.max_new_tokens, args.temperature,
+                    args.top_p, args.top_k, args.repetition_penalty, args.greedy, args.seed, args.device,
+                    args.trust_remote_code)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rlhfkit.commands.evaluate import run_eval
+    from rlhfkit.config import load_config
+
+    run_eval(load_config(args.config, args.overrides, check=False), args.baseline)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhfkit", description="SFT -> reward model -> PPO for causal LMs.")
     parser.add_argument("--version", action="version", version=f"rlhfkit {__version__}")
@@ -41,6 +65,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a tiny model and a few steps (about a minute)")
     demo.add_argument("--fresh", action="store_true", help="retrain every stage instead of reusing results")
     demo.set_defaults(handler=_demo)
+
+    export = commands.add_parser("export", help="merge LoRA adapters into the base and save a standalone model")
+    export.add_argument("config", help="YAML config: model_name_or_path, adapter_name_or_path, export_dir, ...")
+    export.add_argument("overrides", nargs="*", help="key=value pairs that override the YAML")
+    export.set_defaults(handler=_export)
+
+    chat = commands.add_parser("chat", help="chat with a model in the terminal (/reset, /exit)")
+    chat.add_argument("model", help="model folder (base, or an exported model)")
+    chat.add_argument("--adapter", help="LoRA adapter folder(s) to load on the model, comma-separated")
+    chat.add_argument("--template", help="chat template: the tokenizer's own (default) or default, empty, chatml, "
+                                         "llama3, qwen")
+    chat.add_argument("--system", help="system message")
+    chat.add_argument("--max-new-tokens", type=int, default=512, help="longest reply in tokens (512)")
+    chat.add_argument("--temperature", type=float, default=0.95, help="sampling temperature (0.95)")
+    chat.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling threshold (0.7)")
+    chat.add_argument("--top-k", type=int, default=50, help="top-k sampling, 0 disables (50)")
+    chat.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 disables (1.0)")
+    chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    chat.add_argument("--seed", type=int, default=42, help="sampling seed (42)")
+    chat.add_argument("--device", choices=("auto", "cpu"), default="auto", help="auto (cuda, mps, cpu) or cpu")
+    chat.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code")
+    chat.set_defaults(handler=_chat)
+
+    evaluate = commands.add_parser("eval", help="score a policy on a prompt dataset with reward source(s)")
+    evaluate.add_argument("config", help="YAML config: model, adapter, dataset, reward_model(s), output_dir, ...")
+    evaluate.add_argument("overrides", nargs="*", help="key=value pairs that override the YAML")
+    evaluate.add_argument("--baseline", help="output_dir of an earlier eval to compare with, prompt by prompt")
+    evaluate.set_defaults(handler=_eval)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""User commands besides training: `export` (merge and save), `chat` (terminal chat), `eval` (score a policy)."""

@@ -1,0 +1,202 @@
+"""`rlhfkit export CONFIG.yaml [key=value ...]`: merge LoRA adapters into their base, save a standalone model.
+
+Keys (LLaMA-Factory's): `model_name_or_path`, `adapter_name_or_path` (merged in order),
+`template`, `export_dir`, `export_size`, `export_legacy_format`, `export_device`, and
+`torch_dtype` / `bf16` / `fp16` for the saved dtype (auto keeps the checkpoint's).
+
+1. check     required keys, sizes, that export_dir is neither a source nor a non-empty folder
+2. load      tokenizer (from the last adapter folder if it holds one) and base model; grow the
+             embeddings if the tokenizer gained tokens during training
+3. merge     each adapter into the weights; the result must hold exactly the base architecture's
+             tensors, so a value head (or a left-over LoRA tensor) can never reach the LM's files
+4. describe  chat template of a built-in `template` written into the tokenizer; the template's
+             stop tokens and PAD written into the generation config
+5. save      safetensors shards of at most export_size GB (with an index when sharded),
+             tokenizer, generation config; with `stage: rm` the value head goes beside the
+             model as value_head.safetensors, the layout `reward_model_type: full` reads
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from rlhfkit.commands.inference import inference_device, tokenizer_folder
+from rlhfkit.config import Config
+from rlhfkit.data import TEMPLATES, FormatTemplate, get_template
+from rlhfkit.data.templates import EOS
+from rlhfkit.errors import fail
+from rlhfkit.models.adapters import check_adapter_dir, merge_adapters, split_paths
+from rlhfkit.models.loading import load_causal_lm, resolve_dtype
+from rlhfkit.models.value_head import VALUE_HEAD_FILE, has_value_head
+
+logger = logging.getLogger(__name__)
+
+GB = 10**9
+
+
+def check_export_config(config: Config) -> None:
+    """Validate the keys export reads; messages name the key and what to do."""
+    src, m, e = config.source, config.model, config.export
+    if not m.model_name_or_path:
+        raise fail(f"{src}: model_name_or_path is required; set it to the base model folder")
+    if not e.export_dir:
+        raise fail(f"{src}: export_dir is required; set it to the folder for the exported model")
+    if e.export_size <= 0:
+        raise fail(f"{src}: export_size must be > 0 (GB per weight file), got {e.export_size}")
+    if e.export_device not in ("cpu", "auto"):
+        raise fail(f"{src}: export_device is '{e.export_device}'; allowed: cpu, auto")
+    if e.export_legacy_format:
+        raise fail(f"{src}: export_legacy_format: true (PyTorch .bin files) is not supported; transformers 5 "
+                   "writes safetensors, which every current loader reads; set export_legacy_format: false")
+    if m.torch_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise fail(f"{src}: torch_dtype is '{m.torch_dtype}'; allowed: auto, float32, bfloat16, float16")
+    if config.training.bf16 and config.training.fp16:
+        raise fail(f"{src}: bf16 and fp16 are both true; choose one")
+    export_dir = Path(e.export_dir).resolve()
+    sources = [m.model_name_or_path, *split_paths(m.adapter_name_or_path)]
+    if any(Path(s).resolve() == export_dir for s in sources):
+        raise fail(f"{src}: export_dir {e.export_dir} is one of the folders being read; choose another folder")
+    if export_dir.exists() and not export_dir.is_dir():
+        raise fail(f"{src}: export_dir {e.export_dir} is a file; choose a folder path")
+    if export_dir.is_dir() and any(export_dir.iterdir()) and not config.output.overwrite_output_dir:
+        raise fail(f"{src}: export_dir {e.export_dir} is not empty; set overwrite_output_dir: true or choose "
+                   "another folder")
+
+
+def _literal(text: str) -> str:
+    """`text` as a jinja string literal (jinja reads backslash escapes the way Python's unicode_escape does)."""
+    return "'" + text.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
+
+
+def _emit(piece: str, variable: str = "message['content']") -> str:
+    """Jinja that writes `piece` with every ``{content}`` replaced by `variable`."""
+    parts = piece.split("{content}")
+    chunks = [f"{{{{ {_literal(parts[0])} }}}}" if parts[0] else ""]
+    for part in parts[1:]:
+        chunks.append(f"{{{{ {variable} }}}}")
+        if part:
+            chunks.append(f"{{{{ {_literal(part)} }}}}")
+    return "".join(chunks)
+
+
+def builtin_chat_template(template: FormatTemplate, tokenizer) -> str:
+    """A jinja chat template that renders conversations exactly as the built-in `template` does.
+
+    An optional leading system message replaces the template's default system prompt. The
+    built-in user format already ends with the assistant header, so the rendering of a
+    conversation ending with a user turn always includes the generation prompt.
+    """
+    bos = template._bos(tokenizer, "")  # the tokenizer's BOS text when it adds BOS to plain text itself
+    default_system = _literal(template.default_system) if template.default_system else "''"
+    assistant = "".join("{{ eos_token }}" if piece is EOS else _emit(piece) for piece in template.assistant)
+    system = _emit(template.system, "system_message")
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system_message = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+        f"{{%- else -%}}{{%- set system_message = {default_system} -%}}{{%- set turns = messages -%}}"
+        "{%- endif -%}"
+        + (f"{{{{ {_literal(bos + template.prefix)} }}}}" if bos + template.prefix else "")
+        + "{%- if system_message -%}" + system + "{%- endif -%}"
+        "{%- for message in turns -%}"
+        "{%- if message['role'] == 'user' -%}"
+        + (f"{{%- if not loop.first -%}}{{{{ {_literal(template.separator)} }}}}{{%- endif -%}}"
+           if template.separator else "")
+        + _emit(template.user)
+        + "{%- else -%}" + assistant + "{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
+def export_dtype(config: Config):
+    """The saved dtype: `torch_dtype` / bf16 / fp16 when set, else "auto" (the checkpoint's own)."""
+    m, t = config.model, config.training
+    if m.torch_dtype == "auto" and not (t.bf16 or t.fp16):
+        return "auto"
+    return resolve_dtype(m, t)
+
+
+def _check_only_base_tensors(model, expected: set[str], adapters: list[str]) -> None:
+    extra = sorted(set(model.state_dict()) - expected)
+    if extra:
+        raise fail(f"refusing to export: merging {', '.join(adapters)} left tensors that are not part of the base "
+                   f"language model ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}); a value head or "
+                   "unmerged adapter weights must not be saved into the LM")
+
+
+def _describe(model, tokenizer, config: Config) -> None:
+    """Chat template into the tokenizer; stop tokens and PAD into the generation config."""
+    name = (config.data.template or "auto").strip().lower()
+    if name != "auto":
+        template = get_template(name, tokenizer)
+        tokenizer.chat_template = builtin_chat_template(template, tokenizer)
+        logger.info("chat template '%s' written into the tokenizer", name)
+    elif not getattr(tokenizer, "chat_template", None):
+        logger.warning("the tokenizer has no chat template; set template: (one of %s) to write one",
+                       ", ".join(TEMPLATES))
+        return
+    stops = get_template(name, tokenizer).stop_token_ids(tokenizer)
+    generation = model.generation_config
+    generation.eos_token_id = stops[0] if len(stops) == 1 else stops
+    if tokenizer.pad_token_id is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
+
+
+def _value_head_folder(config: Config, adapters: list[str]) -> Path:
+    folder = Path(adapters[-1] if adapters else config.model.model_name_or_path)
+    if not has_value_head(folder):
+        raise fail(f"{config.source}: stage: rm exports a reward model, but {folder / VALUE_HEAD_FILE} does not "
+                   "exist; point adapter_name_or_path (or model_name_or_path) at an rm-stage output")
+    return folder
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def run_export(config: Config) -> Path:
+    """Merge, check and save as described in the module docstring; return export_dir."""
+    # 1. check
+    check_export_config(config)
+    m, e = config.model, config.export
+    adapters = split_paths(m.adapter_name_or_path)
+    for path in adapters:
+        check_adapter_dir(path)
+    value_head_from = _value_head_folder(config, adapters) if config.finetuning.stage == "rm" else None
+    # 2. load
+    source = tokenizer_folder(m.model_name_or_path, adapters)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise fail(f"cannot load a tokenizer from {source}: {str(err).splitlines()[0]}") from None
+    device = inference_device(e.export_device)
+    model = load_causal_lm(m.model_name_or_path, m, export_dtype(config), device)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    expected = set(model.state_dict())
+    # 3. merge
+    model = merge_adapters(model, adapters)
+    _check_only_base_tensors(model, expected, adapters)
+    # 4. describe
+    _describe(model, tokenizer, config)
+    # 5. save
+    export_dir = Path(e.export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(export_dir, max_shard_size=max(int(e.export_size * GB), 1))
+    tokenizer.save_pretrained(export_dir)
+    if value_head_from is not None:
+        shutil.copyfile(value_head_from / VALUE_HEAD_FILE, export_dir / VALUE_HEAD_FILE)
+        logger.info("value head copied beside the model (%s), not into its weights", VALUE_HEAD_FILE)
+    elif adapters and has_value_head(adapters[-1]):
+        logger.info("%s in %s is not exported (it is not part of the language model; use stage: rm to export a "
+                    "reward model with its head beside it)", VALUE_HEAD_FILE, adapters[-1])
+    files = [f for f in _weight_files(export_dir) if f.name != VALUE_HEAD_FILE]
+    size = sum(f.stat().st_size for f in files)
+    logger.info("exported %s%s to %s: %d weight file(s), %.1f MB; load it with "
+                "AutoModelForCausalLM.from_pretrained(%r)", m.model_name_or_path,
+                f" + {', '.join(adapters)}" if adapters else "", export_dir, len(files), size / 1e6, str(export_dir))
+    return export_dir
+

@@ -1,0 +1,53 @@
+"""Loading a model for inference: base weights with LoRA adapters merged in, its tokenizer, a device."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import ModelArguments
+from rlhfkit.models.adapters import check_adapter_dir, merge_adapters
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def inference_device(choice: str = "auto") -> torch.device:
+    """`cpu`, or for `auto` the first of cuda, mps, cpu that is available."""
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+    return torch.device("cpu")
+
+
+def tokenizer_folder(model_path: str, adapters: list[str]) -> str:
+    """Where the tokenizer comes from: the last adapter folder if it holds one, else the model folder.
+
+    The stages save the tokenizer they trained with beside each adapter.
+    """
+    if adapters and (Path(adapters[-1]) / "tokenizer_config.json").is_file():
+        return adapters[-1]
+    return model_path
+
+
+def load_for_inference(model_args: ModelArguments, adapters: list[str], device: torch.device,
+                       dtype: torch.dtype | None = None):
+    """(model, tokenizer): the base of `model_args` with `adapters` merged in order, in eval mode.
+
+    `dtype` None means float32 on the CPU and the checkpoint's own dtype on an accelerator.
+    The tokenizer has a PAD token distinct from EOS and pads on the left.
+    """
+    for path in adapters:
+        check_adapter_dir(path)
+    tokenizer = load_tokenizer(model_args, tokenizer_folder(model_args.model_name_or_path, adapters))
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else "auto"
+    model = load_causal_lm(model_args.model_name_or_path, model_args, dtype, device, tokenizer)
+    model = merge_adapters(model, adapters)
+    model.requires_grad_(False)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,146 @@
+"""`rlhfkit chat`: two turns through a pseudo-terminal, the conversation fed back through the template,
+streaming, /reset and /exit, and the context limit."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhfkit.commands.chat import ChatSession, TextPrinter, chat_loop, generation_config
+from rlhfkit.data import get_template
+
+MAX_NEW_TOKENS = 6
+
+
+@torch.no_grad()
+def _greedy_reply(model, tokenizer, messages: list[dict]) -> str:
+    """The reply by definition: HF's chat template, greedy decoding, cut at EOS."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=MAX_NEW_TOKENS, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _read_until(fd: int, marker: str, count: int, timeout: float = 120.0) -> str:
+    """Read the pseudo-terminal until `marker` has appeared `count` times in all output so far."""
+    data = b""
+    deadline = time.time() + timeout
+    while data.decode(errors="replace").count(marker) < count:
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {marker!r}; got {data.decode(errors='replace')!r}")
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            data += chunk
+    return data.decode(errors="replace")
+
+
+@pytest.fixture
+def session(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    template = get_template(None, tokenizer)
+    config = generation_config(tokenizer, template.stop_token_ids(tokenizer), MAX_NEW_TOKENS, 1.0, 1.0, 0, 1.0,
+                               greedy=True)
+    return ChatSession(model, tokenizer, template, config)
+
+
+def test_two_turns_in_a_pseudo_terminal(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    first = _greedy_reply(model, tokenizer, [{"role": "user", "content": "hello"}])
+    second = _greedy_reply(model, tokenizer, [{"role": "user", "content": "hello"},
+                                              {"role": "assistant", "content": first},
+                                              {"role": "user", "content": "again"}])
+    main_fd, child_fd = os.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rlhfkit.cli", "chat", str(tiny_model_dir), "--greedy",
+         "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu"],
+        stdin=child_fd, stdout=child_fd, stderr=child_fd, close_fds=True)
+    os.close(child_fd)
+    try:
+        transcript = _read_until(main_fd, "User: ", 1)
+        os.write(main_fd, b"hello\n")
+        transcript += _read_until(main_fd, "User: ", 1)
+        os.write(main_fd, b"again\n")
+        transcript += _read_until(main_fd, "User: ", 1)
+        os.write(main_fd, b"/exit\n")
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(main_fd)
+    transcript = transcript.replace("\r\n", "\n")
+    assert "Chatting with" in transcript and "/reset" in transcript
+    assert f"hello\nAssistant: {first}\nUser: " in transcript
+    assert f"again\nAssistant: {second}\nUser: " in transcript
+    assert "Traceback" not in transcript
+
+
+def test_history_goes_through_the_template_and_reset_clears_it(session):
+    written: list[str] = []
+    first = session.reply("hi", written.append)
+    assert "".join(written) == first  # what streamed is the reply
+    ids, dropped = session.prompt_ids("more")
+    expected = session.template.encode_prompt(session.tokenizer, [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+        {"role": "user", "content": "more"}])
+    assert ids == expected and dropped == 0
+    session.reset()
+    assert session.prompt_ids("more")[0] == session.template.encode_prompt(
+        session.tokenizer, [{"role": "user", "content": "more"}])
+
+
+def test_oldest_exchanges_dropped_to_fit_the_context(session):
+    session.history = [{"role": "user", "content": "a" * 40}, {"role": "assistant", "content": "b" * 40},
+                       {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    alone = len(session.template.encode_prompt(session.tokenizer, [{"role": "user", "content": "x"}]))
+    last_exchange = session.history[2:] + [{"role": "user", "content": "x"}]
+    session.context = len(session.template.encode_prompt(session.tokenizer, last_exchange)) + MAX_NEW_TOKENS
+    ids, dropped = session.prompt_ids("x")
+    assert dropped == 1 and ids == session.template.encode_prompt(session.tokenizer, last_exchange)
+    session.context = alone + MAX_NEW_TOKENS
+    assert session.prompt_ids("x")[1] == 2
+    session.reply("x", lambda text: None)
+    assert len(session.history) == 2 and session.history[0]["content"] == "x"
+
+
+def test_loop_commands(session):
+    lines = iter(["", "hi", "/reset", "  ", "yo", "/exit", "never read"])
+    written: list[str] = []
+    turns = chat_loop(session, read=lambda prompt: next(lines), write=written.append)
+    text = "".join(written)
+    assert turns == 2 and text.count("Assistant: ") == 2 and "(conversation cleared)" in text
+    assert [m["content"] for m in session.history if m["role"] == "user"] == ["yo"]
+
+    def end_of_input(prompt):
+        raise EOFError
+
+    assert chat_loop(session, read=end_of_input, write=written.append) == 0
+
+
+def test_printer_holds_back_incomplete_characters():
+    class Bytes:  # decodes ids as UTF-8 bytes, like a byte-level tokenizer
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    written: list[str] = []
+    printer = TextPrinter(Bytes(), written.append)
+    printer.put(torch.tensor([[1, 2, 3]]))  # the prompt: not shown
+    for byte in "aé!".encode():
+        printer.put(torch.tensor([byte]))
+    printer.end()
+    assert written == ["a", "é", "!"]

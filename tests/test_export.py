@@ -1,0 +1,177 @@
+"""`rlhfkit export`: merged weights reproduce base + adapter, sharding, tokenizer and generation config,
+chat template of a built-in template, the value head kept out of the LM, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from rlhfkit.commands.export import _check_only_base_tensors, builtin_chat_template, run_export
+from rlhfkit.config import build_config
+from rlhfkit.data import TEMPLATES
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.models.tiny import build_char_tokenizer
+from rlhfkit.models.value_head import VALUE_HEAD_FILE, ValueHead
+
+TEXTS = ["<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n", "abc xyz 123"]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter with random (non-zero) B matrices, saved with the tokenizer like a stage output."""
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("adapter") / "sft"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+def _batch(tokenizer) -> dict[str, torch.Tensor]:
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@torch.no_grad()
+def _logits(model, batch) -> torch.Tensor:
+    return model.eval()(**batch).logits * batch["attention_mask"][..., None]
+
+
+def _export(tmp_path, tiny_model_dir, adapter_dir=None, **keys) -> Path:
+    values = {"model_name_or_path": str(tiny_model_dir), "export_dir": str(tmp_path / "exported"), **keys}
+    if adapter_dir is not None:
+        values["adapter_name_or_path"] = str(adapter_dir)
+    return run_export(build_config(values, check=False))
+
+
+def test_cli_round_trip_logits_match_base_plus_adapter(tiny_model_dir, adapter_dir, tmp_path):
+    config = tmp_path / "export.yaml"
+    config.write_text(f"model_name_or_path: {tiny_model_dir}\nadapter_name_or_path: {adapter_dir}\n"
+                      f"template: auto\nexport_dir: {tmp_path / 'out'}\nexport_size: 5\nexport_legacy_format: false\n")
+    result = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "export", str(config)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "adapter_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = _batch(tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base_logits = _logits(base, batch)
+    reference = _logits(PeftModel.from_pretrained(base, adapter_dir), batch)
+    merged = _logits(AutoModelForCausalLM.from_pretrained(out), batch)
+    assert (reference - base_logits).abs().max() > 0.1  # the adapter matters
+    torch.testing.assert_close(merged, reference, atol=1e-5, rtol=1e-5)
+    # Exactly the base model's tensors (tied output embedding not duplicated), none of LoRA's.
+    base_names = set(load_file(str(tiny_model_dir / "model.safetensors")))
+    assert set(load_file(str(out / "model.safetensors"))) == base_names
+    generation = GenerationConfig.from_pretrained(out)
+    assert generation.eos_token_id == 2 and generation.pad_token_id == 0
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
+
+
+def test_sharded_export_loads_and_matches(tiny_model_dir, adapter_dir, tmp_path):
+    out = _export(tmp_path, tiny_model_dir, adapter_dir, export_size=0.0001)  # 100 kB per file
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and set(index["weight_map"].values()) == set(shards)
+    assert all((out / s).stat().st_size < 250_000 for s in shards)
+    batch = _batch(AutoTokenizer.from_pretrained(out))
+    reference = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                                  adapter_dir), batch)
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(out), batch), reference,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_dtype_and_plain_reexport(tiny_model_dir, tmp_path):
+    out = _export(tmp_path, tiny_model_dir, torch_dtype="bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert model.dtype == torch.bfloat16
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    for name, tensor in load_file(str(out / "model.safetensors")).items():
+        assert torch.equal(tensor, original[name].to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_builtin_template_becomes_an_equivalent_chat_template(name):
+    tokenizer = build_char_tokenizer()
+    template = TEMPLATES[name]
+    tokenizer.chat_template = builtin_chat_template(template, tokenizer)
+    conversations = [
+        [{"role": "user", "content": "it's \"quoted\"\nand {braces}"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+    ]
+    for messages in conversations:
+        for system in (None, "be brief"):
+            full = ([{"role": "system", "content": system}] if system else []) + messages
+            rendered = tokenizer.apply_chat_template(full, tokenize=False, add_generation_prompt=True)
+            assert rendered == template.render(tokenizer, messages, system), (name, messages, system)
+
+
+def test_template_key_writes_chat_template_and_stop_tokens(tiny_model_dir, tmp_path):
+    out = _export(tmp_path, tiny_model_dir, template="default")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "Human: hi\nAssistant: yo<|im_end|>"
+    assert GenerationConfig.from_pretrained(out).eos_token_id == 2
+
+
+def test_value_head_never_enters_the_lm(tiny_model_dir, adapter_dir, tmp_path):
+    rm_dir = tmp_path / "rm"
+    for path in adapter_dir.iterdir():
+        (rm_dir / path.name).parent.mkdir(exist_ok=True)
+        (rm_dir / path.name).write_bytes(path.read_bytes())
+    ValueHead(64, zero_init=False).save(rm_dir)
+    base_names = set(load_file(str(tiny_model_dir / "model.safetensors")))
+    # A policy export leaves the (critic) head out entirely.
+    policy = _export(tmp_path / "a", tiny_model_dir, rm_dir)
+    assert not (policy / VALUE_HEAD_FILE).exists()
+    assert set(load_file(str(policy / "model.safetensors"))) == base_names
+    # stage: rm keeps the reward head, beside the LM (the layout reward_model_type: full reads).
+    reward = _export(tmp_path / "b", tiny_model_dir, rm_dir, stage="rm")
+    assert (reward / VALUE_HEAD_FILE).read_bytes() == (rm_dir / VALUE_HEAD_FILE).read_bytes()
+    assert set(load_file(str(reward / "model.safetensors"))) == base_names
+    # A model that carries a head as a submodule is refused.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    expected = set(model.state_dict())
+    model.v_head = ValueHead(64)
+    with pytest.raises(RlhfkitError, match="refusing to export.*v_head.summary"):
+        _check_only_base_tensors(model, expected, [str(rm_dir)])
+
+
+@pytest.mark.parametrize("keys, fragment", [
+    ({"export_dir": None}, "export_dir is required"),
+    ({"export_legacy_format": True}, "export_legacy_format: true"),
+    ({"export_size": 0}, "export_size must be > 0"),
+    ({"export_device": "gpu"}, "allowed: cpu, auto"),
+    ({"stage": "rm"}, "value_head.safetensors does not exist"),
+])
+def test_bad_export_config(tiny_model_dir, adapter_dir, tmp_path, keys, fragment):
+    with pytest.raises(RlhfkitError, match=fragment.replace("(", r"\(")):
+        _export(tmp_path, tiny_model_dir, adapter_dir, **keys)
+    assert not (tmp_path / "exported").exists()
+
+
+def test_refuses_to_overwrite(tiny_model_dir, adapter_dir, tmp_path):
+    with pytest.raises(RlhfkitError, match="is one of the folders being read"):
+        _export(tmp_path, tiny_model_dir, adapter_dir, export_dir=str(adapter_dir))
+    (tmp_path / "exported").mkdir()
+    (tmp_path / "exported" / "keep.txt").write_text("x")
+    with pytest.raises(RlhfkitError, match="is not empty; set overwrite_output_dir"):
+        _export(tmp_path, tiny_model_dir, adapter_dir)
+    _export(tmp_path, tiny_model_dir, adapter_dir, overwrite_output_dir=True)
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
