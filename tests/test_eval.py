@@ -1,0 +1,187 @@
+"""`rlhfkit eval`: numbers on fixed function rewards, the bootstrap interval, a LoRA reward model,
+paired comparison with a baseline, the saved files and clean errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhfkit.commands.evaluate import RESULTS_FILE, SAMPLES_FILE, run_eval
+from rlhfkit.config import build_config
+from rlhfkit.data import get_template
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.models.value_head import ValueHead
+from rlhfkit.tracking.summary import bootstrap_interval, summarize
+
+REWARDS = """
+def number(prompts, responses):
+    return [float(p.split()[-1]) for p in prompts]
+
+def length(prompts, responses):
+    return [float(len(r)) for r in responses]
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("eval")
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"instruction": f"rate {n}"}) + "\n" for n in (1, 2, 3, 4)))
+    (root / "rew.py").write_text(REWARDS)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora)
+    policy.save_pretrained(root / "policy")
+    rm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora)
+    rm.save_pretrained(root / "rm")
+    ValueHead(64, zero_init=False).save(root / "rm")
+    return root
+
+
+def _config(tiny_model_dir, assets, out, **keys):
+    values = dict(model_name_or_path=str(tiny_model_dir), dataset=str(assets / "prompts.jsonl"), output_dir=str(out), max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0,
+                  per_device_eval_batch_size=3, seed=7,
+                  reward_models=[{"path": f"{assets / 'rew.py'}:number", "type": "function", "weight": 0.5,
+                                  "name": "number"},
+                                 {"path": f"{assets / 'rew.py'}:length", "type": "function", "weight": 2.0,
+                                  "name": "length"}])
+    values.update(keys)
+    return build_config(values, check=False)
+
+
+def _rows(output_dir):
+    return [json.loads(line) for line in (output_dir / SAMPLES_FILE).read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+def test_bootstrap_interval_by_hand():
+    assert bootstrap_interval([3.0]) == (3.0, 3.0)
+    assert bootstrap_interval([2.0] * 10) == (2.0, 2.0)
+    # Two values: resampled means are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4, so the 2.5% and
+    # 97.5% order statistics of 2000 resamples are 0 and 1.
+    assert bootstrap_interval([0.0, 1.0]) == (0.0, 1.0)
+    # Fifty 0s and fifty 1s: the mean's standard error is sqrt(0.25 / 100) = 0.05, the interval about 0.5 +- 0.098.
+    low, high = bootstrap_interval([0.0, 1.0] * 50)
+    assert low == pytest.approx(0.5 - 1.96 * 0.05, abs=0.02) and high == pytest.approx(0.5 + 1.96 * 0.05, abs=0.02)
+    assert bootstrap_interval([0.0, 1.0] * 50, seed=3) == bootstrap_interval([0.0, 1.0] * 50, seed=3)
+
+
+def test_summarize_by_hand():
+    s = summarize([1.0, 2.0, 3.0, 4.0])
+    assert s["n"] == 4 and s["mean"] == 2.5
+    assert s["std"] == pytest.approx(math.sqrt(5.0 / 3.0))  # squared deviations 2.25+0.25+0.25+2.25 = 5, / (n-1)
+    assert 1.0 <= s["ci_low"] < 2.5 < s["ci_high"] <= 4.0
+    assert summarize([5.0])["std"] == 0.0
+
+
+# ------------------------------------------------------------------------------ eval runs
+
+
+def test_eval_numbers_on_fixed_function_rewards(tiny_model_dir, assets, tmp_path):
+    results = run_eval(_config(tiny_model_dir, assets, tmp_path / "base"))
+    rows = _rows(tmp_path / "base")
+    assert [r["prompt"] for r in rows] == ["rate 1", "rate 2", "rate 3", "rate 4"]
+    for row in rows:
+        assert row["scores"] == {"number": float(row["prompt"][-1]), "length": float(len(row["response"]))}
+        assert row["reward"] == pytest.approx(0.5 * float(row["prompt"][-1]) + 2.0 * len(row["response"]))
+        # One token per character (special tokens are not decoded), plus the stop token if it ended by itself.
+        assert len(row["response"]) + int(row["ended_with_eos"]) <= row["response_length"] <= 6
+    summary = results["summary"]
+    assert summary["score/number"]["mean"] == 2.5
+    assert summary["score/number"]["std"] == pytest.approx(math.sqrt(5.0 / 3.0))
+    lengths = [len(r["response"]) for r in rows]
+    assert summary["score/length"]["mean"] == pytest.approx(sum(lengths) / 4)
+    assert summary["reward"]["mean"] == pytest.approx(0.5 * 2.5 + 2.0 * sum(lengths) / 4)
+    for stats in summary.values():
+        assert stats["n"] == 4 and stats["ci_low"] <= stats["mean"] <= stats["ci_high"]
+    saved = json.loads((tmp_path / "base" / RESULTS_FILE).read_text())
+    assert saved["summary"] == summary and saved["weights"] == {"number": 0.5, "length": 2.0}
+    assert saved["prompts"] == 4 and saved["seed"] == 7
+    # Same config, same seed: the same responses, so policies are compared on equal terms.
+    run_eval(_config(tiny_model_dir, assets, tmp_path / "again"))
+    assert _rows(tmp_path / "again") == rows
+
+
+def test_compare_two_policies(tiny_model_dir, assets, tmp_path, capsys):
+    run_eval(_config(tiny_model_dir, assets, tmp_path / "base"))
+    results = run_eval(_config(tiny_model_dir, assets, tmp_path / "policy",
+                               adapter_name_or_path=str(assets / "policy")), baseline=str(tmp_path / "base"))
+    base_rows, policy_rows = _rows(tmp_path / "base"), _rows(tmp_path / "policy")
+    assert results["adapters"] == [str(assets / "policy")]
+    assert [r["response"] for r in policy_rows] != [r["response"] for r in base_rows]
+    difference = results["difference"]
+    # The prompt-only reward is the same for both: a zero difference with a zero-width interval.
+    assert difference["score/number"] == {"n": 4, "mean": 0.0, "std": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    expected = sum(len(a["response"]) - len(b["response"]) for a, b in zip(policy_rows, base_rows)) / 4
+    assert difference["score/length"]["mean"] == pytest.approx(expected)
+    printed = capsys.readouterr().out
+    assert "score/number" in printed and "difference to" in printed and "95% CI" in printed
+
+
+def test_lora_reward_model_scores(tiny_model_dir, assets, tmp_path):
+    results = run_eval(_config(tiny_model_dir, assets, tmp_path / "rm", reward_models=None,
+                               reward_model=str(assets / "rm"), reward_model_type="lora"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    template = get_template(None, tokenizer)
+    rm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), assets / "rm").eval()
+    head = ValueHead.load(assets / "rm", 64)
+    rows = _rows(tmp_path / "rm")
+    # Rows whose text holds every response token (a sampled special token other than EOS is not decoded).
+    complete = [r for r in rows if r["response_length"] == len(r["response"]) + int(r["ended_with_eos"])]
+    assert len(complete) >= 2
+    for row in complete:
+        ids = template.encode_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])
+        ids += tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [2] * row["ended_with_eos"]
+        with torch.no_grad():
+            hidden = rm(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1]
+        assert row["scores"]["lora"] == pytest.approx(float(head(hidden[0, -1])), abs=1e-4)
+    assert set(results["summary"]) == {"reward", "score/lora", "response_length", "ended_with_eos"}
+
+
+def test_cli_eval(tiny_model_dir, assets, tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset: {assets / 'prompts.jsonl'}\n"
+                      f"reward_model: {assets / 'rew.py'}:number\nreward_model_type: function\n"
+                      f"output_dir: {tmp_path / 'out'}\nmax_new_tokens: 4\n")
+    command = [sys.executable, "-m", "rlhfkit.cli", "eval", str(config), "max_samples=2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "score/function" in result.stdout and "1.5" in result.stdout  # mean of 1 and 2
+    assert json.loads((tmp_path / "out" / RESULTS_FILE).read_text())["summary"]["score/function"]["mean"] == 1.5
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "overwrite_output_dir" in again.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("keys, fragment", [
+    ({"reward_models": None}, "eval needs reward_model"),
+    ({"dataset": None}, "dataset is required"),
+    ({"output_dir": None}, "output_dir is required"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be > 0"),
+])
+def test_bad_eval_config(tiny_model_dir, assets, tmp_path, keys, fragment):
+    with pytest.raises(RlhfkitError, match=fragment):
+        run_eval(_config(tiny_model_dir, assets, tmp_path / "out", **keys))
+
+
+def test_baseline_with_other_prompts_is_refused(tiny_model_dir, assets, tmp_path):
+    run_eval(_config(tiny_model_dir, assets, tmp_path / "two", max_samples=2))
+    with pytest.raises(RlhfkitError, match="prompts differ"):
+        run_eval(_config(tiny_model_dir, assets, tmp_path / "four"), baseline=str(tmp_path / "two"))
+    with pytest.raises(RlhfkitError, match="eval_samples.jsonl not found"):
+        run_eval(_config(tiny_model_dir, assets, tmp_path / "x"), baseline=str(tmp_path / "nowhere"))
