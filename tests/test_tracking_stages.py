@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
+import select
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -118,3 +122,52 @@ def test_sft_and_rm_write_events_and_plots(tiny_model_dir, tmp_path, stage):
         assert {"train/accuracy", "eval/accuracy"} <= scalars
         expected |= {"training_accuracy.png", "training_eval_accuracy.png"}
     assert _pngs(out) == expected
+
+
+def _sft_config(tmp_path, tiny_model_dir) -> str:
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"say {w}", "output": w * 3} for w in "abcd"])
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"stage: sft\nmodel_name_or_path: {tiny_model_dir}\ndataset: {data}\n"
+                      f"output_dir: {tmp_path / 'out'}\nfinetuning_type: full\nmax_steps: 3\nlogging_steps: 2\n"
+                      "per_device_train_batch_size: 2\nsave_steps: 0\n")
+    return str(config)
+
+
+def test_console_without_a_terminal_has_lines_and_no_bar(tiny_model_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "train", _sft_config(tmp_path, tiny_model_dir)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] for line in lines] == ["[1/3", "[2/3", "[3/3"]  # step 1, every 2, the last
+    assert all(" loss=" in line and " s/step, " in line and " left" in line for line in lines)
+    assert "step/s" not in result.stderr and "s/step]" not in result.stderr and "%|" not in result.stderr
+
+
+def test_progress_bar_on_a_terminal(tiny_model_dir, tmp_path):
+    main_fd, child_fd = os.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", "train", _sft_config(tmp_path, tiny_model_dir)],
+                               stdin=subprocess.DEVNULL, stdout=child_fd, stderr=child_fd, close_fds=True)
+    os.close(child_fd)
+    output = b""
+    try:
+        while True:
+            ready, _, _ = select.select([main_fd], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(main_fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            elif process.poll() is not None:
+                break
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(main_fd)
+    text = output.decode(errors="replace")
+    assert "3/3 [" in text and "%|" in text  # the bar: steps done, percentage
+    assert "step/s]" in text or "s/step]" in text  # rate
+    assert "[2/3] loss=" in text  # the concise line still appears, above the bar

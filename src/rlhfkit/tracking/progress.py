@@ -6,7 +6,9 @@ redirected output get the plain lines alone. Lines printed while the bar is show
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
@@ -22,6 +24,15 @@ def is_terminal(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):
         return False
+
+
+def terminal_size(stream: Any) -> tuple[int, int] | None:
+    """None when the terminal reports its size; else (100, 24) (pseudo-terminals may report 0 x 0)."""
+    try:
+        columns, rows = os.get_terminal_size(stream.fileno())
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return 100, 24
+    return None if columns > 0 and rows > 0 else (100, 24)
 
 
 def format_seconds(seconds: float) -> str:
@@ -53,11 +64,19 @@ class Progress:
                  stream: TextIO | None = None, enabled: bool = True) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.bar = None
+        self._redirect = None
         if enabled and is_terminal(self.stream):
             from tqdm import tqdm
 
+            size = terminal_size(self.stream)  # None: follow the terminal as it is resized
             self.bar = tqdm(total=total_steps, initial=start_step, desc=description or None, unit="step",
-                            file=self.stream, dynamic_ncols=True, leave=True)
+                            file=self.stream, dynamic_ncols=size is None, ncols=size and size[0],
+                            nrows=size and size[1], leave=True)
+            # Other log messages go above the bar too, instead of through it.
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._redirect = logging_redirect_tqdm(tqdm_class=tqdm)
+            self._redirect.__enter__()
 
     def advance(self, step: int) -> None:
         """Move the bar to `step` optimizer steps done."""
@@ -78,3 +97,6 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
