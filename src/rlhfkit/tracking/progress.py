@@ -6,7 +6,6 @@ redirected output get the plain lines alone. Lines printed while the bar is show
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import sys
@@ -30,7 +29,7 @@ def terminal_size(stream: Any) -> tuple[int, int] | None:
     """None when the terminal reports its size; else (100, 24) (pseudo-terminals may report 0 x 0)."""
     try:
         columns, rows = os.get_terminal_size(stream.fileno())
-    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+    except (AttributeError, ValueError, OSError):  # not a real file, or no size
         return 100, 24
     return None if columns > 0 and rows > 0 else (100, 24)
 
