@@ -103,7 +103,7 @@ def test_trainer_log_writes_everything(tmp_path, caplog):
                             torch.tensor([0.5, 1.5]), torch.tensor([0.0, 0.1]))
     plots = log.close()
     # Console: one concise line per logged step, through logging when stderr is not a terminal.
-    lines = [r.getMessage() for r in caplog.records]
+    lines = [r.getMessage() for r in caplog.records if r.name == "rlhfkit.tracking.progress"]
     assert len(lines) == 3 and lines[2].startswith("[3/3] reward=0.3 kl=0.03 loss=0.3333 | ")
     assert "s/step" in lines[2] and "seconds_per_step" not in lines[2]
     # trainer_log.jsonl
