@@ -12,7 +12,7 @@ from rlhfkit.commands.export import check_export_config
 from rlhfkit.config import load_config, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
+EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))  # rlhfkit configs (accelerate's own configs are .yml)
 
 # What `rlhfkit demo` fills into examples/demo/*.yaml (see rlhfkit.demo.pipeline).
 DEMO_FILLED = {"model_name_or_path": "path/to/model", "dataset_dir": "data", "output_dir": "saves/demo",
