@@ -9,6 +9,11 @@ A checkpoint `output_dir/checkpoint-<step>/` holds:
 - `trainer_state.json`: step counters and stage state (KL controller, reward statistics, ...).
 It is written into a temporary folder, fsynced, then renamed: a crash never leaves a half-written
 folder named like a checkpoint. Old checkpoints are pruned only after the new one is whole.
+
+When weights are sharded over processes (FSDP, DeepSpeed) the model files hold the gathered full
+weights, and the sharded model and optimizer state go to `sharded_state/` through accelerate's
+`save_state` instead of `trainable_state.safetensors` and `optimizer.pt`; resume such a run with the
+same launch config.
 """
 
 from __future__ import annotations
@@ -27,13 +32,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhfkit.errors import fail
-from rlhfkit.models.saving import save_pretrained_model
+from rlhfkit.models.saving import save_pretrained_model, split_trained
+from rlhfkit.training.distributed import global_sums, is_sharded
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable_state.safetensors"
+SHARDED_STATE_DIR = "sharded_state"
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -84,13 +91,25 @@ def _trainable_tensors(modules: dict[str, torch.nn.Module]) -> dict[str, torch.T
     return tensors
 
 
-def check_finite(modules: dict[str, torch.nn.Module]) -> None:
-    """Refuse to save weights that hold NaN or Inf."""
+def check_finite(modules: dict[str, torch.nn.Module], accelerator=None) -> None:
+    """Refuse to save weights that hold NaN or Inf.
+
+    Each process checks what it holds (its shards, when weights are sharded); with `accelerator`
+    the verdict is shared, so every process raises together instead of some waiting forever.
+    """
+    bad = None
     for prefix, module in modules.items():
         for name, param in module.named_parameters():
-            if param.requires_grad and not torch.isfinite(param).all():
-                raise fail(f"weights {prefix}.{name} are not finite; not saving them. Lower learning_rate "
-                           "or resume from an earlier checkpoint")
+            local = param.to_local() if hasattr(param, "to_local") else param  # an FSDP2 shard is a DTensor
+            if param.requires_grad and not torch.isfinite(local.detach()).all():
+                bad = f"{prefix}.{name}"
+                break
+    if accelerator is not None:
+        (count,) = global_sums(accelerator, bad is not None)
+        bad = bad or ("held by another process" if count else None)
+    if bad is not None:
+        raise fail(f"weights {bad} are not finite; not saving them. Lower learning_rate "
+                   "or resume from an earlier checkpoint")
 
 
 def rng_state() -> dict[str, Any]:
@@ -122,21 +141,34 @@ class CheckpointManager:
         return self.save_steps > 0 and step % self.save_steps == 0 and step < total_steps
 
     def save(self, step: int, modules: dict[str, torch.nn.Module], optimizer, scheduler, tokenizer,
-             state: dict[str, Any], model=None, value_head=None) -> Path:
-        """Write checkpoint-<step> atomically; `modules` maps a prefix to each trainable module."""
+             state: dict[str, Any], model=None, value_head=None, prepared=None) -> Path:
+        """Write checkpoint-<step> atomically; `modules` maps a prefix to each trainable module.
+
+        `prepared` is the module accelerate prepared; with sharded weights it is read collectively.
+        """
         accel = self.accelerator
-        check_finite(modules)
+        sharded = prepared is not None and is_sharded(accel)
+        check_finite(modules, accel)
+        full_state = accel.get_state_dict(prepared) if sharded else None  # every process takes part
         final = self.output_dir / f"checkpoint-{step}"
         staging = self.output_dir / f".tmp-checkpoint-{step}"
         if accel.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            save_pretrained_model(model, tokenizer, staging, value_head)
-            if not _is_full_model(model):
-                save_file(_trainable_tensors(modules), str(staging / TRAINABLE_FILE))
-            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            if sharded:
+                root = accel.unwrap_model(prepared)
+                lm, lm_state, head = split_trained(root, full_state)
+                save_pretrained_model(lm, tokenizer, staging, head, state_dict=lm_state)
+            else:
+                save_pretrained_model(model, tokenizer, staging, value_head)
+                if not _is_full_model(model):
+                    save_file(_trainable_tensors(modules), str(staging / TRAINABLE_FILE))
+                torch.save(optimizer.state_dict(), staging / "optimizer.pt")
             torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         accel.wait_for_everyone()
+        if sharded:
+            accel.save_state(str(staging / SHARDED_STATE_DIR))
+            accel.wait_for_everyone()
         torch.save(rng_state(), staging / f"rng_state_{accel.process_index}.pt")
         accel.wait_for_everyone()
         if accel.is_main_process:
@@ -157,10 +189,16 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: Path, modules: dict[str, torch.nn.Module], optimizer, scheduler, model=None,
-             value_head=None) -> dict[str, Any]:
+             value_head=None, prepared=None) -> dict[str, Any]:
         """Restore weights, optimizer, scheduler and RNG from `path`; return its trainer state."""
         path = Path(path)
-        if _is_full_model(model):
+        sharded = prepared is not None and is_sharded(self.accelerator)
+        if sharded != (path / SHARDED_STATE_DIR).is_dir():
+            raise fail(f"checkpoint {path} was written {'with' if not sharded else 'without'} sharded weights "
+                       "(FSDP / DeepSpeed); resume it with the launch config it was written with")
+        if sharded:
+            self.accelerator.load_state(str(path / SHARDED_STATE_DIR))  # model and optimizer shards
+        elif _is_full_model(model):
             _load_full_model(model, path)
             if value_head is not None:
                 value_head.load_state_dict(load_file(str(path / "value_head.safetensors")))
@@ -175,7 +213,8 @@ class CheckpointManager:
                                        "configuration (finetuning_type, lora_target, ...)")
                         param.data.copy_(tensors[key].to(param.device, param.dtype))
         device = self.accelerator.device
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=False))
+        if not sharded:
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=False))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         rng_file = path / f"rng_state_{self.accelerator.process_index}.pt"
         if rng_file.is_file():
@@ -219,30 +258,35 @@ class RunCheckpoints:
     """What a stage loop needs around its steps: resume at start, checkpoint when due or signalled."""
 
     def __init__(self, config, accelerator, output_dir: Path, modules: dict[str, torch.nn.Module], optimizer,
-                 scheduler, tokenizer, model, value_head=None) -> None:
+                 scheduler, tokenizer, model, value_head=None, prepared=None) -> None:
         self.manager = CheckpointManager(output_dir, config.output.save_steps, config.output.save_total_limit,
                                          accelerator)
         self.config, self.output_dir = config, output_dir
         self.modules, self.optimizer, self.scheduler = modules, optimizer, scheduler
         self.tokenizer, self.model, self.value_head = tokenizer, model, value_head
+        self.prepared = prepared
 
     def resume(self) -> dict[str, Any]:
         """Restore the checkpoint asked for by resume_from_checkpoint; `{"step": 0}` when none."""
         path = resolve_resume(self.config.training.resume_from_checkpoint, self.output_dir)
         if path is None:
             return {"step": 0}
-        state = self.manager.load(path, self.modules, self.optimizer, self.scheduler, self.model, self.value_head)
+        state = self.manager.load(path, self.modules, self.optimizer, self.scheduler, self.model, self.value_head,
+                                  self.prepared)
         if self.manager.accelerator.is_main_process:
             truncate_trainer_log(self.output_dir, state["step"])
         return state
 
     def after_step(self, step: int, total_steps: int, signals, state: dict[str, Any]) -> None:
-        """Checkpoint when due or when a stop signal arrived; then honour the signal."""
+        """Checkpoint when due or when a stop signal arrived (at any process); then honour the signal."""
         from rlhfkit.training.control import StopRequested
 
-        if self.manager.due(step, total_steps) or (signals.received and step < total_steps):
+        stop = bool(signals.received)
+        if self.manager.accelerator.num_processes > 1:  # all processes stop together, or none does
+            stop = global_sums(self.manager.accelerator, stop)[0] > 0
+        if self.manager.due(step, total_steps) or (stop and step < total_steps):
             self.manager.save(step, self.modules, self.optimizer, self.scheduler, self.tokenizer, state,
-                              self.model, self.value_head)
-        if signals.received and step < total_steps:
+                              self.model, self.value_head, self.prepared)
+        if stop and step < total_steps:
             raise StopRequested(f"stopped by signal after step {step}; resume with resume_from_checkpoint: true",
                                 signals.exit_code)

@@ -59,6 +59,33 @@ class ValueHead(nn.Module):
         return head
 
 
+class ModelWithValueHead(nn.Module):
+    """A causal LM and its value head as one module, the unit accelerate prepares.
+
+    DeepSpeed and FSDP2 prepare one model per optimizer, and FSDP gathers a module's weights only
+    inside its forward; so the head runs inside this forward. It takes the LM's arguments and
+    returns the LM's output, with ``output["values"]`` ``(b, T)`` added when `with_values`.
+    """
+
+    def __init__(self, model: nn.Module, value_head: ValueHead) -> None:
+        super().__init__()
+        self.model = model
+        self.value_head = value_head
+
+    @property
+    def _no_split_modules(self):
+        """The LM's transformer blocks, which FSDP's transformer-based auto wrap shards one by one."""
+        return getattr(self.model, "_no_split_modules", None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_values: bool = False,
+                output_hidden_states: bool = False, **kwargs):
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                            output_hidden_states=output_hidden_states or with_values, **kwargs)
+        if with_values:
+            output["values"] = self.value_head(output.hidden_states[-1])  # (b, T)
+        return output
+
+
 def has_value_head(directory: str | Path) -> bool:
     """Whether `directory` holds a saved value head."""
     return (Path(directory) / VALUE_HEAD_FILE).is_file()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 
 from rlhfkit.data import collate_prompts
 from rlhfkit.models.forward import sequence_scores
@@ -16,35 +18,54 @@ REWARD_ADAPTER = "reward"
 
 @contextlib.contextmanager
 def active_adapter(peft_model, name: str | None):
-    """Run with adapter `name` active (None: all adapters disabled), then restore the policy's."""
-    previous = peft_model.active_adapter
-    if name is None:
-        with peft_model.disable_adapter():
-            yield
-        return
-    peft_model.base_model.set_adapter(name, inference_mode=True)
+    """Run with adapter `name` active (None: all adapters disabled), then restore the previous state.
+
+    Only the routing flags of peft's adapter layers change, never `requires_grad`: peft's own
+    `set_adapter` / `disable_adapter` freeze and unfreeze adapter weights, which DDP and FSDP
+    (that record trainable parameters once, when wrapping) must not see.
+    """
+    layers = [m for m in peft_model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+    saved = [(m, m._active_adapter, m._disable_adapters) for m in layers]
+    tuner = peft_model.base_model
+    previous = tuner.active_adapter
+    for module in layers:
+        if name is None:
+            module._disable_adapters = True
+        else:
+            module._active_adapter = [name]
+            module._disable_adapters = False
+    if name is not None:
+        tuner.active_adapter = name
     try:
         yield
     finally:
-        peft_model.base_model.set_adapter(previous)
+        for module, active, disabled in saved:
+            module._active_adapter, module._disable_adapters = active, disabled
+        tuner.active_adapter = previous
 
 
 class SharedBaseReward:
-    """The RM stage's adapter loaded as a second adapter on the policy's base, with its head."""
+    """The RM stage's adapter loaded as a second adapter on the policy's base, with its head.
+
+    `forward_model` is what the forward passes go through: the policy's PeftModel, or (set by the
+    PPO stage) the prepared policy module, through which DDP, FSDP and DeepSpeed see every pass.
+    """
 
     def __init__(self, peft_model, value_head: ValueHead, name: str = "reward", chunk_size: int = 8,
                  adapter_name: str = REWARD_ADAPTER) -> None:
         self.model, self.value_head, self.name, self.chunk_size = peft_model, value_head, name, chunk_size
         self.adapter_name = adapter_name
+        self.forward_model = peft_model
 
     @torch.no_grad()
     def score(self, batch: ScoringBatch) -> torch.Tensor:
         scores = []
+        device = self.value_head.summary.weight.device
         with active_adapter(self.model, self.adapter_name):
             for begin in range(0, batch.sequence_ids.shape[0], self.chunk_size):
-                ids = batch.sequence_ids[begin:begin + self.chunk_size]
-                mask = batch.sequence_mask[begin:begin + self.chunk_size]
-                scores.append(sequence_scores(self.model, self.value_head, ids, mask).float().cpu())
+                ids = batch.sequence_ids[begin:begin + self.chunk_size].to(device)
+                mask = batch.sequence_mask[begin:begin + self.chunk_size].to(device)
+                scores.append(sequence_scores(self.forward_model, self.value_head, ids, mask).float().cpu())
         return torch.cat(scores)
 
 

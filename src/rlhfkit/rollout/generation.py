@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import GenerationConfig
 
 from rlhfkit.config import GenerationArguments
+from rlhfkit.errors import fail
 from rlhfkit.rl import truncate_after_stop
 
 
@@ -58,10 +62,15 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> GeneratedBatch:
-        """Sample one response per prompt row; ``input_ids`` ``(b, P)`` left-padded."""
+        """Sample one response per prompt row; ``input_ids`` ``(b, P)`` left-padded.
+
+        `model` holds its full weights (`full_weights_for_generation`), so no process waits for the
+        others: each generates until its own responses end.
+        """
         was_training = model.training
         model.eval()
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=self.config)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=self.config,
+                                synced_gpus=False)
         if was_training:
             model.train()
         generated = output[:, input_ids.shape[1]:]
@@ -73,3 +82,76 @@ class HFGenerator:
         # Drop columns that are padding in every row.
         width = max(int(response_mask.sum(-1).max()), 1)
         return GeneratedBatch(response_ids[:, :width], response_mask[:, :width], ended)
+
+
+@contextlib.contextmanager
+def full_weights_for_generation(accelerator, model) -> Iterator[torch.nn.Module]:
+    """Yield the unwrapped `model` with its full weights present, gathered once for a whole rollout.
+
+    `generate` runs many small forward passes of different counts on different processes, so it
+    must not go through per-pass weight gathering. DDP and DeepSpeed ZeRO-1/2 keep full weights on
+    every process already. FSDP2: every FSDP unit is unsharded once and kept unsharded until the
+    rollout ends. DeepSpeed ZeRO-3: all parameters are gathered once and ZeRO-3's per-module
+    gather/release hooks are lifted meanwhile (written against DeepSpeed's API, not run here).
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        with _fsdp2_unsharded(model):
+            yield unwrapped
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        with _zero3_gathered(model):
+            yield unwrapped
+    else:
+        yield unwrapped
+
+
+def check_generation_supported(accelerator) -> None:
+    """Fail up front where PPO's rollouts cannot gather the weights once (FSDP1)."""
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise fail("stage ppo under FSDP needs fsdp_version: 2 in the accelerate config (FSDP1 cannot keep the "
+                   "gathered weights through generate); see examples/accelerate/fsdp.yml")
+
+
+@contextlib.contextmanager
+def _fsdp2_unsharded(model) -> Iterator[None]:
+    from torch.distributed.fsdp import FSDPModule
+
+    # FSDP picks its root on the first forward; generate calls the inner model, so settle it first.
+    model._get_fsdp_state()._lazy_init()
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # Remember each parameter group's resharding choice (accelerate mixes True and False), then
+    # keep everything unsharded across the forward passes of generate.
+    saved = []
+    for unit in units:
+        state = unit._get_fsdp_state()
+        saved.append((state, state._auto_reshard_after_forward,
+                      [(group, group.post_forward_mesh_info) for group in state._fsdp_param_groups]))
+    for unit in units:
+        unit.unshard()
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for state, auto, groups in saved:
+            state._auto_reshard_after_forward = auto
+            for group, mesh_info in groups:
+                group.post_forward_mesh_info = mesh_info
+        for unit in units:
+            unit.reshard()
+
+
+@contextlib.contextmanager
+def _zero3_gathered(engine) -> Iterator[None]:
+    try:
+        import deepspeed
+    except ImportError:  # pragma: no cover - a ZeRO-3 run has DeepSpeed installed
+        raise fail("DeepSpeed ZeRO-3 is configured but deepspeed is not installed; pip install deepspeed") from None
+    offload = engine.optimizer.parameter_offload
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        offload._remove_module_hooks()
+        try:
+            yield
+        finally:
+            offload.forward_hooks, offload.backward_hooks = [], []
+            offload.setup_zero_stage3_hooks()

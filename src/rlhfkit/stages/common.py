@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from rlhfkit.checkpoint import check_finite
 from rlhfkit.config import Config
 from rlhfkit.data import (
     get_template,
@@ -26,6 +27,8 @@ from rlhfkit.models.loading import (
     load_causal_lm,
     resolve_dtype,
 )
+from rlhfkit.models.saving import save_pretrained_model, split_trained
+from rlhfkit.training.distributed import is_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -96,3 +99,18 @@ def trainable_named_parameters(*modules) -> list[tuple[str, torch.nn.Parameter]]
     for index, module in enumerate(modules):
         named += [(f"{index}.{n}", p) for n, p in module.named_parameters() if p.requires_grad]
     return named
+
+
+def save_trained(accelerator, prepared, modules: dict[str, torch.nn.Module], tokenizer, output_dir) -> None:
+    """The end-of-run save: check the weights, gather them if sharded, write on the main process.
+
+    Every process calls this (the check and the gathering are collective). `prepared` is the
+    module accelerate prepared (a causal LM or a ModelWithValueHead); `modules` its trainable parts.
+    """
+    check_finite(modules, accelerator)
+    full_state = accelerator.get_state_dict(prepared) if is_sharded(accelerator) else None
+    if accelerator.is_main_process:
+        model, model_state, value_head = split_trained(accelerator.unwrap_model(prepared), full_state)
+        save_pretrained_model(model, tokenizer, output_dir, value_head, state_dict=model_state)
+        logger.info("saved to %s", output_dir)
+    accelerator.wait_for_everyone()

@@ -1,7 +1,9 @@
 """Stage `ppo`: align the policy with reward sources under a KL penalty to the reference.
 
 Per PPO step (one rollout batch of per_device_train_batch_size x gradient_accumulation_steps x
-ppo_buffer_size prompts per process):
+ppo_buffer_size prompts per process; with several processes each holds its own share, and the
+statistics that span the batch -- reward normalisation, whitening, the KL controller, the token
+count that normalises the loss, logged means -- are taken over all processes):
 1. rollout     sample responses; truncate after the first stop token; masks
 2. score       reward sources on the truncated text; EOS penalty, normalisation, clipping
 3. evaluate    old log-probs, values and reference log-probs (logits / temperature)
@@ -20,14 +22,15 @@ import time
 
 import torch
 
-from rlhfkit.checkpoint import RunCheckpoints, check_finite
+from rlhfkit.checkpoint import RunCheckpoints
 from rlhfkit.config import Config
 from rlhfkit.data import collate_prompts
 from rlhfkit.errors import fail
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.ppo_models import build_ppo_models, trainable_policy_parameters
-from rlhfkit.models.saving import save_pretrained_model
+from rlhfkit.models.value_head import ModelWithValueHead
 from rlhfkit.rewards.base import ScoringBatch
+from rlhfkit.rewards.model import SharedBaseReward
 from rlhfkit.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -38,20 +41,20 @@ from rlhfkit.rl import (
     kl_penalty,
     masked_mean,
 )
-from rlhfkit.rollout import HFGenerator
-from rlhfkit.stages.common import load_stage_data
+from rlhfkit.rollout import HFGenerator, check_generation_supported, full_weights_for_generation
+from rlhfkit.stages.common import load_stage_data, save_trained
 from rlhfkit.stages.ppo_steps import (
     Rollout,
     compute_advantages,
     evaluate_rollout,
-    masked_row_sum_mean,
     ppo_update_minibatch,
 )
 from rlhfkit.tracking.trainer_log import TrainerLog
 from rlhfkit.training.batches import step_batches
+from rlhfkit.training.distributed import global_sums
 from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_and_step
 from rlhfkit.training.control import NonFiniteGuard, active_signals
-from rlhfkit.training.runtime import build_accelerator, check_output_dir, seed_everything
+from rlhfkit.training.runtime import build_accelerator, check_output_dir, seed_everything, seed_per_process
 
 logger = logging.getLogger(__name__)
 
@@ -73,22 +76,29 @@ def score_batch(models, batch: ScoringBatch, config: Config, ended: torch.Tensor
     """
     p = config.ppo
     total = torch.zeros(len(batch.responses))
-    stats: dict[str, float] = {}
+    sums: dict[str, tuple[float, float]] = {}  # per source: sum and sum of squares over the rows
     for source, weight in models.rewards:
         raw = source.score(batch)
         if raw_scores is not None:
             raw_scores[source.name] = raw
-        stats[f"score/{source.name}"] = float(raw.mean())
-        stats[f"score_std/{source.name}"] = float(raw.std()) if raw.numel() > 1 else 0.0
+        sums[source.name] = (float(raw.double().sum()), float((raw.double() ** 2).sum()))
         total += weight * raw
-    stats["reward"] = float(total.mean())
+    # Means and standard deviations over every process's rows, in one all-reduce.
+    names = list(sums)
+    count, reward_sum, *source_sums = global_sums(accelerator, total.numel(), float(total.double().sum()),
+                                              *(value for name in names for value in sums[name]))
+    stats: dict[str, float] = {}
+    for index, name in enumerate(names):
+        mean = source_sums[2 * index] / count
+        var = max(source_sums[2 * index + 1] / count - mean * mean, 0.0) * count / max(count - 1, 1)
+        stats[f"score/{name}"], stats[f"score_std/{name}"] = mean, math.sqrt(var)
+    stats["reward"] = reward_sum / count
     total = apply_missing_eos_penalty(total, ended.cpu(), p.missing_eos_penalty)
     if p.ppo_score_norm:
-        values = total.to(accelerator.device)
-        count = accelerator.reduce(torch.tensor(float(values.numel()), device=values.device), "sum")
-        mean = accelerator.reduce(values.sum(), "sum") / count
-        var = accelerator.reduce(((values - mean) ** 2).sum(), "sum") / count
-        moments.update_from_moments(float(mean), float(var), int(count))
+        count, score_sum = global_sums(accelerator, total.numel(), float(total.double().sum()))
+        mean = score_sum / count
+        (squares,) = global_sums(accelerator, float(((total.double() - mean) ** 2).sum()))
+        moments.update_from_moments(mean, squares / count, int(count))
         total = (total - moments.mean) / (moments.std + 1e-8)
     if p.reward_clip is not None:
         total = total.clamp(-p.reward_clip, p.reward_clip)
@@ -98,8 +108,9 @@ def score_batch(models, batch: ScoringBatch, config: Config, ended: torch.Tensor
 def run_ppo(config: Config) -> dict[str, float]:
     """Train the policy with PPO; return the final statistics."""
     accelerator = build_accelerator(config)
+    check_generation_supported(accelerator)
     t, g, p = config.training, config.generation, config.ppo
-    seed_everything(t.seed + accelerator.process_index)
+    seed_everything(t.seed)  # the same initial weights (new LoRA adapter) on every process
     output_dir = check_output_dir(config)
     device = accelerator.device
     world = accelerator.num_processes
@@ -116,20 +127,27 @@ def run_ppo(config: Config) -> dict[str, float]:
         1, math.ceil(t.num_train_epochs * math.ceil(len(data.train) / global_rollout)))
     models = build_ppo_models(config, tokenizer, device)
     named_params = trainable_policy_parameters(models)
-    params = [param for _, param in named_params]
     optimizer = build_optimizer(named_params, t)
     optimizer_steps = total_steps * p.ppo_epochs * p.ppo_buffer_size
     scheduler = build_scheduler(optimizer, t, optimizer_steps)
-    policy, value_head, optimizer = accelerator.prepare(models.policy, models.value_head, optimizer)
+    # The policy and its value head are one module for accelerate (DeepSpeed and FSDP2 take one model).
+    policy, optimizer = accelerator.prepare(ModelWithValueHead(models.policy, models.value_head), optimizer)
+    params = [param for param in policy.parameters() if param.requires_grad]  # FSDP replaces the parameters
+    # Forward passes on the shared base go through the prepared module, which DDP/FSDP/DeepSpeed watch.
+    reference = policy if models.reference is models.policy else models.reference
+    for source, _ in models.rewards:
+        if isinstance(source, SharedBaseReward):
+            source.forward_model = policy
+    seed_per_process(t.seed, accelerator.process_index)
     generator = HFGenerator(tokenizer, g, data.template.stop_token_ids(tokenizer))
     loss_fn = PPOLoss(p.cliprange, p.cliprange_value, p.vf_coef, p.entropy_coef)
     kl_controller = (AdaptiveKLController(p.kl_coef, p.ppo_target, p.kl_horizon) if p.adaptive_kl
                      else FixedKLController(p.kl_coef))
     score_moments = RunningMoments()
     guard = NonFiniteGuard(t.max_bad_steps)
-    modules = {"policy": accelerator.unwrap_model(policy), "value_head": accelerator.unwrap_model(value_head)}
+    modules = {"policy": models.policy, "value_head": models.value_head}
     checkpoints = RunCheckpoints(config, accelerator, output_dir, modules, optimizer, scheduler, tokenizer,
-                                 modules["policy"], modules["value_head"])
+                                 modules["policy"], modules["value_head"], prepared=policy)
     resumed = checkpoints.resume()
     if resumed["step"]:
         kl_controller.load_state_dict(resumed["kl_controller"])
@@ -142,7 +160,7 @@ def run_ppo(config: Config) -> dict[str, float]:
     logger.info("ppo: %d prompts, %d steps; rollout batch %d (x%d processes), mini-batch %d, micro-batch %d, "
                 "%d epochs", len(data.train), total_steps, rollout_size, world, mini_size, micro_size, p.ppo_epochs)
     final: dict[str, float] = {}
-    for plan in step_batches(len(data.train), global_rollout, t.seed, start_step=resumed["step"]):
+    for plan in step_batches(len(data.train), global_rollout, t.seed, start_step=resumed["step"], fill_last=True):
         if plan.step >= total_steps:
             break
         step_start = time.time()
@@ -152,7 +170,8 @@ def run_ppo(config: Config) -> dict[str, float]:
         tick = time.time()
         prompts = collate_prompts(items, tokenizer.pad_token_id)
         query_ids, query_mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)
-        generated = generator.generate(accelerator.unwrap_model(policy), query_ids, query_mask)
+        with full_weights_for_generation(accelerator, policy) as unwrapped:
+            generated = generator.generate(unwrapped.model, query_ids, query_mask)
         response_ids, response_mask = generated.response_ids, generated.response_mask
         timings["time/rollout"] = time.time() - tick
         # 2. score
@@ -173,14 +192,15 @@ def run_ppo(config: Config) -> dict[str, float]:
         timings["time/score"] = time.time() - tick
         # 3. evaluate
         tick = time.time()
-        evaluated = evaluate_rollout(policy, value_head, models.reference, models.reference_context, ids, mask,
+        evaluated = evaluate_rollout(policy, None, reference, models.reference_context, ids, mask,
                                      response_ids, g.temperature, t.per_device_eval_batch_size)
         timings["time/evaluate"] = time.time() - tick
         # 4. shape and 5. advantages
         float_mask = response_mask.float()
         rewards, advantages, returns, kl = compute_advantages(
             scores, evaluated["logprobs"], evaluated["ref_logprobs"], evaluated["values"], float_mask,
-            kl_controller.value, p.kl_estimator, p.gamma, p.lam, p.ppo_whiten_rewards, p.whiten_advantages)
+            kl_controller.value, p.kl_estimator, p.gamma, p.lam, p.ppo_whiten_rewards, p.whiten_advantages,
+            accelerator)
         rollout = Rollout(query_ids, query_mask, response_ids, response_mask, scores, evaluated["logprobs"],
                           evaluated["ref_logprobs"], evaluated["values"] * float_mask, advantages, returns)
         # 6. update
@@ -188,12 +208,12 @@ def run_ppo(config: Config) -> dict[str, float]:
         update_stats: dict[str, float] = {}
         updates = 0
         shuffle = torch.Generator().manual_seed(t.seed * 7919 + plan.step)
-        rewards_ok = guard.ok(float(scores.sum()), what="rewards", step=plan.step + 1)
+        rewards_ok = guard.ok(global_sums(accelerator, scores.sum())[0], what="rewards", step=plan.step + 1)
         for _ in range(p.ppo_epochs if rewards_ok else 0):
             order = torch.randperm(len(items), generator=shuffle)  # seeded by step: resumable
             for begin in range(0, len(items), mini_size):
                 minibatch = rollout.select(order[begin:begin + mini_size])
-                stats = ppo_update_minibatch(accelerator, policy, value_head, loss_fn, minibatch, micro_size,
+                stats = ppo_update_minibatch(accelerator, policy, None, loss_fn, minibatch, micro_size,
                                              g.temperature, world)
                 skip = not guard.ok(stats["loss"], what="loss", step=plan.step + 1)
                 stats["grad_norm"] = clip_and_step(accelerator, policy, optimizer, scheduler, t.max_grad_norm,
@@ -207,9 +227,12 @@ def run_ppo(config: Config) -> dict[str, float]:
         # 7. control and statistics
         k1 = kl_penalty(evaluated["logprobs"], evaluated["ref_logprobs"], "k1")
         k3 = kl_penalty(evaluated["logprobs"], evaluated["ref_logprobs"], "k3")
-        kl_per_response = masked_row_sum_mean(kl, float_mask)
+        # Per-response means over every process's rows, in one all-reduce.
+        rows, kl_sum, k1_sum, k3_sum, shaped_sum, length_sum, ended_sum = global_sums(
+            accelerator, len(items), (kl * float_mask).sum(), (k1 * float_mask).sum(), (k3 * float_mask).sum(),
+            (rewards * float_mask).sum(), response_mask.sum(), generated.ended_with_stop.sum())
         beta = kl_controller.value
-        kl_controller.update(kl_per_response, global_rollout)
+        kl_controller.update(kl_sum / rows, global_rollout)
         step = plan.step + 1
         elapsed = time.time() - step_start
         generated_tokens = float(response_mask.sum())
@@ -217,12 +240,12 @@ def run_ppo(config: Config) -> dict[str, float]:
             **{key: value / max(updates, 1) for key, value in update_stats.items()},
             "skipped_updates": guard.total,
             **score_stats,
-            "kl": masked_row_sum_mean(k1, float_mask), "kl_k3": masked_row_sum_mean(k3, float_mask),
-            "kl_coef": beta, "shaped_reward": masked_row_sum_mean(rewards, float_mask),
+            "kl": k1_sum / rows, "kl_k3": k3_sum / rows,
+            "kl_coef": beta, "shaped_reward": shaped_sum / rows,
             "entropy_rollout": float(masked_mean(evaluated["entropy"], float_mask)),
             "explained_variance": float(explained_variance(rollout.values, returns, float_mask)),
-            "response_length": float(response_mask.sum(-1).float().mean()),
-            "ended_with_eos": float(generated.ended_with_stop.float().mean()),
+            "response_length": length_sum / rows,
+            "ended_with_eos": ended_sum / rows,
             "lr": scheduler.get_last_lr()[0], "epoch": round(plan.epoch, 4),
             **timings, "seconds_per_step": elapsed,
             "tokens_per_second": generated_tokens / max(timings["time/rollout"], 1e-9),
@@ -237,10 +260,5 @@ def run_ppo(config: Config) -> dict[str, float]:
             "guard": guard.state_dict()})
     log.close()  # progress bar, TensorBoard, plots
     # Save the policy without the value head; the head goes beside it for further training.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        check_finite(modules)
-        save_pretrained_model(accelerator.unwrap_model(policy), tokenizer, output_dir,
-                              accelerator.unwrap_model(value_head))
-        logger.info("saved policy to %s", output_dir)
+    save_trained(accelerator, policy, modules, tokenizer, output_dir)
     return final

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, fields
 
 import torch
 
-from rlhfkit.models.forward import causal_lm_forward
+from rlhfkit.models.forward import forward_with_values
+from rlhfkit.training.distributed import global_masked_whiten, global_sums, micro_batch_context
 from rlhfkit.rl import (
     PPOLoss,
     compute_gae,
@@ -51,13 +51,15 @@ def response_forward(model, value_head, ids: torch.Tensor, mask: torch.Tensor, r
     """Log-probs (and values, entropy) of the response tokens at the end of ``ids``.
 
     Vocabulary logits are computed only for the R positions that predict response tokens.
+    `value_head` None with `with_values`: `model` is a `ModelWithValueHead` (see `forward_with_values`).
     Returns ``logprobs (b, R)``, ``values (b, R) | None``, ``entropy (b, R) | None``.
     """
     width = response_ids.shape[1]
-    output = causal_lm_forward(model, ids, mask, logits_to_keep=width + 1, output_hidden_states=with_values)
+    output, values = forward_with_values(model, value_head, ids, mask, logits_to_keep=width + 1,
+                                         with_values=with_values)
     logits = output.logits[:, :-1]  # (b, R, v): position i predicts response token i
     logprobs = logprobs_from_logits(logits, response_ids, temperature)
-    values = value_head(output.hidden_states[-1][:, -width - 1:-1]) if with_values else None
+    values = values[:, -width - 1:-1] if with_values else None
     entropy = entropy_from_logits(logits, temperature) if with_entropy else None
     return logprobs, values, entropy
 
@@ -81,15 +83,24 @@ def evaluate_rollout(policy, value_head, reference, reference_context, ids, mask
 
 
 def compute_advantages(scores, logprobs, ref_logprobs, values, response_mask, kl_coef: float, estimator: str,
-                       gamma: float, lam: float, whiten_rewards: bool, whiten_advantages: bool):
-    """Shape per-token rewards with the KL penalty, then GAE. Returns rewards, advantages, returns, kl."""
+                       gamma: float, lam: float, whiten_rewards: bool, whiten_advantages: bool, accelerator=None):
+    """Shape per-token rewards with the KL penalty, then GAE. Returns rewards, advantages, returns, kl.
+
+    With `accelerator`, whitening uses the mean and variance over every process's tokens, so
+    several processes whiten like one process holding the whole rollout batch.
+    """
+    def whiten(x, keep_mean=False):
+        if accelerator is None:
+            return masked_whiten(x, response_mask, keep_mean=keep_mean)
+        return global_masked_whiten(accelerator, x, response_mask, keep_mean=keep_mean)
+
     kl = kl_penalty(logprobs, ref_logprobs, estimator) * response_mask
     rewards = shape_rewards(scores, kl, response_mask, kl_coef)
     if whiten_rewards:
-        rewards = masked_whiten(rewards, response_mask, keep_mean=True)
+        rewards = whiten(rewards, keep_mean=True)
     advantages, returns = compute_gae(rewards, values * response_mask, response_mask, gamma, lam)
     if whiten_advantages:
-        advantages = masked_whiten(advantages, response_mask)
+        advantages = whiten(advantages)
     return rewards, advantages, returns, kl
 
 
@@ -98,11 +109,13 @@ def ppo_update_minibatch(accelerator, policy, value_head, loss_fn: PPOLoss, mini
     """Accumulate gradients of the clipped PPO loss over the micro-batches of one mini-batch.
 
     Each micro-batch's loss is a sum over its response tokens divided by the mini-batch's token
-    count over all processes, so accumulation equals one large batch exactly. Returns token-weighted
-    means of the loss statistics. The caller clips and steps.
+    count over all processes, so accumulation equals one large batch exactly, on one process or
+    several. Returns the loss and token-weighted means of the loss statistics over all processes.
+    The caller clips and steps. `value_head` None: `policy` is a `ModelWithValueHead`.
     """
-    local_tokens = minibatch.response_mask.sum().float()
-    total_tokens = accelerator.reduce(local_tokens.to(accelerator.device), "sum").clamp(min=1)
+    local_tokens = float(minibatch.response_mask.sum())
+    (total_tokens,) = global_sums(accelerator, local_tokens)
+    total_tokens = max(total_tokens, 1.0)
     rows = minibatch.response_mask.shape[0]
     sums: dict[str, float] = {}
     with_entropy = loss_fn.entropy_coef > 0
@@ -110,20 +123,20 @@ def ppo_update_minibatch(accelerator, policy, value_head, loss_fn: PPOLoss, mini
     for begin in range(0, rows, micro_batch_size):
         micro = minibatch.select(list(range(begin, min(begin + micro_batch_size, rows))))
         ids, mask = micro.sequences()
-        sync = begin + micro_batch_size >= rows
-        context = contextlib.nullcontext() if sync else accelerator.no_sync(policy)
-        with context, accelerator.autocast():
+        last = begin + micro_batch_size >= rows
+        with micro_batch_context(accelerator, policy, last), accelerator.autocast():
             logprobs, values, entropy = response_forward(policy, value_head, ids, mask, micro.response_ids,
                                                          temperature, with_values=True, with_entropy=with_entropy)
             loss, stats = loss_fn(logprobs, micro.logprobs, micro.advantages, values, micro.values, micro.returns,
-                                  micro.response_mask, entropy=entropy, normaliser=float(total_tokens))
+                                  micro.response_mask, entropy=entropy, normaliser=total_tokens)
             accelerator.backward(loss * world)  # DDP averages gradients over processes
         tokens = float(micro.response_mask.sum())
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + float(value) * tokens
         minibatch_loss += float(loss.detach())
-    weight = float(local_tokens.clamp(min=1))
-    return {"loss": minibatch_loss, **{key: value / weight for key, value in sums.items()}}
+    keys = sorted(sums)
+    totals = global_sums(accelerator, minibatch_loss, *(sums[key] for key in keys))
+    return {"loss": totals[0], **{key: value / total_tokens for key, value in zip(keys, totals[1:])}}
 
 
 def masked_row_sum_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

@@ -10,31 +10,33 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.checkpoint import RunCheckpoints, check_finite
+from rlhfkit.checkpoint import RunCheckpoints
 from rlhfkit.config import Config
 from rlhfkit.data import collate_pairwise
 from rlhfkit.models.forward import sequence_scores
 from rlhfkit.models.loading import load_tokenizer
-from rlhfkit.models.saving import save_pretrained_model
-from rlhfkit.models.value_head import ValueHead
-from rlhfkit.stages.common import load_stage_data, load_trainable_model, trainable_named_parameters
+from rlhfkit.models.value_head import ModelWithValueHead, ValueHead
+from rlhfkit.stages.common import load_stage_data, load_trainable_model, save_trained, trainable_named_parameters
 from rlhfkit.tracking.trainer_log import TrainerLog
-from rlhfkit.training.batches import micro_batches, step_batches
+from rlhfkit.training.batches import micro_batches, rank_share, step_batches
+from rlhfkit.training.distributed import global_sums, micro_batch_context
 from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_and_step, total_optimizer_steps
 from rlhfkit.training.control import NonFiniteGuard, active_signals
-from rlhfkit.training.runtime import build_accelerator, check_output_dir, seed_everything
+from rlhfkit.training.runtime import build_accelerator, check_output_dir, seed_everything, seed_per_process
 
 logger = logging.getLogger(__name__)
 
 
 def pair_scores(model, value_head, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of the chosen and rejected halves of a pairwise batch. ``(n,)`` each."""
+    """Scores of the chosen and rejected halves of a pairwise batch. ``(n,)`` each.
+
+    `value_head` None: `model` is a `ModelWithValueHead`.
+    """
     scores = sequence_scores(model, value_head, batch["input_ids"], batch["attention_mask"])
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
@@ -58,27 +60,28 @@ def run_rm(config: Config) -> dict[str, float]:
     """Train a pairwise reward model; return the final statistics."""
     accelerator = build_accelerator(config)
     t = config.training
-    seed_everything(t.seed)
+    seed_everything(t.seed)  # the same initial weights (LoRA, value head) on every process
     output_dir = check_output_dir(config)
     # 1. data
     tokenizer = load_tokenizer(config.model)
     data = load_stage_data(config, tokenizer)
     # 2. model
-    model = load_trainable_model(config, tokenizer, accelerator.device)
-    hidden_size = model.config.get_text_config().hidden_size
-    value_head = ValueHead(hidden_size, zero_init=False).to(accelerator.device)
-    named_params = trainable_named_parameters(model, value_head)
-    params = [p for _, p in named_params]
+    lm = load_trainable_model(config, tokenizer, accelerator.device)
+    hidden_size = lm.config.get_text_config().hidden_size
+    scorer = ModelWithValueHead(lm, ValueHead(hidden_size, zero_init=False).to(accelerator.device))
+    named_params = trainable_named_parameters(scorer.model, scorer.value_head)
     # 3. optimizer
     world = accelerator.num_processes
     pairs_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
     total_steps = total_optimizer_steps(t, len(data.train), pairs_per_step)
     optimizer = build_optimizer(named_params, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
-    model, value_head, optimizer = accelerator.prepare(model, value_head, optimizer)
-    modules = {"model": accelerator.unwrap_model(model), "value_head": accelerator.unwrap_model(value_head)}
+    model, optimizer = accelerator.prepare(scorer, optimizer)  # `model`: the LM and its head as one module
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces the parameters
+    seed_per_process(t.seed, accelerator.process_index)
+    modules = {"model": scorer.model, "value_head": scorer.value_head}
     checkpoints = RunCheckpoints(config, accelerator, output_dir, modules, optimizer, scheduler, tokenizer,
-                                 modules["model"], modules["value_head"])
+                                 modules["model"], modules["value_head"], prepared=model)
     guard = NonFiniteGuard(t.max_bad_steps)
     resumed = checkpoints.resume()
     guard.load_state_dict(resumed.get("guard", guard.state_dict()))
@@ -94,24 +97,22 @@ def run_rm(config: Config) -> dict[str, float]:
         if batch_plan.step >= total_steps:
             break
         step_pairs = float(len(batch_plan.indices))
-        rank_indices = batch_plan.indices[accelerator.process_index::world]
-        micros = micro_batches(rank_indices, t.per_device_train_batch_size)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        correct = torch.zeros((), device=accelerator.device)
-        margin = torch.zeros((), device=accelerator.device)
+        rank_indices, real = rank_share(batch_plan.indices, accelerator.process_index, world)
+        weights = (torch.arange(len(rank_indices)) < real).float().to(accelerator.device)  # 0: padding
+        micros = micro_batches(list(range(len(rank_indices))), t.per_device_train_batch_size)
+        loss_sum, correct, margin = 0.0, 0.0, 0.0
         for index, micro in enumerate(micros):
-            batch = collate_pairwise([data.train[i] for i in micro], tokenizer.pad_token_id)
+            batch = collate_pairwise([data.train[rank_indices[i]] for i in micro], tokenizer.pad_token_id)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            sync = index == len(micros) - 1
-            context = contextlib.nullcontext() if sync else accelerator.no_sync(model)
-            with context, accelerator.autocast():
-                chosen, rejected = pair_scores(model, value_head, batch)
-                pair_loss = -F.logsigmoid(chosen - rejected).sum()
+            weight = weights[micro[0]:micro[-1] + 1]
+            with micro_batch_context(accelerator, model, index == len(micros) - 1), accelerator.autocast():
+                chosen, rejected = pair_scores(model, None, batch)
+                pair_loss = (-F.logsigmoid(chosen - rejected) * weight).sum()
                 accelerator.backward(pair_loss * world / step_pairs)  # DDP averages over processes
-            loss_sum += pair_loss.detach()
-            correct += (chosen > rejected).sum()
-            margin += (chosen - rejected).detach().sum()
-        totals = accelerator.reduce(torch.stack([loss_sum, correct, margin]), "sum") / step_pairs
+            loss_sum += float(pair_loss.detach())
+            correct += float(((chosen > rejected).float() * weight).sum())
+            margin += float(((chosen - rejected).detach() * weight).sum())
+        totals = [value / step_pairs for value in global_sums(accelerator, loss_sum, correct, margin)]
         step = batch_plan.step + 1
         skip = not guard.ok(float(totals[0]), what="loss", step=step)
         grad_norm = clip_and_step(accelerator, model, optimizer, scheduler, t.max_grad_norm, params, skip=skip)
@@ -120,7 +121,7 @@ def run_rm(config: Config) -> dict[str, float]:
                  "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "epoch": round(batch_plan.epoch, 4),
                  "skipped_steps": guard.total}
         if data.eval and t.eval_steps and step % t.eval_steps == 0 and step < total_steps:
-            stats.update(evaluate_rm(model, value_head, data.eval, t.per_device_eval_batch_size,
+            stats.update(evaluate_rm(model, None, data.eval, t.per_device_eval_batch_size,
                                      tokenizer.pad_token_id, accelerator.device))
         log.advance(step)
         if step % config.output.logging_steps == 0 or step in (1, total_steps) or "eval_loss" in stats:
@@ -130,13 +131,8 @@ def run_rm(config: Config) -> dict[str, float]:
     log.close()  # progress bar, TensorBoard, plots
     final = {"train_loss": log.history[-1]["loss"] if log.history else float("nan")}
     if data.eval:
-        final.update(evaluate_rm(model, value_head, data.eval, t.per_device_eval_batch_size,
+        final.update(evaluate_rm(model, None, data.eval, t.per_device_eval_batch_size,
                                  tokenizer.pad_token_id, accelerator.device))
         logger.info("eval_loss=%.4f eval_accuracy=%.4f", final["eval_loss"], final["eval_accuracy"])
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        check_finite(modules)
-        save_pretrained_model(accelerator.unwrap_model(model), tokenizer, output_dir,
-                              accelerator.unwrap_model(value_head))
-        logger.info("saved to %s", output_dir)
+    save_trained(accelerator, model, modules, tokenizer, output_dir)
     return final

@@ -10,24 +10,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.checkpoint import RunCheckpoints, check_finite
+from rlhfkit.checkpoint import RunCheckpoints
 from rlhfkit.config import Config
 from rlhfkit.data import collate_sft
 from rlhfkit.models.forward import causal_lm_forward
 from rlhfkit.models.loading import load_tokenizer
-from rlhfkit.models.saving import save_pretrained_model
-from rlhfkit.stages.common import load_stage_data, load_trainable_model, trainable_named_parameters
+from rlhfkit.stages.common import load_stage_data, load_trainable_model, save_trained, trainable_named_parameters
 from rlhfkit.tracking.trainer_log import TrainerLog
-from rlhfkit.training.batches import micro_batches, step_batches
+from rlhfkit.training.batches import micro_batches, rank_share, step_batches
+from rlhfkit.training.distributed import global_sums, micro_batch_context
 from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_and_step, total_optimizer_steps
 from rlhfkit.training.control import NonFiniteGuard, active_signals
-from rlhfkit.training.runtime import build_accelerator, check_output_dir, seed_everything
+from rlhfkit.training.runtime import build_accelerator, check_output_dir, seed_everything, seed_per_process
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ def run_sft(config: Config) -> dict[str, float]:
     """Train with the SFT loss; return the final statistics."""
     accelerator = build_accelerator(config)
     t = config.training
-    seed_everything(t.seed)
+    seed_everything(t.seed)  # the same initial weights on every process
     output_dir = check_output_dir(config)
     # 1. data
     tokenizer = load_tokenizer(config.model)
@@ -67,7 +66,6 @@ def run_sft(config: Config) -> dict[str, float]:
     # 2. model
     model = load_trainable_model(config, tokenizer, accelerator.device)
     named_params = trainable_named_parameters(model)
-    params = [p for _, p in named_params]
     # 3. optimizer
     world = accelerator.num_processes
     samples_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
@@ -75,8 +73,11 @@ def run_sft(config: Config) -> dict[str, float]:
     optimizer = build_optimizer(named_params, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    checkpoints = RunCheckpoints(config, accelerator, output_dir, {"model": accelerator.unwrap_model(model)},
-                                 optimizer, scheduler, tokenizer, accelerator.unwrap_model(model))
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces the parameters
+    seed_per_process(t.seed, accelerator.process_index)
+    modules = {"model": accelerator.unwrap_model(model)}
+    checkpoints = RunCheckpoints(config, accelerator, output_dir, modules, optimizer, scheduler, tokenizer,
+                                 modules["model"], prepared=model)
     guard = NonFiniteGuard(t.max_bad_steps)
     resumed = checkpoints.resume()
     guard.load_state_dict(resumed.get("guard", guard.state_dict()))
@@ -90,23 +91,23 @@ def run_sft(config: Config) -> dict[str, float]:
     for batch_plan in step_batches(len(data.train), samples_per_step, t.seed, start_step=resumed["step"]):
         if batch_plan.step >= total_steps:
             break
-        rank_indices = batch_plan.indices[accelerator.process_index::world]
+        rank_indices, real = rank_share(batch_plan.indices, accelerator.process_index, world)
         micros = micro_batches(rank_indices, t.per_device_train_batch_size)
         batches = [collate_sft([data.train[i] for i in m], tokenizer.pad_token_id) for m in micros]
+        padding_rows(batches, real)
         # The step's label-token count over all processes normalises every micro-batch's sum.
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        step_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device), "sum")
+        (step_tokens,) = global_sums(accelerator, local_tokens)
+        step_tokens = max(step_tokens, 1.0)
         step_loss = 0.0
         for index, batch in enumerate(batches):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            sync = index == len(batches) - 1
-            context = contextlib.nullcontext() if sync else accelerator.no_sync(model)
-            with context, accelerator.autocast():
+            with micro_batch_context(accelerator, model, index == len(batches) - 1), accelerator.autocast():
                 nll, _ = token_nll_sum(model, batch)
-                loss = nll * world / step_tokens.clamp(min=1)  # DDP averages over processes
+                loss = nll * world / step_tokens  # DDP averages over processes
                 accelerator.backward(loss)
-            step_loss += float(nll.detach()) / float(step_tokens.clamp(min=1))
-        step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum"))
+            step_loss += float(nll.detach()) / step_tokens
+        (step_loss,) = global_sums(accelerator, step_loss)
         step = batch_plan.step + 1
         skip = not guard.ok(step_loss, what="loss", step=step)
         grad_norm = clip_and_step(accelerator, model, optimizer, scheduler, t.max_grad_norm, params, skip=skip)
@@ -127,9 +128,15 @@ def run_sft(config: Config) -> dict[str, float]:
         final["eval_loss"] = evaluate_sft(model, data.eval, t.per_device_eval_batch_size,
                                           tokenizer.pad_token_id, accelerator.device)
         logger.info("eval_loss=%.4f", final["eval_loss"])
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        check_finite({"model": accelerator.unwrap_model(model)})
-        save_pretrained_model(accelerator.unwrap_model(model), tokenizer, output_dir)
-        logger.info("saved to %s", output_dir)
+    save_trained(accelerator, model, modules, tokenizer, output_dir)
     return final
+
+
+def padding_rows(batches: list[dict[str, torch.Tensor]], real: int) -> None:
+    """In place: no label tokens in the rows after the first `real` (a process's padding, see `rank_share`)."""
+    seen = 0
+    for batch in batches:
+        rows = batch["labels"].shape[0]
+        first_padding = max(real - seen, 0)
+        batch["labels"][first_padding:] = -100
+        seen += rows

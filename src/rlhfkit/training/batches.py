@@ -27,10 +27,13 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_samples, generator=generator).tolist()
 
 
-def step_batches(num_samples: int, samples_per_step: int, seed: int, start_step: int = 0) -> Iterator[StepBatch]:
+def step_batches(num_samples: int, samples_per_step: int, seed: int, start_step: int = 0,
+                 fill_last: bool = False) -> Iterator[StepBatch]:
     """Endless optimizer-step batches over epochs, starting at `start_step` (for resuming).
 
-    The last step of an epoch may be smaller; no sample is dropped.
+    The last step of an epoch may be smaller; no sample is dropped. With `fill_last` it is topped
+    up with the first samples of the same epoch's order instead, so every step has exactly
+    `samples_per_step` samples (PPO: a rollout batch has one size on every process).
     """
     steps_per_epoch = math.ceil(num_samples / samples_per_step)
     step = start_step
@@ -38,8 +41,24 @@ def step_batches(num_samples: int, samples_per_step: int, seed: int, start_step:
         epoch, position = divmod(step, steps_per_epoch)
         order = epoch_permutation(num_samples, seed, epoch)
         begin = position * samples_per_step
-        yield StepBatch(step, (step + 1) / steps_per_epoch, order[begin : begin + samples_per_step])
+        indices = order[begin : begin + samples_per_step]
+        if fill_last and len(indices) < samples_per_step:
+            indices += order[: samples_per_step - len(indices)]
+        yield StepBatch(step, (step + 1) / steps_per_epoch, indices)
         step += 1
+
+
+def rank_share(indices: list[int], rank: int, world: int) -> tuple[list[int], int]:
+    """This process's share of a step, padded so every process gets the same count.
+
+    Process `rank` takes ``indices[rank::world]``; shares that come out one short are padded by
+    repeating the step's first index, because DDP and FSDP need the same number of forward and
+    backward passes on every process. Returns the padded share and how many of it are real: the
+    caller gives the padding zero weight.
+    """
+    share = indices[rank::world]
+    length = math.ceil(len(indices) / world)
+    return share + indices[:1] * (length - len(share)), len(share)
 
 
 def micro_batches(indices: list[int], micro_batch_size: int) -> list[list[int]]:

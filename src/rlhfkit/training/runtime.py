@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from rlhfkit.config import Config
 from rlhfkit.errors import fail
@@ -27,17 +28,85 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_per_process(seed: int, process_index: int) -> None:
+    """After the set-up every process shares (seeded with `seed`), give each its own random stream.
+
+    Process 0 continues the shared stream, so a one-process run is the same as without this; process
+    k reseeds with seed + k, so processes sample different responses and dropout masks.
+    """
+    if process_index > 0:
+        seed_everything(seed + process_index)
+
+
+def _launched_processes() -> int:
+    """Processes started by `accelerate launch` / `torchrun` (1 for a plain `python` run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _no_accelerator_device() -> bool:
+    accelerator_api = getattr(torch, "accelerator", None)
+    if accelerator_api is not None:
+        return not accelerator_api.is_available()
+    return not torch.cuda.is_available()
+
+
 def build_accelerator(config: Config) -> Accelerator:
     """An Accelerator for this run: mixed precision from bf16/fp16, CPU when asked explicitly.
 
     Gradient accumulation is done by the stage loops themselves (they know the token counts), so
-    the Accelerator is created with one accumulation step.
+    the Accelerator is created with one accumulation step. Two additions to accelerate's own
+    set-up make the same configs run on a machine without GPUs (tests, debugging): several
+    launched processes use the gloo backend instead of running as unrelated copies, and an FSDP
+    launch config shards with FSDP over gloo (accelerate enables FSDP only on accelerators).
     """
     precision = "bf16" if config.training.bf16 else "fp16" if config.training.fp16 else "no"
     # A new run in the same process (tests, the demo) may ask for another precision; keep the
     # process group (PartialState) but forget the previous run's settings.
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=precision, cpu=config.model.device == "cpu")
+    cpu = config.model.device == "cpu" or (_launched_processes() > 1 and _no_accelerator_device())
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and _env_flag("ACCELERATE_USE_FSDP"):
+        _enable_fsdp_on_cpu(accelerator)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _fill_deepspeed_config(accelerator, config)
+    return accelerator
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def _enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Switch a CPU process group to FSDP with the plugin the launch config describes.
+
+    accelerate's AcceleratorState attaches an FSDP plugin only to accelerator devices; FSDP2
+    (`fully_shard`) itself runs on CPU with gloo, which is what the CPU tests use.
+    """
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` sets
+    if plugin.fsdp_version != 2:
+        raise fail("FSDP on CPU needs fsdp_version: 2 in the accelerate config (FSDP1 needs a GPU)")
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def _fill_deepspeed_config(accelerator: Accelerator, config: Config) -> None:
+    """Give DeepSpeed the sizes it would otherwise read from a DataLoader (the stages use none).
+
+    The stage loops accumulate micro-batches themselves and mark the last one of each optimizer
+    step as DeepSpeed's accumulation boundary, so DeepSpeed's own accumulation count stays 1.
+    """
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    t = config.training
+    for key, value in (("train_micro_batch_size_per_gpu", t.per_device_train_batch_size),
+                       ("gradient_accumulation_steps", 1),
+                       ("gradient_clipping", t.max_grad_norm if t.max_grad_norm > 0 else 0.0)):
+        if ds_config.get(key, "auto") == "auto":
+            ds_config[key] = value
+    if ds_config["gradient_accumulation_steps"] != 1:
+        raise fail(f"the DeepSpeed config sets gradient_accumulation_steps: {ds_config['gradient_accumulation_steps']}; "
+                   "set it to 1 (or auto) and use rlhfkit's gradient_accumulation_steps instead")
+    ds_config["train_batch_size"] = ds_config["train_micro_batch_size_per_gpu"] * accelerator.num_processes
 
 
 def check_output_dir(config: Config) -> Path:
@@ -62,8 +131,11 @@ def check_output_dir(config: Config) -> Path:
 
 
 def setup_logging(debug: bool = False) -> None:
-    """Concise console logging; quiet third-party libraries."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", force=True)
+    """Concise console logging; quiet third-party libraries; only warnings from processes other than the first."""
+    level = logging.DEBUG if debug else logging.INFO
+    if int(os.environ.get("RANK", "0")) != 0:  # launched by accelerate / torchrun: one process reports
+        level = logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", force=True)
     for name in ("transformers", "datasets", "accelerate", "peft", "urllib3", "httpx", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING if not debug else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

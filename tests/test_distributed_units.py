@@ -1,0 +1,156 @@
+"""The pieces that make several processes behave like one, checked on one process.
+
+The multi-process equivalences themselves are in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from rlhfkit.models.value_head import ModelWithValueHead, ValueHead
+from rlhfkit.rewards.model import active_adapter
+from rlhfkit.rl import masked_whiten
+from rlhfkit.rollout import full_weights_for_generation
+from rlhfkit.stages.ppo_steps import response_forward
+from rlhfkit.training.batches import rank_share, step_batches
+from rlhfkit.training.distributed import global_masked_whiten, global_sums
+
+
+class OneProcess:
+    """The parts of accelerate.Accelerator used here, on one process."""
+
+    device = torch.device("cpu")
+    distributed_type = None
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor
+
+    def unwrap_model(self, model):
+        return model
+
+
+# ------------------------------------------------------------------------------- data shares
+
+
+def test_rank_share_splits_a_step_and_pads_short_shares():
+    # 5 samples over 2 processes: 3 and 2, the second padded with the step's first sample.
+    assert rank_share([7, 3, 9, 1, 4], 0, 2) == ([7, 9, 4], 3)
+    assert rank_share([7, 3, 9, 1, 4], 1, 2) == ([3, 1, 7], 2)
+    # 1 sample over 2 processes: the second holds only padding.
+    assert rank_share([6], 1, 2) == ([6], 0)
+    # Even split and one process: no padding.
+    assert rank_share([1, 2, 3, 4], 1, 2) == ([2, 4], 2)
+    assert rank_share([1, 2, 3], 0, 1) == ([1, 2, 3], 3)
+    # Every sample is real in exactly one share.
+    indices = list(range(11))
+    shares = [rank_share(indices, rank, 4) for rank in range(4)]
+    assert sorted(i for share, real in shares for i in share[:real]) == indices
+    assert {len(share) for share, _ in shares} == {3}
+
+
+def test_step_batches_fill_last_tops_up_from_the_same_epoch():
+    plain = list(zip(range(3), step_batches(10, 4, seed=1)))
+    filled = list(zip(range(3), step_batches(10, 4, seed=1, fill_last=True)))
+    assert [len(b.indices) for _, b in plain] == [4, 4, 2]
+    assert [len(b.indices) for _, b in filled] == [4, 4, 4]
+    order = plain[0][1].indices + plain[1][1].indices + plain[2][1].indices
+    assert sorted(order) == list(range(10))
+    assert filled[2][1].indices == plain[2][1].indices + order[:2]
+    assert [b.indices for _, b in filled[:2]] == [b.indices for _, b in plain[:2]]
+
+
+# -------------------------------------------------------------------------- global statistics
+
+
+def test_global_sums_and_whitening_on_one_process_match_the_definitions():
+    accelerator = OneProcess()
+    assert global_sums(accelerator, 2, torch.tensor(3.5), 0.25) == [2.0, 3.5, 0.25]
+    values = torch.tensor([[1.0, 2.0, 6.0, 9.0], [3.0, -1.0, 5.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    # Masked elements 1, 2, 6, 3, -1: mean 2.2, unbiased variance (1.44+0.04+14.44+0.64+10.24)/4 = 6.7.
+    expected = (values - 2.2) / (6.7 + 1e-8) ** 0.5 * mask
+    whitened = global_masked_whiten(accelerator, values, mask)
+    torch.testing.assert_close(whitened, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(whitened, masked_whiten(values, mask), atol=1e-6, rtol=0)
+    kept = global_masked_whiten(accelerator, values, mask, keep_mean=True)
+    torch.testing.assert_close(kept, (expected + 2.2) * mask, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------- adapter switching
+
+
+def _two_adapter_model(model_dir):
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    model.add_adapter("reward", LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
+    model.base_model.set_adapter("default")  # `default` trainable, `reward` frozen
+    for name, param in model.named_parameters():
+        param.requires_grad_(".default." in name)
+    return model.eval()
+
+
+def test_active_adapter_routes_like_peft_and_leaves_requires_grad_alone(tiny_model_dir):
+    model = _two_adapter_model(tiny_model_dir)
+    ids = torch.tensor([[5, 17, 40, 33, 8, 61, 72, 21]])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def logits():
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    policy = logits()
+    with model.disable_adapter():
+        base = logits()
+    model.base_model.set_adapter("reward")
+    reward = logits()
+    model.base_model.set_adapter("default")
+    for name, param in model.named_parameters():  # peft's set_adapter changed requires_grad; restore it
+        param.requires_grad_(name in trainable)
+    assert (policy - base).abs().max() > 1e-3 and (reward - base).abs().max() > 1e-3
+
+    for name, expected in ((None, base), ("reward", reward)):
+        with active_adapter(model, name):
+            torch.testing.assert_close(logits(), expected, atol=1e-6, rtol=0)
+            assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+        torch.testing.assert_close(logits(), policy, atol=1e-6, rtol=0)
+        assert model.active_adapter == "default"
+    with pytest.raises(RuntimeError):  # restored on errors too
+        with active_adapter(model, "reward"):
+            raise RuntimeError("boom")
+    torch.testing.assert_close(logits(), policy, atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------- the policy + head module
+
+
+def test_model_with_value_head_gives_what_the_separate_head_gives(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    torch.manual_seed(0)
+    head = ValueHead(model.config.hidden_size, zero_init=False)
+    combined = ModelWithValueHead(model, head)
+    ids = torch.tensor([[0, 0, 5, 17, 40, 33, 8, 61], [9, 9, 44, 81, 23, 50, 3, 27]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    response = ids[:, -3:]
+    with torch.no_grad():
+        separate = response_forward(model, head, ids, mask, response, 0.8, with_values=True, with_entropy=True)
+        inside = response_forward(combined, None, ids, mask, response, 0.8, with_values=True, with_entropy=True)
+        lm_only = response_forward(combined, None, ids, mask, response, 0.8, with_values=False)
+    for a, b in zip(separate, inside):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lm_only[0], separate[0], atol=1e-6, rtol=0)
+    assert lm_only[1] is None
+    assert combined._no_split_modules == model._no_split_modules
+
+
+def test_generation_weights_on_one_process_are_the_model_itself():
+    model = torch.nn.Linear(2, 2)
+    with full_weights_for_generation(OneProcess(), model) as unwrapped:
+        assert unwrapped is model
