@@ -1,0 +1,194 @@
+"""Time rlhfkit's PPO step on a named workload and print one JSON line.
+
+Runs the real `ppo` stage (`rlhfkit.stages.run_stage`) for 1 warm-up + N measured steps, reads
+the per-phase timings it logs, and counts the real tokens each phase processed by wrapping the
+stage's own step functions (nothing of the step is re-implemented here). Reports:
+
+    seconds_per_update     median over the measured steps of the whole PPO step
+    phases                 median seconds of rollout, score, evaluate, update
+    tokens_per_second      generated tokens / rollout seconds (median)
+    peak_rss_gb            the process's peak resident memory (loading included)
+    matmul_gflops          this machine's fp32 matmul speed, measured in this run
+                           (2048 x 2048 @ 2048 x 2048, the same thread count; best of the
+                           medians taken before and after the run)
+    update_gflops, update_fraction_of_peak
+                           FLOPs the update needs (forward + backward over the real tokens,
+                           see flops.py) / update seconds, and that against matmul_gflops
+    step_gflop, step_bound_seconds, step_over_bound
+                           FLOPs the whole step needs (generation, the reference forward,
+                           the update) / matmul_gflops = the fastest this step could be, and
+                           the measured step time over it
+
+Benchmark settings (see workloads.py): responses of exactly 32 tokens (`min_new_tokens` =
+`max_new_tokens`, which keeps stop tokens out of the first 32), temperature 1, no top-k/top-p,
+a function reward (the score phase costs ~nothing), one mini-batch of 16 per step.
+
+Usage: python benchmarks/ppo_update.py W1 [--lora] [--threads 2] [--steps 3] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import flops  # noqa: E402
+import workloads  # noqa: E402
+
+REWARD_FILE = Path(__file__).resolve().parent / "reward.py"
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """Median fp32 GFLOP/s of ``size x size`` matmuls with the current thread count."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        seconds.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(seconds) / 1e9
+
+
+def stage_config(work: dict, lora: bool, steps: int, output_dir: str) -> dict:
+    """The `ppo` stage configuration of the workload."""
+    values = {
+        "stage": "ppo", "model_name_or_path": work["model"], "dataset": work["prompts_file"],
+        "output_dir": output_dir, "overwrite_output_dir": True,
+        "finetuning_type": "lora" if lora else "full",
+        "lora_rank": work["lora_rank"], "lora_alpha": work["lora_alpha"], "lora_target": "all",
+        "reward_model": f"{REWARD_FILE}:reward", "reward_model_type": "function",
+        "per_device_train_batch_size": work["rollout_batch"], "gradient_accumulation_steps": 1,
+        "per_device_eval_batch_size": work["rollout_batch"], "ppo_buffer_size": 1,
+        "ppo_epochs": work["ppo_epochs"], "learning_rate": work["learning_rate"], "max_steps": steps,
+        "max_new_tokens": work["response_tokens"], "min_new_tokens": work["response_tokens"],
+        "temperature": work["temperature"], "top_k": 0, "top_p": 1.0, "do_sample": True,
+        "torch_dtype": "float32", "seed": work["seed"], "logging_steps": 1, "save_steps": 0,
+    }
+    return values
+
+
+class TokenCounter:
+    """Wraps the stage's step functions to record each step's real prompt and response lengths."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def install(self) -> None:
+        import rlhfkit.stages.ppo as stage
+        from rlhfkit.rollout.generation import HFGenerator
+
+        counter = self
+        generate, evaluate, update = HFGenerator.generate, stage.evaluate_rollout, stage.ppo_update_minibatch
+
+        def counted_generate(generator, model, input_ids, attention_mask):
+            batch = generate(generator, model, input_ids, attention_mask)
+            counter.steps.append({"prompt": attention_mask.sum(1).tolist(),
+                                  "response": batch.response_mask.sum(1).tolist(),
+                                  "padded": [int(input_ids.shape[1]), int(batch.response_ids.shape[1])],
+                                  "updates": []})
+            return batch
+
+        def counted_evaluate(*args, **kwargs):
+            return evaluate(*args, **kwargs)
+
+        def counted_update(accelerator, policy, value_head, loss_fn, minibatch, *args, **kwargs):
+            counter.steps[-1]["updates"].append((minibatch.query_mask.sum(1).tolist(),
+                                                 minibatch.response_mask.sum(1).tolist()))
+            return update(accelerator, policy, value_head, loss_fn, minibatch, *args, **kwargs)
+
+        HFGenerator.generate = counted_generate
+        stage.evaluate_rollout = counted_evaluate
+        stage.ppo_update_minibatch = counted_update
+
+
+def step_flops(shape: flops.ModelShape, step: dict) -> dict[str, int]:
+    """FLOPs each phase of one step needs, from its real token counts."""
+    lora = shape.lora_rank > 0
+    prompt, response = step["prompt"], step["response"]
+    # Generation: the last response token is sampled, never fed back in.
+    generated = flops.forward_flops(shape, [p + r - 1 for p, r in zip(prompt, response)], sum(response), lora)
+    sequences = [p + r for p, r in zip(prompt, response)]
+    # The reference forward (without LoRA: the base); the policy's old log-probs and values could
+    # come from the generation's own forward passes, so they are not counted as necessary.
+    reference = flops.forward_flops(shape, sequences, sum(response), lora=False)
+    update = sum(flops.forward_backward_flops(shape, [p + r for p, r in zip(ps, rs)], sum(rs))
+                 for ps, rs in step["updates"])
+    return {"rollout": generated, "evaluate": reference, "update": update}
+
+
+def run(name: str, lora: bool, steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    work = workloads.load(name)
+    peak_before = matmul_gflops()
+    counter = TokenCounter()
+    counter.install()
+    from rlhfkit.config import build_config
+    from rlhfkit.stages import run_stage
+    from rlhfkit.tracking.trainer_log import read_trainer_log
+
+    with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-") as output_dir:
+        run_stage(build_config(stage_config(work, lora, 1 + steps, output_dir)))
+        records = read_trainer_log(output_dir)
+    peak = max(peak_before, matmul_gflops())
+    measured = [r for r in records if r.get("current_steps", r.get("step", 0)) > 1][-steps:]
+    if len(measured) != steps:
+        measured = records[-steps:]
+    median = lambda key: statistics.median(float(r[key]) for r in measured)  # noqa: E731
+    model_config = json.loads((Path(work["model"]) / "config.json").read_text())
+    shape = flops.ModelShape.from_config(model_config, work["lora_rank"] if lora else 0)
+    counted = [step_flops(shape, step) for step in counter.steps[1:]]
+    update_flop = statistics.median(c["update"] for c in counted)
+    step_flop = statistics.median(sum(c.values()) for c in counted)
+    seconds = median("seconds_per_step")
+    update_seconds = median("time/update")
+    tokens = counter.steps[-1]
+    return {
+        "side": "rlhfkit", "workload": name, "variant": "lora" if lora else "full", "threads": threads,
+        "steps_measured": len(measured), "seconds_per_update": round(seconds, 3),
+        "seconds_per_update_all": [round(float(r["seconds_per_step"]), 3) for r in measured],
+        "phases": {phase: round(median(f"time/{phase}"), 3) for phase in ("rollout", "score", "evaluate", "update")},
+        "tokens_per_second": round(median("tokens_per_second"), 1),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3),
+        "matmul_gflops": round(peak, 1),
+        "update_gflop": round(update_flop / 1e9, 2),
+        "update_gflops": round(update_flop / 1e9 / update_seconds, 1),
+        "update_fraction_of_peak": round(update_flop / 1e9 / update_seconds / peak, 3),
+        "step_gflop": round(step_flop / 1e9, 2),
+        "step_bound_seconds": round(step_flop / 1e9 / peak, 3),
+        "step_over_bound": round(seconds / (step_flop / 1e9 / peak), 2),
+        "prompt_tokens_mean": round(statistics.mean(tokens["prompt"]), 1),
+        "response_tokens_mean": round(statistics.mean(tokens["response"]), 1),
+        "reward": round(float(measured[-1].get("reward", float("nan"))), 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workload", choices=workloads.WORKLOADS)
+    parser.add_argument("--lora", action="store_true", help="LoRA rank 8 on every linear layer (default: full)")
+    parser.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    parser.add_argument("--out", help="also write the JSON line to this file")
+    args = parser.parse_args(argv)
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    result = run(args.workload, args.lora, args.steps, args.threads)
+    line = json.dumps(result)
+    if args.out:
+        Path(args.out).write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
