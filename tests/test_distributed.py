@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def _launch(command: list[str]) -> str:
 
 def _accelerate(config_file: str, *args: str) -> str:
     return _launch([str(BIN / "accelerate"), "launch", "--config_file", str(EXAMPLES / config_file),
-                    "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+                    "--num_processes", "2", "--main_process_port", str(_free_port()),
                     *args])
 
 
@@ -79,8 +80,9 @@ def _assert_same_training(one: Path, two: Path, files: list[str], keys: tuple[st
 
     Gradients are summed in another order over two processes (differences ~1e-7 relative). Adam
     divides each update by the gradient's RMS plus adam_epsilon, which turns the rounding of a
-    gradient that is ~0 by cancellation into up to lr x rounding / adam_epsilon; the runs use
-    adam_epsilon 1e-6 so that stays far below the 1e-5 compared here (weights of size ~0.1-1).
+    gradient that is ~0 by cancellation into up to lr x rounding / adam_epsilon; with
+    learning_rate 1e-3 and adam_epsilon 1e-6 that stays below 1e-6 here (weights of size ~0.1-1,
+    each step moving them by up to 1e-3), a tenth of the 1e-5 allowed.
     """
     moved = 0
     for name in files:
@@ -131,7 +133,7 @@ def test_rm_two_processes_equal_one_with_twice_the_batch(tiny_model_dir, tmp_pat
             for i in range(9)]
     data = _write_jsonl(tmp_path / "pairs.jsonl", rows)
     common = dict(stage="rm", model_name_or_path=str(tiny_model_dir), dataset=str(data), finetuning_type="lora",
-                  learning_rate=1e-2, lr_scheduler_type="constant", max_steps=3, logging_steps=1, save_steps=0,
+                  learning_rate=1e-3, lr_scheduler_type="constant", max_steps=3, logging_steps=1, save_steps=0,
                   adam_epsilon=1e-6)
     run_stage(build_config(dict(common, output_dir=str(tmp_path / "one"), per_device_train_batch_size=4)))
     _train_two_processes(launch_config, tmp_path, dict(common, output_dir=str(tmp_path / "two"),
@@ -168,18 +170,19 @@ def test_one_ppo_update_two_processes_equals_one(tiny_model_dir, tmp_path, kind)
 # ---------------------------------------------------------------------------------- FSDP PPO
 
 
-def test_fsdp_ppo_run_saves_a_model_that_reloads_and_generates(tiny_model_dir, tmp_path):
+def test_fsdp_ppo_run_saves_a_model_that_reloads_generates_and_resumes(tiny_model_dir, tmp_path):
     prompts = _write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": f"write {w}{i}"} for w in "abcdefgh"
                                                         for i in range(2)])
     reward = tmp_path / "rew.py"
     reward.write_text("def reward(prompts, responses):\n"
                       "    return [sum(c in 'abcdefghijklm' for c in r) / max(len(r), 1) for r in responses]\n")
     out = tmp_path / "out"
-    _train_two_processes("fsdp.yml", tmp_path, dict(
+    values = dict(
         stage="ppo", model_name_or_path=str(tiny_model_dir), dataset=str(prompts), output_dir=str(out),
         finetuning_type="lora", reward_model=f"{reward}:reward", reward_model_type="function",
         per_device_train_batch_size=2, gradient_accumulation_steps=2, ppo_epochs=2, max_steps=2, save_steps=1,
-        logging_steps=1, learning_rate=1e-2, max_new_tokens=6, top_k=0, temperature=1.0))
+        logging_steps=1, learning_rate=1e-2, max_new_tokens=6, top_k=0, temperature=1.0)
+    _train_two_processes("fsdp.yml", tmp_path, values)
     log = read_trainer_log(out)
     assert [r["current_steps"] for r in log] == [1, 2]
     assert all(0.0 <= r["reward"] <= 1.0 and r["response_length"] >= 1 for r in log)
@@ -199,3 +202,12 @@ def test_fsdp_ppo_run_saves_a_model_that_reloads_and_generates(tiny_model_dir, t
         generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
                                    do_sample=False, pad_token_id=0)
     assert generated.shape[1] > ids.shape[1]
+    # Resuming from the sharded checkpoint of step 1 ends exactly where the uninterrupted run ended.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    _train_two_processes("fsdp.yml", tmp_path, dict(values, output_dir=str(resumed), resume_from_checkpoint=True))
+    assert [r["loss"] for r in read_trainer_log(resumed)] == pytest.approx([r["loss"] for r in log][1:], rel=1e-6)
+    again = load_file(str(resumed / "adapter_model.safetensors"))
+    for key, value in adapter.items():
+        torch.testing.assert_close(again[key], value, rtol=0, atol=1e-6, msg=key)

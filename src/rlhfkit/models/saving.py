@@ -23,7 +23,7 @@ def save_pretrained_model(model, tokenizer, directory: str | Path, value_head: V
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    extra = {} if state_dict is None else {"state_dict": state_dict}
+    extra = {} if state_dict is None else {"state_dict": _without_tied_copies(model, state_dict)}
     if isinstance(model, PeftModel):
         model.save_pretrained(directory, selected_adapters=[POLICY_ADAPTER], safe_serialization=True, **extra)
     else:
@@ -33,6 +33,18 @@ def save_pretrained_model(model, tokenizer, directory: str | Path, value_head: V
     if value_head is not None:
         value_head.save(directory)
     return directory
+
+
+def _without_tied_copies(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the second name of each tied parameter (lm_head tied to the embeddings), as a model's own
+    state dict would: a gathered state dict holds a separate copy under each name."""
+    first_name: dict[int, str] = {}
+    state = dict(state_dict)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_name:
+            state.pop(name, None)
+        first_name.setdefault(id(param), name)
+    return state
 
 
 def split_trained(module, full_state: dict[str, torch.Tensor] | None = None):
