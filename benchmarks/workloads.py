@@ -89,12 +89,25 @@ def build(name: str) -> Path:
         model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    _readable_by_transformers_4(model_dir)
     rows = [{"instruction": text} for text in prompts()]
     (folder / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     info = {"name": name, "model": str(model_dir), "prompts_file": str(folder / "prompts.jsonl"), **SIZES,
             "parameters": sum(p.numel() for p in model.parameters())}
     (folder / "workload.json").write_text(json.dumps(info, indent=1) + "\n")
     return folder
+
+
+def _readable_by_transformers_4(model_dir: Path) -> None:
+    """Keys the peers' transformers 4.5x read: `rope_theta` (5.x nests it), a tokenizer class it knows."""
+    config_file, tokenizer_file = model_dir / "config.json", model_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["rope_theta"] = config.get("rope_parameters", {}).get("rope_theta", 10000.0)
+    config["torch_dtype"] = "float32"
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer_config = json.loads(tokenizer_file.read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_file.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 def load(name: str) -> dict:

@@ -144,6 +144,8 @@ class GenerationArguments:
     """Top-k sampling (0 disables)."""
     max_new_tokens: int = 1024
     """Maximum tokens generated per response."""
+    min_new_tokens: int = 0
+    """Stop tokens cannot end a response before this many tokens (= max_new_tokens: fixed-length responses, as the benchmarks use)."""
     repetition_penalty: float = 1.0
     """Repetition penalty (1.0 disables)."""
     stop_words: Optional[str] = None

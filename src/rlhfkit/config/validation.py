@@ -102,6 +102,9 @@ def _validate_ppo(config: "Config") -> None:
     for key in ("ppo_epochs", "ppo_buffer_size", "kl_horizon", "max_new_tokens"):
         owner = g if key == "max_new_tokens" else p
         _positive(src, key, getattr(owner, key))
+    _positive(src, "min_new_tokens", g.min_new_tokens, allow_zero=True)
+    if g.min_new_tokens > g.max_new_tokens:
+        raise fail(f"{src}: min_new_tokens ({g.min_new_tokens}) must not exceed max_new_tokens ({g.max_new_tokens})")
     for key in ("cliprange", "cliprange_value", "ppo_target"):
         _positive(src, key, getattr(p, key))
     for key in ("kl_coef", "vf_coef", "entropy_coef", "reward_api_timeout"):

@@ -54,6 +54,7 @@ class HFGenerator:
             top_p=args.top_p,
             top_k=args.top_k,
             max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.min_new_tokens or None,
             repetition_penalty=args.repetition_penalty,
             eos_token_id=self.stop_token_ids,
             pad_token_id=tokenizer.pad_token_id,
