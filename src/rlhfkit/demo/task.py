@@ -33,8 +33,8 @@ POSITIVE_THRESHOLD = 0.05
 NEGATIVE_THRESHOLD = -0.05
 
 # --------------------------------------------------------------------------------------
-# Phrase pools. Each genre comes with a few story elements (all singular noun phrases, so
-# any review template can say "<element> is ..." or "<element> that never lands").
+# Phrase pools. Each genre comes with a few story elements (all singular noun phrases with
+# "the", so any review template can say "<element> is ..." or "<element> that never lands").
 
 GENRES: dict[str, tuple[str, ...]] = {
     "heist thriller": ("the vault-cracking sequence", "the getaway chase", "the last double-cross", "the planning montage"),
@@ -47,20 +47,20 @@ GENRES: dict[str, tuple[str, ...]] = {
     "war epic": ("the beach landing", "the trench sequence", "the battlefield photography", "the letter-reading scene"),
     "coming-of-age drama": ("the last day of summer", "the school dance", "the road trip with friends", "the scene with the father"),
     "detective noir": ("the voice-over narration", "the shadowy cinematography", "the interrogation scene", "the final twist"),
-    "disaster movie": ("the tidal wave sequence", "the evacuation scene", "the visual effects", "the rescue on the bridge"),
+    "disaster movie": ("the tidal wave sequence", "the evacuation scene", "the visual-effects work", "the rescue on the bridge"),
     "sports drama": ("the championship game", "the training montage", "the locker-room speech", "the final match"),
-    "fantasy adventure": ("the dragon sequence", "the enchanted forest", "the quest for the crown", "the creature effects"),
-    "zombie comedy": ("the shopping-mall siege", "the deadpan humor", "the makeup effects", "the pub showdown"),
+    "fantasy adventure": ("the dragon sequence", "the enchanted forest", "the quest for the crown", "the creature work"),
+    "zombie comedy": ("the shopping-mall siege", "the deadpan humor", "the makeup work", "the pub showdown"),
     "spy thriller": ("the rooftop chase", "the code-breaking subplot", "the train sequence", "the gadget reveal"),
-    "biopic": ("the central performance", "the early-years flashbacks", "the concert scene", "the archival footage"),
+    "biopic": ("the central performance", "the early-years flashback", "the concert scene", "the archival footage"),
     "documentary": ("the interview footage", "the handheld camerawork", "the narration", "the time-lapse footage"),
     "superhero film": ("the origin story", "the third-act battle", "the costume design", "the villain's monologue"),
     "period romance": ("the ballroom scene", "the exchange of letters", "the candlelit photography", "the carriage ride"),
     "psychological thriller": ("the unreliable narrator", "the mirror scene", "the slow-burn pacing", "the final reveal"),
-    "road movie": ("the desert highway", "the motel scenes", "the soundtrack of old songs", "the diner conversation"),
+    "road movie": ("the desert highway", "the motel scene", "the soundtrack of old songs", "the diner conversation"),
     "martial-arts film": ("the fight choreography", "the teahouse brawl", "the training sequence", "the duel on the rooftop"),
-    "science-fiction mystery": ("the time-loop puzzle", "the laboratory scenes", "the eerie score", "the final reveal"),
-    "family comedy": ("the holiday dinner scene", "the slapstick set pieces", "the grandmother subplot", "the camping trip"),
+    "science-fiction mystery": ("the time-loop puzzle", "the laboratory set", "the eerie score", "the final reveal"),
+    "family comedy": ("the holiday dinner scene", "the slapstick finale", "the grandmother subplot", "the camping trip"),
 }
 
 
@@ -157,7 +157,7 @@ POSITIVE_REVIEWS: tuple[str, ...] = (
 
 NEGATIVE_REVIEWS: tuple[str, ...] = (
     "This {genre} {where} wastes a promising idea on {neg} dialogue and {element} that never lands.",
-    "Not even {element} can save this {neg} {genre}, which drags badly long before its muddled ending.",
+    "Not even {element} can save this {neg} {genre}, which drags badly long before its limp ending.",
     "I was bored within twenty minutes of this {era} {genre}, and {subj} never becomes more than a cardboard cutout.",
     "{Place} deserves better than this {neg}, lifeless {genre}, in which {element} feels cheap and rushed.",
     "A clumsy, overlong {genre} about {subj} that mistakes noise for excitement and confusion for depth.",
