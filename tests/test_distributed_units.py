@@ -5,18 +5,22 @@ The multi-process equivalences themselves are in test_distributed.py.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.value_head import ModelWithValueHead, ValueHead
 from rlhfkit.rewards.model import active_adapter
 from rlhfkit.rl import masked_whiten
-from rlhfkit.rollout import full_weights_for_generation
+from rlhfkit.rollout import check_generation_supported, full_weights_for_generation
 from rlhfkit.stages.ppo_steps import response_forward
 from rlhfkit.training.batches import rank_share, step_batches
-from rlhfkit.training.distributed import global_masked_whiten, global_sums
+from rlhfkit.training.distributed import global_masked_whiten, global_sums, micro_batch_context
 
 
 class OneProcess:
@@ -154,3 +158,30 @@ def test_generation_weights_on_one_process_are_the_model_itself():
     model = torch.nn.Linear(2, 2)
     with full_weights_for_generation(OneProcess(), model) as unwrapped:
         assert unwrapped is model
+
+
+# ------------------------------------------------------- paths that need GPUs or DeepSpeed to run
+
+
+def test_deepspeed_gets_its_accumulation_boundary_from_the_last_micro_batch():
+    flags = []
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                  gradient_state=SimpleNamespace(_set_sync_gradients=flags.append))
+    for last in (False, False, True):
+        with micro_batch_context(accelerator, None, last):
+            flags.append(f"backward last={last}")
+    # Inside each micro-batch the flag is the boundary; afterwards it is back to True.
+    assert flags == [False, "backward last=False", True, False, "backward last=False", True,
+                     True, "backward last=True", True]
+
+
+def test_ppo_refuses_fsdp1_with_a_one_line_message():
+    def accelerator(version):
+        return SimpleNamespace(distributed_type=DistributedType.FSDP,
+                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+
+    with pytest.raises(RlhfkitError, match="fsdp_version: 2") as error:
+        check_generation_supported(accelerator(1))
+    assert "\n" not in str(error.value)
+    check_generation_supported(accelerator(2))
+    check_generation_supported(OneProcess())

@@ -39,7 +39,6 @@ from rlhfkit.rl import (
     apply_missing_eos_penalty,
     explained_variance,
     kl_penalty,
-    masked_mean,
 )
 from rlhfkit.rollout import HFGenerator, check_generation_supported, full_weights_for_generation
 from rlhfkit.stages.common import load_stage_data, save_trained
@@ -228,9 +227,10 @@ def run_ppo(config: Config) -> dict[str, float]:
         k1 = kl_penalty(evaluated["logprobs"], evaluated["ref_logprobs"], "k1")
         k3 = kl_penalty(evaluated["logprobs"], evaluated["ref_logprobs"], "k3")
         # Per-response means over every process's rows, in one all-reduce.
-        rows, kl_sum, k1_sum, k3_sum, shaped_sum, length_sum, ended_sum = global_sums(
+        rows, kl_sum, k1_sum, k3_sum, shaped_sum, length_sum, ended_sum, entropy_sum = global_sums(
             accelerator, len(items), (kl * float_mask).sum(), (k1 * float_mask).sum(), (k3 * float_mask).sum(),
-            (rewards * float_mask).sum(), response_mask.sum(), generated.ended_with_stop.sum())
+            (rewards * float_mask).sum(), response_mask.sum(), generated.ended_with_stop.sum(),
+            (evaluated["entropy"] * float_mask).sum())
         beta = kl_controller.value
         kl_controller.update(kl_sum / rows, global_rollout)
         step = plan.step + 1
@@ -242,8 +242,8 @@ def run_ppo(config: Config) -> dict[str, float]:
             **score_stats,
             "kl": k1_sum / rows, "kl_k3": k3_sum / rows,
             "kl_coef": beta, "shaped_reward": shaped_sum / rows,
-            "entropy_rollout": float(masked_mean(evaluated["entropy"], float_mask)),
-            "explained_variance": float(explained_variance(rollout.values, returns, float_mask)),
+            "entropy_rollout": entropy_sum / max(length_sum, 1.0),
+            "explained_variance": float(explained_variance(rollout.values, returns, float_mask)),  # this process's
             "response_length": length_sum / rows,
             "ended_with_eos": ended_sum / rows,
             "lr": scheduler.get_last_lr()[0], "epoch": round(plan.epoch, 4),
