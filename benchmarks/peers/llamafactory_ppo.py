@@ -1,0 +1,127 @@
+"""Run LLaMA-Factory 0.9.5's `stage: ppo` on a benchmark workload; print one JSON line.
+
+Runs inside .venv-llamafactory. Its PPO takes a LoRA reward model (an adapter plus a value head
+on the policy's base), so the policy trains LoRA (rank 8 on every linear layer) and the reward
+is a fresh LoRA adapter with a random value head written here; critic = its value head on the
+policy. Settings match ours: rollout batch 16 = one mini-batch, 4 PPO epochs, temperature 1, no
+top-k/top-p, fp32, responses of exactly 32 tokens (`min_new_tokens` set on its generation config,
+as we do), template smollm2 (the same tokens as the tokenizer's chat template).
+
+Phases are timed by wrapping its own methods: rollout = get_inputs; score = get_rewards; evaluate
+= the no-grad batched_forward_pass calls (old log-probs, values, reference); update = the rest.
+
+Usage: python llamafactory_ppo.py WORKLOAD_FOLDER [--threads 2] [--steps 3] [--out file]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Its PPO is written against TRL 0.9.6 (PPOTrainer.step), while its version check asks for >= 0.18.
+os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
+
+import torch  # noqa: E402
+
+try:
+    import torchaudio  # noqa: F401
+except ImportError:
+    # LLaMA-Factory imports torchaudio at module level for audio inputs; no torchaudio wheel is
+    # built for torch 2.13, and this text-only workload never calls it.
+    import importlib.machinery
+    import types
+    stub = types.ModuleType("torchaudio")
+    stub.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
+    sys.modules["torchaudio"] = stub
+from common import StepClock, emit, load_workload, prompts  # noqa: E402
+
+
+def write_lora_reward_model(work: dict, folder: Path) -> None:
+    """A LoRA reward model in LLaMA-Factory's layout: adapter files + value_head.safetensors."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(work["seed"])
+    base = AutoModelForCausalLM.from_pretrained(work["model"], torch_dtype=torch.float32)
+    config = LoraConfig(r=work["lora_rank"], lora_alpha=work["lora_alpha"], target_modules="all-linear",
+                        lora_dropout=0.0, task_type="CAUSAL_LM")
+    get_peft_model(base, config).save_pretrained(folder)
+    hidden = base.config.hidden_size
+    save_file({"v_head.summary.weight": torch.randn(1, hidden) / hidden ** 0.5,
+               "v_head.summary.bias": torch.zeros(1)}, str(folder / "value_head.safetensors"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workload")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    work = load_workload(args.workload)
+
+    from transformers import TrainerCallback
+    from llamafactory.hparams import get_train_args
+    from llamafactory.train.ppo.trainer import CustomPPOTrainer
+    from llamafactory.train.ppo.workflow import run_ppo
+
+    clock = StepClock()
+    get_inputs, forward_pass = CustomPPOTrainer.get_inputs, CustomPPOTrainer.batched_forward_pass
+
+    def fixed_length_get_inputs(self, batch):
+        self.generation_config.min_new_tokens = work["response_tokens"]
+        clock.tokens.append(0)
+        queries, responses = get_inputs(self, batch)
+        clock.tokens[-1] = sum(len(r) for r in responses)
+        return queries, responses
+
+    def timed_forward_pass(self, *rest, **kwargs):
+        if torch.is_grad_enabled():
+            return forward_pass(self, *rest, **kwargs)
+        return clock.timed("evaluate", forward_pass)(self, *rest, **kwargs)
+
+    CustomPPOTrainer.get_inputs = clock.timed("rollout", fixed_length_get_inputs)
+    CustomPPOTrainer.get_rewards = clock.timed("score", CustomPPOTrainer.get_rewards)
+    CustomPPOTrainer.batched_forward_pass = timed_forward_pass
+
+    class Steps(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            clock.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            clock.step_done()
+
+    with tempfile.TemporaryDirectory(prefix="llamafactory-bench-") as scratch:
+        scratch = Path(scratch)
+        rows = [{"instruction": text, "input": "", "output": ""} for text in prompts(work)]
+        (scratch / "prompts.json").write_text(json.dumps(rows))
+        (scratch / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "prompts.json"}}))
+        write_lora_reward_model(work, scratch / "reward")
+        run_ppo(*get_train_args({
+            "stage": "ppo", "do_train": True, "model_name_or_path": work["model"],
+            "reward_model": str(scratch / "reward"), "reward_model_type": "lora",
+            "finetuning_type": "lora", "lora_rank": work["lora_rank"], "lora_alpha": work["lora_alpha"],
+            "lora_target": "all", "template": "smollm2", "dataset": "bench", "dataset_dir": str(scratch),
+            "cutoff_len": 1024, "output_dir": str(scratch / "out"), "overwrite_output_dir": True,
+            "per_device_train_batch_size": work["rollout_batch"], "gradient_accumulation_steps": 1,
+            "ppo_buffer_size": 1, "ppo_epochs": work["ppo_epochs"], "learning_rate": work["learning_rate"],
+            "max_steps": 1 + args.steps, "max_new_tokens": work["response_tokens"], "do_sample": True,
+            "temperature": work["temperature"], "top_k": 0, "top_p": 1.0, "seed": work["seed"],
+            "logging_steps": 1, "save_steps": 100000, "report_to": "none", "plot_loss": False,
+        }), callbacks=[Steps()])  # what `llamafactory-cli train` runs for stage ppo, minus its other stages
+    result = clock.result("llamafactory-0.9.5", work, "lora", args.threads, args.steps)
+    other = sum(result["phases"].get(name, 0.0) for name in ("rollout", "evaluate", "score"))
+    result["phases"]["update"] = round(result["seconds_per_update"] - other, 3)
+    emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
