@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 
 import torch
@@ -11,20 +10,12 @@ from transformers import AutoTokenizer
 
 from rlhfkit.demo import task
 from rlhfkit.demo.sampling import load_policy, reward_model_scores, sample
+from rlhfkit.tracking.summary import bootstrap_interval
 from rlhfkit.tracking.trainer_log import read_trainer_log
 
 logger = logging.getLogger(__name__)
 
 SAMPLING_SEED = 1234
-BOOTSTRAP_SAMPLES = 2000
-
-
-def bootstrap_interval(values: list[float], seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean."""
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(rng.choice(values) for _ in range(n)) / n for _ in range(BOOTSTRAP_SAMPLES))
-    return means[int(0.025 * BOOTSTRAP_SAMPLES)], means[int(0.975 * BOOTSTRAP_SAMPLES) - 1]
 
 
 def _mean(values) -> float:
