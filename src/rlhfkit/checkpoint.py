@@ -147,6 +147,7 @@ class CheckpointManager:
         `prepared` is the module accelerate prepared; with sharded weights it is read collectively.
         """
         accel = self.accelerator
+        random_state = rng_state()  # saving must not move the run's random streams (sharded saving does)
         sharded = prepared is not None and is_sharded(accel)
         check_finite(modules, accel)
         full_state = accel.get_state_dict(prepared) if sharded else None  # every process takes part
@@ -169,7 +170,7 @@ class CheckpointManager:
         if sharded:
             accel.save_state(str(staging / SHARDED_STATE_DIR))
             accel.wait_for_everyone()
-        torch.save(rng_state(), staging / f"rng_state_{accel.process_index}.pt")
+        torch.save(random_state, staging / f"rng_state_{accel.process_index}.pt")
         accel.wait_for_everyone()
         if accel.is_main_process:
             (staging / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
@@ -180,6 +181,7 @@ class CheckpointManager:
             self._prune()
             logger.info("checkpoint saved: %s", final)
         accel.wait_for_everyone()
+        set_rng_state(random_state)
         return final
 
     def _prune(self) -> None:

@@ -116,3 +116,4 @@ def main(model_dir: str, out: str, kind: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    torch.distributed.destroy_process_group()

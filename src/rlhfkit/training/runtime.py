@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import random
@@ -65,11 +66,21 @@ def build_accelerator(config: Config) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     cpu = config.model.device == "cpu" or (_launched_processes() > 1 and _no_accelerator_device())
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
+    if accelerator.num_processes > 1:
+        atexit.unregister(_destroy_process_group)  # once per process, however many stages it runs
+        atexit.register(_destroy_process_group)
     if accelerator.distributed_type == DistributedType.MULTI_CPU and _env_flag("ACCELERATE_USE_FSDP"):
         _enable_fsdp_on_cpu(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _fill_deepspeed_config(accelerator, config)
     return accelerator
+
+
+def _destroy_process_group() -> None:
+    """Close the process group before the interpreter exits; left open, gloo's threads can abort the
+    process during teardown after a successful run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _env_flag(name: str) -> bool:
