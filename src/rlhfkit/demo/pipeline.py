@@ -30,7 +30,7 @@ GOLD_FUNCTION = "rlhfkit.demo.task:gold_reward"
 TIE_MARGIN = 0.1
 """Pairs whose gold scores differ by less than this are ties and dropped."""
 
-FULL = {"sft_examples": 480, "pair_prompts": 340, "heldout": 120, "max_new_tokens": 40, "overrides": {}}
+FULL = {"sft_examples": 480, "pair_prompts": 288, "heldout": 120, "max_new_tokens": 40, "overrides": {}}
 QUICK = {
     "sft_examples": 48, "pair_prompts": 48, "heldout": 16, "max_new_tokens": 12,
     "overrides": {
