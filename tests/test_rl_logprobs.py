@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from rlhfkit.rl import entropy_from_logits, logprobs_from_logits
+from rlhfkit.rl import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
@@ -73,3 +73,47 @@ def test_entropy_with_banned_token_is_finite():
     # A -inf logit has p = 0 and contributes nothing: two equal survivors -> H = ln 2.
     logits = torch.tensor([[[0.0, 0.0, float("-inf")]]])
     torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([[LN2]]), atol=1e-6, rtol=0)
+
+
+def test_logprobs_gradient_is_onehot_minus_softmax():
+    # logits [0, ln2, ln3] -> p = [1/6, 1/3, 1/2]; d log p(2) / dz = onehot(2) - p = [-1/6, -1/3, 1/2].
+    # Upstream gradient 3 on that position, 0 on the other: the gradient there is all zero.
+    logits = torch.tensor([[[0.0, LN2, LN3], [1.0, 2.0, 3.0]]], requires_grad=True)
+    out = logprobs_from_logits(logits, torch.tensor([[2, 0]]))
+    (out * torch.tensor([[3.0, 0.0]])).sum().backward()
+    expected = torch.tensor([[[-3 / 6, -3 / 3, 3 / 2], [0.0, 0.0, 0.0]]])
+    torch.testing.assert_close(logits.grad, expected, atol=1e-6, rtol=0)
+
+
+def test_logprobs_gradient_matches_autograd_of_log_softmax():
+    # Against autograd through torch.log_softmax (an independent implementation), with temperature.
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5, 11, generator=gen)
+    labels = torch.randint(0, 11, (3, 5), generator=gen)
+    weights = torch.randn(3, 5, generator=gen)
+    ours = logits.clone().requires_grad_(True)
+    (logprobs_from_logits(ours, labels, 0.7) * weights).sum().backward()
+    reference = logits.clone().requires_grad_(True)
+    (torch.log_softmax(reference / 0.7, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1) * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, reference.grad, atol=1e-6, rtol=0)
+
+
+def test_logprobs_bf16_gradient_keeps_the_logits_dtype():
+    logits = torch.tensor([[[0.0, 1.0, 2.0]]], dtype=torch.bfloat16, requires_grad=True)
+    logprobs_from_logits(logits, torch.tensor([[0]])).sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    p = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), -1)
+    torch.testing.assert_close(logits.grad.float(), (torch.tensor([1.0, 0.0, 0.0]) - p).view(1, 1, 3),
+                               atol=1e-2, rtol=0)
+
+
+def test_logprobs_and_entropy_equal_the_separate_functions():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, 13, generator=gen)
+    logits[0, 1, 4] = float("-inf")  # a banned token
+    labels = torch.randint(0, 13, (2, 3), generator=gen)
+    labels[0, 1] = 5
+    logprobs, entropy = logprobs_and_entropy(logits, labels, 0.9)
+    torch.testing.assert_close(logprobs, logprobs_from_logits(logits, labels, 0.9), atol=0, rtol=0)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits, 0.9), atol=0, rtol=0)
+    assert torch.isfinite(entropy).all()

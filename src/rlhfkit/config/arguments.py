@@ -170,6 +170,8 @@ class PPOArguments:
     """Value head start: reward (copy the RM's head), zero, or auto (reward when the RM shares the base)."""
     ppo_epochs: int = 4
     """Optimisation passes over each rollout batch."""
+    logprobs_from_rollout: bool = True
+    """Take the policy's old log-probs and values from the sampling passes (equal to a separate forward pass up to float rounding); false runs that pass."""
     ppo_buffer_size: int = 1
     """Mini-batches per rollout batch: rollout batch = per_device_train_batch_size x gradient_accumulation_steps x ppo_buffer_size."""
     rollout_batch_size: Optional[int] = None

@@ -22,14 +22,15 @@ def causal_lm_forward(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    logits_to_keep: int = 0,
+    logits_to_keep: int | torch.Tensor = 0,
     output_hidden_states: bool = False,
     **extra,
 ):
     """Run `model` with position ids from the mask and no KV cache.
 
     `logits_to_keep` > 0 computes vocabulary logits only for the last that many positions, which
-    is all PPO needs (responses sit at the end of left-padded sequences). `extra` goes to the
+    is all PPO needs (responses sit at the end of left-padded sequences); a 1-D index tensor keeps
+    exactly those positions (transformers' convention). `extra` goes to the
     model as is (`with_values` for a `ModelWithValueHead`).
     """
     return model(
@@ -44,7 +45,7 @@ def causal_lm_forward(
 
 
 def forward_with_values(model, value_head, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        logits_to_keep: int = 0, with_values: bool = True):
+                        logits_to_keep: int | torch.Tensor = 0, with_values: bool = True):
     """The LM output and the value of every position, ``(b, T)`` (None without `with_values`).
 
     `value_head` is applied to the last hidden states here; None means `model` is a

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from rlhfkit.rl.advantages import compute_gae
 from rlhfkit.rl.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
-from rlhfkit.rl.logprobs import entropy_from_logits, logprobs_from_logits
+from rlhfkit.rl.logprobs import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 from rlhfkit.rl.losses import PPOLoss
 from rlhfkit.rl.shaping import (
     apply_missing_eos_penalty,
@@ -36,6 +36,7 @@ __all__ = [
     "explained_variance",
     "kl_penalty",
     "last_token_index",
+    "logprobs_and_entropy",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",

@@ -13,6 +13,7 @@ from transformers import GenerationConfig
 from rlhfkit.config import GenerationArguments
 from rlhfkit.errors import fail
 from rlhfkit.rl import truncate_after_stop
+from rlhfkit.rollout.sampler import SamplingSettings, sample_with_records
 
 
 @dataclass
@@ -25,6 +26,12 @@ class GeneratedBatch:
     """``(b, R)`` bool, True on kept response tokens."""
     ended_with_stop: torch.Tensor
     """``(b,)`` bool, whether the response stopped by itself (EOS or a stop word)."""
+    logprobs: torch.Tensor | None = None
+    """``(b, R)`` the policy's log-probs of the tokens at sampling time (with `record`)."""
+    values: torch.Tensor | None = None
+    """``(b, R)`` the value head's estimates at sampling time (with `record` and a value head)."""
+    entropy: torch.Tensor | None = None
+    """``(b, R)`` the policy's entropies at sampling time (with `record`)."""
 
 
 def cut_at_stop_words(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor, ended: torch.Tensor,
@@ -60,21 +67,34 @@ class HFGenerator:
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
         )
+        self.settings = SamplingSettings(
+            max_new_tokens=args.max_new_tokens, stop_token_ids=self.stop_token_ids,
+            pad_token_id=tokenizer.pad_token_id, do_sample=args.do_sample, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, min_new_tokens=args.min_new_tokens,
+            repetition_penalty=args.repetition_penalty)
 
     @torch.no_grad()
-    def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> GeneratedBatch:
+    def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, record: bool = False,
+                 value_head=None) -> GeneratedBatch:
         """Sample one response per prompt row; ``input_ids`` ``(b, P)`` left-padded.
 
         `model` holds its full weights (`full_weights_for_generation`), so no process waits for the
-        others: each generates until its own responses end.
+        others: each generates until its own responses end. With `record`, our decode loop
+        (`rollout.sampler`) samples and also returns the policy's log-probs, entropies and (with
+        `value_head`) values at sampling time; otherwise `model.generate` samples.
         """
         was_training = model.training
         model.eval()
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=self.config,
-                                synced_gpus=False)
+        records = None
+        if record:
+            records = sample_with_records(model, input_ids, attention_mask, self.settings, value_head)
+            generated = records.tokens
+        else:
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                    generation_config=self.config, synced_gpus=False)
+            generated = output[:, input_ids.shape[1]:]
         if was_training:
             model.train()
-        generated = output[:, input_ids.shape[1]:]
         response_ids, response_mask, ended = truncate_after_stop(
             generated, self.stop_token_ids, self.tokenizer.pad_token_id)
         if self.stop_words:
@@ -82,7 +102,11 @@ class HFGenerator:
                               self.tokenizer.pad_token_id)
         # Drop columns that are padding in every row.
         width = max(int(response_mask.sum(-1).max()), 1)
-        return GeneratedBatch(response_ids[:, :width], response_mask[:, :width], ended)
+        batch = GeneratedBatch(response_ids[:, :width], response_mask[:, :width], ended)
+        if records is not None:
+            batch.logprobs, batch.entropy = records.logprobs[:, :width], records.entropy[:, :width]
+            batch.values = None if records.values is None else records.values[:, :width]
+        return batch
 
 
 @contextlib.contextmanager

@@ -170,7 +170,8 @@ def run_ppo(config: Config) -> dict[str, float]:
         prompts = collate_prompts(items, tokenizer.pad_token_id)
         query_ids, query_mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)
         with full_weights_for_generation(accelerator, policy) as unwrapped:
-            generated = generator.generate(unwrapped.model, query_ids, query_mask)
+            generated = generator.generate(unwrapped.model, query_ids, query_mask, record=p.logprobs_from_rollout,
+                                           value_head=unwrapped.value_head)
         response_ids, response_mask = generated.response_ids, generated.response_mask
         timings["time/rollout"] = time.time() - tick
         # 2. score
@@ -192,7 +193,8 @@ def run_ppo(config: Config) -> dict[str, float]:
         # 3. evaluate
         tick = time.time()
         evaluated = evaluate_rollout(policy, None, reference, models.reference_context, ids, mask,
-                                     response_ids, g.temperature, t.per_device_eval_batch_size)
+                                     response_ids, g.temperature, t.per_device_eval_batch_size,
+                                     recorded=generated if p.logprobs_from_rollout else None)
         timings["time/evaluate"] = time.time() - tick
         # 4. shape and 5. advantages
         float_mask = response_mask.float()

@@ -13,6 +13,7 @@ from rlhfkit.rl import (
     compute_gae,
     entropy_from_logits,
     kl_penalty,
+    logprobs_and_entropy,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
@@ -50,29 +51,42 @@ def response_forward(model, value_head, ids: torch.Tensor, mask: torch.Tensor, r
                      temperature: float, with_values: bool = True, with_entropy: bool = False):
     """Log-probs (and values, entropy) of the response tokens at the end of ``ids``.
 
-    Vocabulary logits are computed only for the R positions that predict response tokens.
+    Vocabulary logits are computed only for the R positions that predict response tokens (an
+    index tensor as `logits_to_keep`, so no slice of the logits needs a backward pass).
     `value_head` None with `with_values`: `model` is a `ModelWithValueHead` (see `forward_with_values`).
     Returns ``logprobs (b, R)``, ``values (b, R) | None``, ``entropy (b, R) | None``.
     """
-    width = response_ids.shape[1]
-    output, values = forward_with_values(model, value_head, ids, mask, logits_to_keep=width + 1,
+    length, width = ids.shape[1], response_ids.shape[1]
+    predicting = torch.arange(length - width - 1, length - 1, device=ids.device)  # (R,)
+    output, values = forward_with_values(model, value_head, ids, mask, logits_to_keep=predicting,
                                          with_values=with_values)
-    logits = output.logits[:, :-1]  # (b, R, v): position i predicts response token i
-    logprobs = logprobs_from_logits(logits, response_ids, temperature)
+    logits = output.logits  # (b, R, v): position i predicts response token i
+    if with_entropy and not torch.is_grad_enabled():  # one log-softmax for both
+        logprobs, entropy = logprobs_and_entropy(logits, response_ids, temperature)
+    else:
+        logprobs = logprobs_from_logits(logits, response_ids, temperature)
+        entropy = entropy_from_logits(logits, temperature) if with_entropy else None
     values = values[:, -width - 1:-1] if with_values else None
-    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
     return logprobs, values, entropy
 
 
 @torch.no_grad()
 def evaluate_rollout(policy, value_head, reference, reference_context, ids, mask, response_ids, temperature,
-                     chunk_size: int) -> dict[str, torch.Tensor]:
-    """Old log-probs, values, entropy (policy) and reference log-probs, in chunks of rows."""
+                     chunk_size: int, recorded=None) -> dict[str, torch.Tensor]:
+    """Old log-probs, values, entropy (policy) and reference log-probs, in chunks of rows.
+
+    `recorded` (a `GeneratedBatch` sampled with ``record=True``) holds the policy's log-probs,
+    values and entropy from the sampling passes; then only the reference runs here.
+    """
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "values": [], "entropy": [], "ref_logprobs": []}
     for begin in range(0, ids.shape[0], chunk_size):
         rows = slice(begin, begin + chunk_size)
-        logprobs, values, entropy = response_forward(policy, value_head, ids[rows], mask[rows], response_ids[rows],
-                                                     temperature, with_values=True, with_entropy=True)
+        if recorded is None:
+            logprobs, values, entropy = response_forward(policy, value_head, ids[rows], mask[rows],
+                                                         response_ids[rows], temperature, with_values=True,
+                                                         with_entropy=True)
+        else:
+            logprobs, values, entropy = recorded.logprobs[rows], recorded.values[rows], recorded.entropy[rows]
         with reference_context():
             ref_logprobs, _, _ = response_forward(reference, None, ids[rows], mask[rows], response_ids[rows],
                                                   temperature, with_values=False)

@@ -1,0 +1,163 @@
+"""A decode loop that records what PPO needs while it samples: log-probs, values, entropies.
+
+Sampling with `model.generate` and then running the policy again over prompt + response (for
+the "old" log-probs and values) computes every response position twice. This loop keeps the
+policy's log-probability of each sampled token under ``softmax(logits / temperature)``, the
+value head's estimate and the entropy at each position as it goes, so PPO's evaluate phase only
+needs the reference model. They equal a separate full forward pass up to float rounding (a
+KV-cached pass sums in another order); tests/test_rollout_sampler.py checks that.
+
+Logits processing reuses transformers' processors in `generate`'s order (repetition penalty,
+minimum length, temperature, top-k, top-p), so the sampling distribution is `generate`'s.
+Tokens are drawn by inverting the CDF with one uniform number per row: the same distribution as
+``torch.multinomial``, whose CPU kernel draws an exponential variate per vocabulary entry and was
+a third of the rollout's time.
+
+Shapes: ``b`` rows, ``P`` prompt length (left-padded), ``R`` new tokens, ``v`` vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.generation import (
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from rlhfkit.models.forward import position_ids_from_mask
+
+
+@dataclass
+class SamplingSettings:
+    """What the loop needs of the generation configuration."""
+
+    max_new_tokens: int
+    stop_token_ids: list[int]
+    pad_token_id: int
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_new_tokens: int = 0
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class SampledBatch:
+    """Raw loop output, before truncation at stop tokens; every tensor ``(b, R)``."""
+
+    tokens: torch.Tensor      # long; pad after a row's first stop token
+    logprobs: torch.Tensor    # float32 log p(token) under softmax(logits / temperature)
+    values: torch.Tensor | None   # float32 value estimate at the position predicting the token
+    entropy: torch.Tensor     # float32 entropy of softmax(logits / temperature)
+
+
+def logits_processors(settings: SamplingSettings, prompt_length: int) -> LogitsProcessorList | None:
+    """transformers' processors for these settings, in `generate`'s order.
+
+    None when sampling needs none but the temperature and the minimum length: then the sampling
+    probabilities are the recorded ``softmax(logits / temperature)`` with the stop tokens zeroed
+    below the minimum length, which is what those two processors give.
+    """
+    if settings.do_sample and settings.repetition_penalty == 1.0 and settings.top_k <= 0 \
+            and settings.top_p >= 1.0:
+        return None
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    if settings.min_new_tokens > 0:
+        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, settings.min_new_tokens,
+                                                            settings.stop_token_ids))
+    if settings.do_sample:
+        if settings.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k > 0:
+            processors.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            processors.append(TopPLogitsWarper(settings.top_p))
+    return processors
+
+
+def recorded_distribution(logits: torch.Tensor, temperature: float, stop_ids: torch.Tensor, ban_stops: bool):
+    """From raw logits ``(b, v)``: ``log_softmax(logits / temperature)``, its exponential, and the
+    (unnormalised) sampling probabilities when no processor but temperature and minimum length
+    applies: the same with stop tokens zeroed while `ban_stops`.
+    """
+    lsm = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)  # (b, v)
+    probs = torch.exp(lsm)  # (b, v)
+    sampling = probs
+    if ban_stops:
+        sampling = probs.clone()
+        sampling[:, stop_ids] = 0.0
+    return lsm, probs, sampling
+
+
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs`` ``(b, v)`` (rows need not be normalised) -> ``(b,)`` long.
+
+    Inverse CDF: the first index whose cumulative sum exceeds ``u x total`` for a uniform ``u``;
+    an index of probability 0 adds nothing to the sum, so it is never chosen.
+    """
+    cdf = probs.float().cumsum(-1)  # (b, v)
+    threshold = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]
+    index = torch.searchsorted(cdf, threshold, right=True).squeeze(-1)  # (b,)
+    return index.clamp_(max=probs.shape[-1] - 1)
+
+
+@torch.no_grad()
+def sample_with_records(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: SamplingSettings,
+                        value_head=None) -> SampledBatch:
+    """Sample up to ``max_new_tokens`` per row of the left-padded prompts ``(b, P)``.
+
+    `model` is a causal LM (or a PEFT model around one) that takes a KV cache; `value_head`, if
+    given, maps its last hidden state to values. A row whose stop token came gets pad after it;
+    the loop ends when every row has stopped.
+    """
+    rows, prompt_length = input_ids.shape
+    device = input_ids.device
+    processors = logits_processors(settings, prompt_length)
+    temperature = settings.temperature if settings.do_sample else 1.0
+    stop_ids = torch.tensor(settings.stop_token_ids, device=device, dtype=torch.long)
+    mask = attention_mask.long()
+    positions = position_ids_from_mask(mask)
+    sequence = input_ids
+    cache = DynamicCache()
+    step_input, step_positions = input_ids, positions
+    running = torch.ones(rows, dtype=torch.bool, device=device)
+    tokens, logprobs, values, entropies = [], [], [], []
+    for _ in range(settings.max_new_tokens):
+        output = model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1,
+                       output_hidden_states=value_head is not None)
+        cache = output.past_key_values
+        logits = output.logits[:, -1].float()  # (b, v) raw, finite
+        lsm, probs, sampling = recorded_distribution(logits, temperature, stop_ids,
+                                                     ban_stops=len(tokens) < settings.min_new_tokens)
+        if processors is None:
+            token = sample_from_probs(sampling)
+        else:
+            scores = processors(sequence, logits.clone())
+            token = sample_from_probs(torch.softmax(scores, -1)) if settings.do_sample else scores.argmax(-1)
+        token = torch.where(running, token, torch.full_like(token, settings.pad_token_id))
+        tokens.append(token)
+        logprobs.append(lsm.gather(-1, token.unsqueeze(-1)).squeeze(-1))
+        entropies.append(-(probs * lsm).sum(-1))  # raw logits are finite, so no 0 * -inf
+        if value_head is not None:
+            values.append(value_head(output.hidden_states[-1][:, -1:]).squeeze(-1).float())
+        running = running & ~torch.isin(token, stop_ids)
+        if not bool(running.any()):
+            break
+        if processors is not None:  # the repetition penalty reads the tokens so far
+            sequence = torch.cat([sequence, token.unsqueeze(-1)], dim=-1)
+        mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=-1)
+        step_positions = step_positions[:, -1:] + 1
+        step_input = token.unsqueeze(-1)
+    return SampledBatch(torch.stack(tokens, 1), torch.stack(logprobs, 1),
+                        torch.stack(values, 1) if value_head is not None else None, torch.stack(entropies, 1))

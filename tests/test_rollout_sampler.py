@@ -1,0 +1,150 @@
+"""The recording decode loop against the exact computation and against `model.generate`.
+
+PPO takes the policy's old log-probs, values and entropies from the sampling passes
+(`logprobs_from_rollout`); here they are checked against plain full forward passes of the
+unpadded sequences through the raw model (`log_softmax` of its logits, the head's linear map of
+its hidden states), and the loop's greedy tokens against `model.generate`'s.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhfkit.config import GenerationArguments
+from rlhfkit.models.value_head import ValueHead
+from rlhfkit.rollout import HFGenerator
+from rlhfkit.rollout.sampler import sample_from_probs
+
+PAD, EOS = 0, 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _prompts(tokenizer):
+    texts = ["hello there", "a", "write abc please", "xyz"]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)  # left padding
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def _setup(model_dir, lora=False):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if lora:
+        torch.manual_seed(3)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    model.eval()
+    torch.manual_seed(1)
+    head = ValueHead(model.config.hidden_size, zero_init=False)
+    return tokenizer, model, head
+
+
+def _exact(model, head, prompt_ids, prompt_mask, response_ids, response_mask, temperature):
+    """Log-probs, values and entropies of each row's real tokens from one plain forward pass."""
+    logprobs = torch.zeros(response_ids.shape)
+    values, entropy = torch.zeros(response_ids.shape), torch.zeros(response_ids.shape)
+    for row in range(response_ids.shape[0]):
+        prompt = prompt_ids[row][prompt_mask[row].bool()]
+        response = response_ids[row][response_mask[row]]
+        sequence = torch.cat([prompt, response]).unsqueeze(0)
+        with torch.no_grad():
+            output = model(input_ids=sequence, output_hidden_states=True)
+        start, count = len(prompt) - 1, len(response)
+        lsm = torch.log_softmax(output.logits[0, start:start + count] / temperature, -1)  # (count, v)
+        logprobs[row, :count] = lsm.gather(-1, response.unsqueeze(-1)).squeeze(-1)
+        entropy[row, :count] = -(lsm.exp() * lsm).sum(-1)
+        hidden = output.hidden_states[-1][0, start:start + count]  # (count, h)
+        values[row, :count] = hidden @ head.summary.weight[0] + head.summary.bias[0]
+    return logprobs, values, entropy
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_recorded_logprobs_values_entropy_equal_a_full_forward_pass(tiny_model_dir, lora):
+    tokenizer, model, head = _setup(tiny_model_dir, lora)
+    args = GenerationArguments(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=12)
+    generator = HFGenerator(tokenizer, args, [EOS])
+    prompt_ids, prompt_mask = _prompts(tokenizer)
+    torch.manual_seed(0)
+    batch = generator.generate(model, prompt_ids, prompt_mask, record=True, value_head=head)
+    assert batch.logprobs.shape == batch.values.shape == batch.entropy.shape == batch.response_ids.shape
+    logprobs, values, entropy = _exact(model, head, prompt_ids, prompt_mask, batch.response_ids,
+                                       batch.response_mask, temperature=0.7)
+    mask = batch.response_mask
+    assert mask.sum() > 10
+    # Log-probs are of the raw logits at the temperature (top-k/top-p only choose the tokens).
+    torch.testing.assert_close(batch.logprobs[mask], logprobs[mask], atol=2e-5, rtol=0)
+    torch.testing.assert_close(batch.values[mask], values[mask], atol=2e-5, rtol=0)
+    torch.testing.assert_close(batch.entropy[mask], entropy[mask], atol=2e-5, rtol=0)
+
+
+def test_greedy_tokens_equal_generate(tiny_model_dir):
+    tokenizer, model, head = _setup(tiny_model_dir)
+    args = GenerationArguments(do_sample=False, max_new_tokens=10, repetition_penalty=1.3)
+    generator = HFGenerator(tokenizer, args, [EOS])
+    prompt_ids, prompt_mask = _prompts(tokenizer)
+    ours = generator.generate(model, prompt_ids, prompt_mask, record=True, value_head=head)
+    theirs = generator.generate(model, prompt_ids, prompt_mask)
+    assert torch.equal(ours.response_ids, theirs.response_ids)
+    assert torch.equal(ours.response_mask, theirs.response_mask)
+    assert torch.equal(ours.ended_with_stop, theirs.ended_with_stop)
+
+
+def test_min_new_tokens_keeps_stop_tokens_out(tiny_model_dir):
+    tokenizer, model, _ = _setup(tiny_model_dir)
+    # Make EOS the likeliest token everywhere: without min_new_tokens every row would stop at once.
+    with torch.no_grad():
+        model.lm_head.weight[EOS] = model.lm_head.weight.abs().max() * 10
+        model.model.embed_tokens.weight[EOS] = model.lm_head.weight[EOS]
+    args = GenerationArguments(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=6,
+                               min_new_tokens=6)
+    prompt_ids, prompt_mask = _prompts(tokenizer)
+    for record in (True, False):
+        batch = HFGenerator(tokenizer, args, [EOS]).generate(model, prompt_ids, prompt_mask, record=record)
+        assert batch.response_mask.all() and batch.response_ids.shape == (4, 6)
+        assert not (batch.response_ids == EOS).any()
+
+
+def test_inverse_cdf_sampling_frequencies():
+    # Row 0: p = [0.1, 0, 0.6, 0.3]; row 1 unnormalised [2, 2, 0, 4] -> [0.25, 0.25, 0, 0.5].
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [2.0, 2.0, 0.0, 4.0]])
+    draws = 40000
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(2, 4)
+    for _ in range(draws // 1000):
+        picked = torch.stack([sample_from_probs(probs, generator) for _ in range(1000)])  # (1000, 2)
+        counts += torch.nn.functional.one_hot(picked, 4).sum(0).float()  # (2, 4)
+    frequencies = counts / draws
+    expected = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.25, 0.25, 0.0, 0.5]])
+    # Binomial standard deviation at most sqrt(0.25 / 40000) = 0.0025; allow 4 of them.
+    torch.testing.assert_close(frequencies, expected, atol=0.01, rtol=0)
+    assert counts[0, 1] == 0 and counts[1, 2] == 0
+
+
+def test_fast_path_samples_generate_distribution():
+    # Temperature and minimum length only: our sampling probabilities, normalised, equal the
+    # softmax of transformers' processed scores (the distribution `generate` samples from).
+    from transformers.generation import LogitsProcessorList, MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper
+
+    from rlhfkit.rollout.sampler import SamplingSettings, logits_processors, recorded_distribution
+
+    settings = SamplingSettings(max_new_tokens=8, stop_token_ids=[2, 5], pad_token_id=0, temperature=0.7,
+                                min_new_tokens=3)
+    assert logits_processors(settings, prompt_length=4) is None
+    logits = torch.randn(3, 11, generator=torch.Generator().manual_seed(4))
+    stop_ids = torch.tensor([2, 5])
+    hf = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(4, 3, [2, 5]), TemperatureLogitsWarper(0.7)])
+    for generated, ban in ((1, True), (3, False)):
+        sequence = torch.zeros(3, 4 + generated, dtype=torch.long)
+        expected = torch.softmax(hf(sequence, logits.clone()), -1)
+        _, _, sampling = recorded_distribution(logits, 0.7, stop_ids, ban_stops=ban)
+        torch.testing.assert_close(sampling / sampling.sum(-1, keepdim=True), expected, atol=1e-6, rtol=0)
