@@ -34,7 +34,7 @@ from rlhfkit.data import collate_prompts, get_template, load_examples, resolve_d
 from rlhfkit.errors import fail
 from rlhfkit.models.adapters import split_paths
 from rlhfkit.models.ppo_models import PPOModels, build_reward_source, reward_specs
-from rlhfkit.rewards.base import ScoringBatch
+from rlhfkit.rewards.base import build_scoring_batch
 from rlhfkit.rollout import HFGenerator
 from rlhfkit.tracking.summary import summarize
 from rlhfkit.training.runtime import seed_everything
@@ -96,15 +96,8 @@ def sample_and_score(model, tokenizer, template, items: list[dict], sources: lis
         query_ids, query_mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)  # (b, P)
         generated = generator.generate(model, query_ids, query_mask)
         response_ids, response_mask = generated.response_ids, generated.response_mask  # (b, R)
-        responses = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, tokenizer.pad_token_id),
-                                           skip_special_tokens=True)
-        ids = torch.cat([query_ids, response_ids], dim=1)
-        mask = torch.cat([query_mask, response_mask.to(query_mask.dtype)], dim=1)
-        batch = ScoringBatch(
-            prompts=[item["messages"][-1]["content"] for item in chunk], responses=responses,
-            messages=[item["messages"] for item in chunk], systems=[item.get("system") for item in chunk],
-            sequence_ids=ids, sequence_mask=mask,
-            texts=[tokenizer.decode(row[row_mask.bool()]) for row, row_mask in zip(ids, mask)])
+        batch = build_scoring_batch(tokenizer, chunk, query_ids, query_mask, response_ids, response_mask)
+        responses = batch.responses
         raw = {source.name: source.score(batch) for source, _ in sources}
         total = sum(weight * raw[source.name] for source, weight in sources)
         lengths = response_mask.sum(-1).tolist()

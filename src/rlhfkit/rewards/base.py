@@ -54,3 +54,17 @@ def checked_scores(name: str, values, expected: int) -> torch.Tensor:
         raise fail(f"reward source '{name}' returned a non-finite score (sample {bad[0]}: {scores[bad[0]]}); "
                    "make it return finite floats")
     return torch.tensor(scores, dtype=torch.float32)
+
+
+def build_scoring_batch(tokenizer, items: list[dict], query_ids: torch.Tensor, query_mask: torch.Tensor,
+                        response_ids: torch.Tensor, response_mask: torch.Tensor) -> ScoringBatch:
+    """The ScoringBatch of a rollout: prompt items (from `tokenize_prompts`) and their responses."""
+    responses = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
+    ids = torch.cat([query_ids, response_ids], dim=1)
+    mask = torch.cat([query_mask, response_mask.to(query_mask.dtype)], dim=1)
+    return ScoringBatch(
+        prompts=[item["messages"][-1]["content"] for item in items], responses=responses,
+        messages=[item["messages"] for item in items], systems=[item.get("system") for item in items],
+        sequence_ids=ids, sequence_mask=mask,
+        texts=[tokenizer.decode(row[row_mask.bool()]) for row, row_mask in zip(ids, mask)])

@@ -29,7 +29,7 @@ from rlhfkit.errors import fail
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.ppo_models import build_ppo_models, trainable_policy_parameters
 from rlhfkit.models.value_head import ModelWithValueHead
-from rlhfkit.rewards.base import ScoringBatch
+from rlhfkit.rewards.base import ScoringBatch, build_scoring_batch
 from rlhfkit.rewards.model import SharedBaseReward
 from rlhfkit.rl import (
     AdaptiveKLController,
@@ -176,15 +176,8 @@ def run_ppo(config: Config) -> dict[str, float]:
         timings["time/rollout"] = time.time() - tick
         # 2. score
         tick = time.time()
-        responses = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, tokenizer.pad_token_id),
-                                           skip_special_tokens=True)
-        ids = torch.cat([query_ids, response_ids], dim=1)
-        mask = torch.cat([query_mask, response_mask.to(query_mask.dtype)], dim=1)
-        scoring = ScoringBatch(
-            prompts=[item["messages"][-1]["content"] for item in items], responses=responses,
-            messages=[item["messages"] for item in items], systems=[item.get("system") for item in items],
-            sequence_ids=ids, sequence_mask=mask,
-            texts=[tokenizer.decode(row[row_mask.bool()]) for row, row_mask in zip(ids, mask)])
+        scoring = build_scoring_batch(tokenizer, items, query_ids, query_mask, response_ids, response_mask)
+        responses, ids, mask = scoring.responses, scoring.sequence_ids, scoring.sequence_mask
         raw_scores: dict[str, torch.Tensor] = {}
         scores, score_stats = score_batch(models, scoring, config, generated.ended_with_stop, score_moments,
                                           accelerator, raw_scores)
