@@ -116,7 +116,8 @@ def run_rm(config: Config) -> dict[str, float]:
         step = batch_plan.step + 1
         skip = not guard.ok(float(totals[0]), what="loss", step=step)
         grad_norm = clip_and_step(accelerator, model, optimizer, scheduler, t.max_grad_norm, params, skip=skip)
-        skip = skip or not guard.ok(grad_norm, what="gradients", step=step)
+        if not skip:  # a non-finite norm was dropped by clip_and_step; count it once
+            guard.ok(grad_norm, what="gradients", step=step)
         stats = {"loss": float(totals[0]), "accuracy": float(totals[1]), "margin": float(totals[2]),
                  "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "epoch": round(batch_plan.epoch, 4),
                  "skipped_steps": guard.total}
