@@ -23,7 +23,7 @@ Benchmark settings (see workloads.py): responses of exactly 32 tokens (`min_new_
 `max_new_tokens`, which keeps stop tokens out of the first 32), temperature 1, no top-k/top-p,
 a function reward (the score phase costs ~nothing), one mini-batch of 16 per step.
 
-Usage: python benchmarks/ppo_update.py W1 [--lora] [--threads 2] [--steps 3] [--out result.json]
+Usage: python benchmarks/ppo_update.py W1 [--lora] [--threads N] [--steps 3] [--micro-batch M] [--out FILE]
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ import flops  # noqa: E402
 import workloads  # noqa: E402
 
 REWARD_FILE = Path(__file__).resolve().parent / "reward.py"
+# Rows per forward/backward pass of the update (the mini-batch is always the 16 rows of the step,
+# so the gradient is the same): the whole mini-batch for W1; smaller for W2, whose activations
+# would otherwise dominate the peak memory (measured: the time stays the same).
+MICRO_BATCH = {("W1", "full"): 16, ("W1", "lora"): 16, ("W2", "full"): 4, ("W2", "lora"): 2}
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -60,15 +64,22 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size ** 3 / statistics.median(seconds) / 1e9
 
 
-def stage_config(work: dict, lora: bool, steps: int, output_dir: str) -> dict:
-    """The `ppo` stage configuration of the workload."""
+def stage_config(work: dict, lora: bool, steps: int, output_dir: str, micro_batch: int | None = None) -> dict:
+    """The `ppo` stage configuration of the workload.
+
+    One mini-batch of `rollout_batch` rows per step, accumulated over micro-batches of
+    `micro_batch` rows (the same gradient: the loss is normalised by the mini-batch's tokens).
+    """
+    micro = micro_batch or work["rollout_batch"]
+    if work["rollout_batch"] % micro:
+        raise SystemExit(f"--micro-batch {micro} must divide the rollout batch {work['rollout_batch']}")
     values = {
         "stage": "ppo", "model_name_or_path": work["model"], "dataset": work["prompts_file"],
         "output_dir": output_dir, "overwrite_output_dir": True,
         "finetuning_type": "lora" if lora else "full",
         "lora_rank": work["lora_rank"], "lora_alpha": work["lora_alpha"], "lora_target": "all",
         "reward_model": f"{REWARD_FILE}:reward", "reward_model_type": "function",
-        "per_device_train_batch_size": work["rollout_batch"], "gradient_accumulation_steps": 1,
+        "per_device_train_batch_size": micro, "gradient_accumulation_steps": work["rollout_batch"] // micro,
         "per_device_eval_batch_size": work["rollout_batch"], "ppo_buffer_size": 1,
         "ppo_epochs": work["ppo_epochs"], "learning_rate": work["learning_rate"], "max_steps": steps,
         "max_new_tokens": work["response_tokens"], "min_new_tokens": work["response_tokens"],
@@ -89,18 +100,15 @@ class TokenCounter:
         from rlhfkit.rollout.generation import HFGenerator
 
         counter = self
-        generate, evaluate, update = HFGenerator.generate, stage.evaluate_rollout, stage.ppo_update_minibatch
+        generate, update = HFGenerator.generate, stage.ppo_update_minibatch
 
-        def counted_generate(generator, model, input_ids, attention_mask):
-            batch = generate(generator, model, input_ids, attention_mask)
+        def counted_generate(generator, model, input_ids, attention_mask, **kwargs):
+            batch = generate(generator, model, input_ids, attention_mask, **kwargs)
             counter.steps.append({"prompt": attention_mask.sum(1).tolist(),
                                   "response": batch.response_mask.sum(1).tolist(),
                                   "padded": [int(input_ids.shape[1]), int(batch.response_ids.shape[1])],
                                   "updates": []})
             return batch
-
-        def counted_evaluate(*args, **kwargs):
-            return evaluate(*args, **kwargs)
 
         def counted_update(accelerator, policy, value_head, loss_fn, minibatch, *args, **kwargs):
             counter.steps[-1]["updates"].append((minibatch.query_mask.sum(1).tolist(),
@@ -108,7 +116,6 @@ class TokenCounter:
             return update(accelerator, policy, value_head, loss_fn, minibatch, *args, **kwargs)
 
         HFGenerator.generate = counted_generate
-        stage.evaluate_rollout = counted_evaluate
         stage.ppo_update_minibatch = counted_update
 
 
@@ -127,7 +134,7 @@ def step_flops(shape: flops.ModelShape, step: dict) -> dict[str, int]:
     return {"rollout": generated, "evaluate": reference, "update": update}
 
 
-def run(name: str, lora: bool, steps: int, threads: int) -> dict:
+def run(name: str, lora: bool, steps: int, threads: int, micro_batch: int | None = None) -> dict:
     torch.set_num_threads(threads)
     work = workloads.load(name)
     peak_before = matmul_gflops()
@@ -138,7 +145,7 @@ def run(name: str, lora: bool, steps: int, threads: int) -> dict:
     from rlhfkit.tracking.trainer_log import read_trainer_log
 
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-") as output_dir:
-        run_stage(build_config(stage_config(work, lora, 1 + steps, output_dir)))
+        run_stage(build_config(stage_config(work, lora, 1 + steps, output_dir, micro_batch)))
         records = read_trainer_log(output_dir)
     peak = max(peak_before, matmul_gflops())
     measured = [r for r in records if r.get("current_steps", r.get("step", 0)) > 1][-steps:]
@@ -155,6 +162,7 @@ def run(name: str, lora: bool, steps: int, threads: int) -> dict:
     tokens = counter.steps[-1]
     return {
         "side": "rlhfkit", "workload": name, "variant": "lora" if lora else "full", "threads": threads,
+        "micro_batch": micro_batch or work["rollout_batch"],
         "steps_measured": len(measured), "seconds_per_update": round(seconds, 3),
         "seconds_per_update_all": [round(float(r["seconds_per_step"]), 3) for r in measured],
         "phases": {phase: round(median(f"time/{phase}"), 3) for phase in ("rollout", "score", "evaluate", "update")},
@@ -179,11 +187,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora", action="store_true", help="LoRA rank 8 on every linear layer (default: full)")
     parser.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    parser.add_argument("--micro-batch", type=int, help="rows per forward/backward pass of the update "
+                        "(default: MICRO_BATCH); the gradient is the same")
     parser.add_argument("--out", help="also write the JSON line to this file")
     args = parser.parse_args(argv)
     import logging
     logging.basicConfig(level=logging.WARNING)
-    result = run(args.workload, args.lora, args.steps, args.threads)
+    result = run(args.workload, args.lora, args.steps, args.threads,
+                 args.micro_batch or MICRO_BATCH[args.workload, "lora" if args.lora else "full"])
     line = json.dumps(result)
     if args.out:
         Path(args.out).write_text(line + "\n")

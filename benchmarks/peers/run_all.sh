@@ -10,7 +10,7 @@ repo="$(cd "$here/../.." && pwd)"
 workload="${1:?usage: run_all.sh W1|W2 [ROUNDS]}"
 rounds="${2:-1}"
 ours="$repo/.venv/bin/python"
-threads="${THREADS:-$(nproc)}"
+threads="${THREADS:-1}"  # see benchmarks/README.md: Threads
 "$here/setup.sh" all
 folder="$("$ours" "$repo/benchmarks/workloads.py" "$workload" | tail -1)"
 results="$repo/benchmarks/results/$workload"
