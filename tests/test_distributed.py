@@ -35,12 +35,6 @@ EXAMPLES = ROOT / "examples" / "accelerate"
 TIMEOUT = 240
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _free_port() -> int:

@@ -52,13 +52,6 @@ def words(prompts, responses):
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: two OpenMP threads on a shared 2-core machine make each run 10-30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _write_jsonl(path, rows):

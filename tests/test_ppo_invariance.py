@@ -21,12 +21,6 @@ from rlhfkit.stages.ppo_steps import Rollout, evaluate_rollout, ppo_update_minib
 PAD = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(model_dir, attn="sdpa"):

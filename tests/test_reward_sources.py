@@ -29,12 +29,6 @@ from rlhfkit.tracking.trainer_log import read_trainer_log
 EOS_ID = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

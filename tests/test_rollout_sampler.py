@@ -21,12 +21,6 @@ from rlhfkit.rollout.sampler import sample_from_probs
 PAD, EOS = 0, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _prompts(tokenizer):

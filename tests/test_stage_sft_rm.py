@@ -26,14 +26,6 @@ from rlhfkit.tracking.trainer_log import read_trainer_log
 EOS_ID = 2  # <|im_end|> of the tiny model's tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine two OpenMP
-    threads spin against other processes and make each run 10-30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(model_dir, output_dir, **keys):

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlhfkit.config import build_config
@@ -29,12 +28,6 @@ def prompt_digit(prompts, responses):
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _events(output_dir) -> EventAccumulator:
