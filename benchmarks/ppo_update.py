@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flops  # noqa: E402
@@ -135,7 +136,8 @@ def step_flops(shape: flops.ModelShape, step: dict) -> dict[str, int]:
     return {"rollout": generated, "evaluate": reference, "update": update}
 
 
-def run(name: str, lora: bool, steps: int, threads: int, micro_batch: int | None = None) -> dict:
+def run(name: str, lora: bool, steps: int, threads: int, micro_batch: int | None = None,
+        overrides: dict | None = None) -> dict:
     torch.set_num_threads(threads)
     work = workloads.load(name)
     peak_before = matmul_gflops()
@@ -146,7 +148,7 @@ def run(name: str, lora: bool, steps: int, threads: int, micro_batch: int | None
     from rlhfkit.tracking.trainer_log import read_trainer_log
 
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-") as output_dir:
-        run_stage(build_config(stage_config(work, lora, 1 + steps, output_dir, micro_batch)))
+        run_stage(build_config({**stage_config(work, lora, 1 + steps, output_dir, micro_batch), **(overrides or {})}))
         records = read_trainer_log(output_dir)
     peak = max(peak_before, matmul_gflops())
     measured = [r for r in records if r.get("current_steps", r.get("step", 0)) > 1][-steps:]
@@ -179,6 +181,7 @@ def run(name: str, lora: bool, steps: int, threads: int, micro_batch: int | None
         "prompt_tokens_mean": round(statistics.mean(tokens["prompt"]), 1),
         "response_tokens_mean": round(statistics.mean(tokens["response"]), 1),
         "reward": round(float(measured[-1].get("reward", float("nan"))), 4),
+        "overrides": overrides or {},
     }
 
 
@@ -190,12 +193,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     parser.add_argument("--micro-batch", type=int, help="rows per forward/backward pass of the update "
                         "(default: MICRO_BATCH); the gradient is the same")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a stage setting, e.g. --set logprobs_from_rollout=false (YAML value)")
     parser.add_argument("--out", help="also write the JSON line to this file")
     args = parser.parse_args(argv)
     import logging
     logging.basicConfig(level=logging.WARNING)
     result = run(args.workload, args.lora, args.steps, args.threads,
-                 args.micro_batch or MICRO_BATCH[args.workload, "lora" if args.lora else "full"])
+                 args.micro_batch or MICRO_BATCH[args.workload, "lora" if args.lora else "full"],
+                 {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)})
     line = json.dumps(result)
     if args.out:
         Path(args.out).write_text(line + "\n")
