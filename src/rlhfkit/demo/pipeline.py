@@ -95,8 +95,8 @@ def _label_pairs(model_dir: Path, sft_dir: Path, prompts: list[str], data_dir: P
     logger.info("== pairs: sampling 2 responses for %d prompts from the SFT policy", len(prompts))
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     policy = load_policy(model_dir, sft_dir)
-    first = sample(policy, None, tokenizer, prompts, max_new_tokens, 1.0, seed=1)
-    second = sample(policy, None, tokenizer, prompts, max_new_tokens, 1.0, seed=2)
+    first = sample(policy, None, tokenizer, prompts, max_new_tokens, 1.0, seed=1, label="pairs, first samples")
+    second = sample(policy, None, tokenizer, prompts, max_new_tokens, 1.0, seed=2, label="pairs, second samples")
     scores_a, scores_b = task.gold_score(first.responses), task.gold_score(second.responses)
     rows = []
     for prompt, a, b, score_a, score_b in zip(prompts, first.responses, second.responses, scores_a, scores_b):

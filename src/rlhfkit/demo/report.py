@@ -54,9 +54,10 @@ def write_report(work: Path, model_dir: Path, sft_dir: Path, rm_dir: Path, ppo_d
     logger.info("== report: sampling SFT and PPO policies on %d held-out prompts", len(prompts))
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     sft_policy = load_policy(model_dir, sft_dir)
-    sft = sample(sft_policy, None, tokenizer, prompts, max_new_tokens, 1.0, SAMPLING_SEED)
+    sft = sample(sft_policy, None, tokenizer, prompts, max_new_tokens, 1.0, SAMPLING_SEED, label="report, SFT policy")
     ppo_policy = load_policy(model_dir, ppo_dir)
-    ppo = sample(ppo_policy, sft_policy, tokenizer, prompts, max_new_tokens, 1.0, SAMPLING_SEED)
+    ppo = sample(ppo_policy, sft_policy, tokenizer, prompts, max_new_tokens, 1.0, SAMPLING_SEED,
+                 label="report, PPO policy")
     del ppo_policy, sft_policy
     gold = {"sft": task.gold_score(sft.responses), "ppo": task.gold_score(ppo.responses)}
     proxy = {"sft": reward_model_scores(model_dir, rm_dir, prompts, sft.responses),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from rlhfkit.models.forward import sequence_scores
 from rlhfkit.models.value_head import ValueHead
 from rlhfkit.rl import truncate_after_stop
 from rlhfkit.stages.ppo_steps import response_forward
+from rlhfkit.tracking.progress import Progress, console_line
 
 
 @dataclass
@@ -39,8 +41,11 @@ def load_policy(base_dir: str | Path, adapter_dir: str | Path | None):
 
 @torch.no_grad()
 def sample(model, reference, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, seed: int,
-           batch_size: int = 16) -> Samples:
-    """Sample one response per prompt (same seed, same prompts: comparable across policies)."""
+           batch_size: int = 16, label: str = "sampling") -> Samples:
+    """Sample one response per prompt (same seed, same prompts: comparable across policies).
+
+    Progress (batches done, ETA) goes to the console under `label`.
+    """
     template = get_template(None, tokenizer)
     stops = template.stop_token_ids(tokenizer)
     config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
@@ -48,7 +53,10 @@ def sample(model, reference, tokenizer, prompts: list[str], max_new_tokens: int,
                               pad_token_id=tokenizer.pad_token_id)
     out = Samples([], [], [], [], [])
     torch.manual_seed(seed)
-    for begin in range(0, len(prompts), batch_size):
+    total = -(-len(prompts) // batch_size)
+    progress = Progress(total, description=label)
+    started = time.time()
+    for batch_index, begin in enumerate(range(0, len(prompts), batch_size), 1):
         chunk = prompts[begin:begin + batch_size]
         rows = [{"input_ids": template.encode_prompt(tokenizer, [{"role": "user", "content": p}])} for p in chunk]
         batch = collate_prompts(rows, tokenizer.pad_token_id)
@@ -70,6 +78,11 @@ def sample(model, reference, tokenizer, prompts: list[str], max_new_tokens: int,
         out.lengths += mask.sum(-1).tolist()
         out.ended += ended.tolist()
         out.kl_to_reference += kl.tolist()
+        progress.advance(batch_index)
+        elapsed = time.time() - started
+        per_batch = elapsed / batch_index
+        progress.line(console_line(batch_index, total, label, per_batch, elapsed, per_batch * (total - batch_index)))
+    progress.close()
     return out
 
 
