@@ -207,20 +207,24 @@ class StandInAccelerator:
         loss.backward()
 
 
-def _fixed_rollout(policy, head, seed: int = 0) -> Rollout:
+def _fixed_rollout(policy, head, seed: int = 0, dtype=torch.float32) -> Rollout:
     query, query_mask, response, response_mask, ids, mask = _batch(PROMPTS, RESPONSES)
     with torch.no_grad():
         logprobs, values, _ = response_forward(policy, head, ids, mask, response, 0.9)
     generator = torch.Generator().manual_seed(seed)
-    float_mask = response_mask.float()
+    float_mask = response_mask.to(dtype)
     shape = response.shape
+
+    def noise(*size):
+        return torch.randn(*size, generator=generator).to(dtype)
+
     # Old log-probs a little off the current ones, so some ratios leave the clip range.
-    old_logprobs = (logprobs + 0.3 * torch.randn(shape, generator=generator)) * float_mask
-    old_values = (values + 0.3 * torch.randn(shape, generator=generator)) * float_mask
-    advantages = torch.randn(shape, generator=generator) * float_mask
-    returns = torch.randn(shape, generator=generator) * float_mask
-    return Rollout(query, query_mask, response, response_mask, torch.randn(len(PROMPTS), generator=generator),
-                   old_logprobs, torch.zeros(shape), old_values, advantages, returns)
+    old_logprobs = (logprobs + 0.3 * noise(shape)) * float_mask
+    old_values = (values + 0.3 * noise(shape)) * float_mask
+    advantages = noise(shape) * float_mask
+    returns = noise(shape) * float_mask
+    return Rollout(query, query_mask, response, response_mask, noise(len(PROMPTS)),
+                   old_logprobs, torch.zeros(shape, dtype=dtype), old_values, advantages, returns)
 
 
 def _update_grads(policy, head, rollout, micro, accelerator):
@@ -238,14 +242,16 @@ def _update_grads(policy, head, rollout, micro, accelerator):
 @pytest.mark.parametrize("policy_kind", ["full", "lora"])
 @pytest.mark.parametrize("accelerator_kind", ["stand_in", "accelerate"])
 def test_micro_batches_accumulate_to_one_large_batch(tiny_model_dir, policy_kind, accelerator_kind):
-    model = _model(tiny_model_dir)
-    policy = _lora(model) if policy_kind == "lora" else model
+    """Float64, so the only differences left are rounding (micro-batches are sorted by length and
+    trimmed of shared padding, which changes the kernels' reduction order, not the result)."""
+    model = _model(tiny_model_dir).double()
+    policy = _lora(model).double() if policy_kind == "lora" else model
     if policy_kind == "lora":
         for name, param in policy.named_parameters():
             param.requires_grad_("lora_" in name)
     policy.train()  # as in the stage loop; the tiny model has no dropout
-    head = _head(model.config.hidden_size)
-    rollout = _fixed_rollout(policy, head)
+    head = _head(model.config.hidden_size).double()
+    rollout = _fixed_rollout(policy, head, dtype=torch.float64)
     if accelerator_kind == "accelerate":
         from accelerate import Accelerator
 
@@ -261,9 +267,24 @@ def test_micro_batches_accumulate_to_one_large_batch(tiny_model_dir, policy_kind
         scale = float(grad.abs().max())
         total += scale
         for other in (small, mixed):
-            torch.testing.assert_close(other[name], grad, rtol=1e-5, atol=1e-6 * max(scale, 1e-6), msg=name)
+            torch.testing.assert_close(other[name], grad, rtol=1e-9, atol=1e-11 * max(scale, 1e-6), msg=name)
     assert total > 0
     assert set(small_stats) == set(large_stats)
     for key, value in large_stats.items():
-        assert small_stats[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
-        assert mixed_stats[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        assert small_stats[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key  # log-probs are float32
+        assert mixed_stats[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key  # log-probs are float32
+
+
+def test_trimmed_rollout_drops_only_columns_padded_in_every_row():
+    query, query_mask, response, response_mask, _, _ = _batch(PROMPTS, RESPONSES)  # prompts 6, 2, 9, 4
+    values = torch.arange(response.numel(), dtype=torch.float32).reshape(response.shape)
+    rollout = Rollout(query, query_mask, response, response_mask, torch.arange(4.0), values, values, values,
+                      values, values)
+    part = rollout.select(torch.tensor([1, 3])).trimmed()  # prompts of 2 and 4, responses of 7 and 4 tokens
+    assert part.query_ids.shape == (2, 4) and part.response_ids.shape == (2, 7)
+    assert part.query_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert part.query_ids[1].tolist() == PROMPTS[3] and part.query_ids[0, 2:].tolist() == PROMPTS[1]
+    assert part.response_ids[0].tolist() == RESPONSES[1]
+    assert torch.equal(part.advantages, values[[1, 3], :7]) and torch.equal(part.scores, torch.tensor([1.0, 3.0]))
+    single = rollout.select(torch.tensor([2])).trimmed()  # the longest prompt, a one-token response
+    assert single.query_ids.shape == (1, 9) and single.response_ids.shape == (1, 1)

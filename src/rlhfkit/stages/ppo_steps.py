@@ -46,6 +46,41 @@ class Rollout:
         mask = torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], dim=1)
         return ids, mask
 
+    def trimmed(self) -> "Rollout":
+        """The same rows without the columns that are padding in every row (see `padding_bounds`)."""
+        start, end = padding_bounds(self.query_mask, self.response_mask)
+        return Rollout(**{f.name: _trim_field(f.name, getattr(self, f.name), start, end) for f in fields(self)})
+
+
+_QUERY_FIELDS = ("query_ids", "query_mask")
+
+
+def _trim_field(name: str, value: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    if name in _QUERY_FIELDS:
+        return value[:, start:]
+    return value[:, :end] if value.dim() == 2 else value  # response-aligned (b, R); scores (b,) stay
+
+
+def padding_bounds(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[int, int]:
+    """First prompt column and response width that hold a real token in some row.
+
+    Prompts are left-padded and responses right-padded, so the columns outside these bounds are
+    padding in every row. Dropping them moves no real token relative to another, and positions
+    come from the mask, so every result on real tokens is unchanged; only less work is done.
+    At least the last prompt column (which predicts the first response token) and one response
+    column are kept.
+    """
+    prompt_real = query_mask.bool().any(0)
+    start = int(prompt_real.long().argmax()) if bool(prompt_real.any()) else query_mask.shape[1] - 1
+    response_real = response_mask.bool().any(0).nonzero()
+    end = int(response_real[-1]) + 1 if len(response_real) else 1
+    return min(start, query_mask.shape[1] - 1), end
+
+
+def length_order(mask: torch.Tensor) -> torch.Tensor:
+    """Row indices sorted by real length, so chunks of neighbouring rows carry little padding."""
+    return torch.argsort(mask.sum(1), stable=True)
+
 
 def response_forward(model, value_head, ids: torch.Tensor, mask: torch.Tensor, response_ids: torch.Tensor,
                      temperature: float, with_values: bool = True, with_entropy: bool = False):
@@ -78,22 +113,30 @@ def evaluate_rollout(policy, value_head, reference, reference_context, ids, mask
     `recorded` (a `GeneratedBatch` sampled with ``record=True``) holds the policy's log-probs,
     values and entropy from the sampling passes; then only the reference runs here.
     """
-    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "values": [], "entropy": [], "ref_logprobs": []}
-    for begin in range(0, ids.shape[0], chunk_size):
-        rows = slice(begin, begin + chunk_size)
+    rows_total, width = response_ids.shape
+    out = {key: torch.zeros(rows_total, width, device=ids.device)
+           for key in ("logprobs", "values", "entropy", "ref_logprobs")}
+    if recorded is not None:
+        for key in ("logprobs", "values", "entropy"):
+            out[key] = getattr(recorded, key).float()
+    prompt_width = ids.shape[1] - width
+    order = length_order(mask)  # chunks of similar length, each trimmed to its own padding
+    for begin in range(0, rows_total, chunk_size):
+        rows = order[begin:begin + chunk_size]
+        start, end = padding_bounds(mask[rows, :prompt_width], mask[rows, prompt_width:])
+        chunk_ids, chunk_mask = ids[rows, start:prompt_width + end], mask[rows, start:prompt_width + end]
+        chunk_response = response_ids[rows, :end]
+        computed = {}
         if recorded is None:
-            logprobs, values, entropy = response_forward(policy, value_head, ids[rows], mask[rows],
-                                                         response_ids[rows], temperature, with_values=True,
-                                                         with_entropy=True)
-        else:
-            logprobs, values, entropy = recorded.logprobs[rows], recorded.values[rows], recorded.entropy[rows]
+            computed["logprobs"], computed["values"], computed["entropy"] = response_forward(
+                policy, value_head, chunk_ids, chunk_mask, chunk_response, temperature, with_values=True,
+                with_entropy=True)
         with reference_context():
-            ref_logprobs, _, _ = response_forward(reference, None, ids[rows], mask[rows], response_ids[rows],
-                                                  temperature, with_values=False)
-        for key, value in (("logprobs", logprobs), ("values", values), ("entropy", entropy),
-                           ("ref_logprobs", ref_logprobs)):
-            parts[key].append(value.float())
-    return {key: torch.cat(value) for key, value in parts.items()}
+            computed["ref_logprobs"], _, _ = response_forward(reference, None, chunk_ids, chunk_mask, chunk_response,
+                                                              temperature, with_values=False)
+        for key, value in computed.items():
+            out[key][rows, :end] = value.float()
+    return out
 
 
 def compute_advantages(scores, logprobs, ref_logprobs, values, response_mask, kl_coef: float, estimator: str,
@@ -134,8 +177,9 @@ def ppo_update_minibatch(accelerator, policy, value_head, loss_fn: PPOLoss, mini
     sums: dict[str, float] = {}
     with_entropy = loss_fn.entropy_coef > 0
     minibatch_loss = 0.0
+    order = length_order(minibatch.sequences()[1])  # similar lengths together: less padding per pass
     for begin in range(0, rows, micro_batch_size):
-        micro = minibatch.select(list(range(begin, min(begin + micro_batch_size, rows))))
+        micro = minibatch.select(order[begin:begin + micro_batch_size]).trimmed()
         ids, mask = micro.sequences()
         last = begin + micro_batch_size >= rows
         with micro_batch_context(accelerator, policy, last), accelerator.autocast():
@@ -158,5 +202,5 @@ def masked_row_sum_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float((values * mask).sum(-1).mean())
 
 
-__all__ = ["Rollout", "compute_advantages", "evaluate_rollout", "masked_mean", "masked_row_sum_mean",
-           "ppo_update_minibatch", "response_forward"]
+__all__ = ["Rollout", "compute_advantages", "evaluate_rollout", "length_order", "masked_mean",
+           "masked_row_sum_mean", "padding_bounds", "ppo_update_minibatch", "response_forward"]
