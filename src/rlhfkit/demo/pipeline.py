@@ -18,8 +18,8 @@ import torch
 
 from rlhfkit.config import build_config, read_yaml
 from rlhfkit.demo import task
+from rlhfkit.demo.pairs import PAIR_FILES, label_pairs, write_jsonl, written_pairs
 from rlhfkit.demo.report import write_report
-from rlhfkit.demo.sampling import load_policy, sample
 from rlhfkit.errors import fail
 from rlhfkit.stages import run_stage
 
@@ -27,10 +27,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "examples" / "demo"
 GOLD_FUNCTION = "rlhfkit.demo.task:gold_reward"
-TIE_MARGIN = 0.1
-"""Pairs whose gold scores differ by less than this are ties and dropped."""
 
-FULL = {"sft_examples": 480, "pair_prompts": 288, "heldout": 120, "max_new_tokens": 40, "overrides": {}}
+FULL = {"sft_examples": 480, "pair_prompts": 384, "heldout": 120, "max_new_tokens": 40, "overrides": {}}
 QUICK = {
     "sft_examples": 48, "pair_prompts": 48, "heldout": 16, "max_new_tokens": 12,
     "overrides": {
@@ -40,10 +38,6 @@ QUICK = {
                 "learning_rate": 1e-2},
     },
 }
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _stage(name: str, model_dir: Path, data_dir: Path, output_dir: Path, extra: dict[str, Any],
@@ -71,63 +65,17 @@ def _stage(name: str, model_dir: Path, data_dir: Path, output_dir: Path, extra: 
 def _prepare_data(data_dir: Path, sizes: dict) -> tuple[list[str], list[str]]:
     data_dir.mkdir(parents=True, exist_ok=True)
     train_prompts, heldout_prompts = task.demo_prompts()
-    _write_jsonl(data_dir / "sft.jsonl", task.sft_examples(num_examples=sizes["sft_examples"]))
-    _write_jsonl(data_dir / "prompts.jsonl", [{"instruction": p} for p in train_prompts])
+    write_jsonl(data_dir / "sft.jsonl", task.sft_examples(num_examples=sizes["sft_examples"]))
+    write_jsonl(data_dir / "prompts.jsonl", [{"instruction": p} for p in train_prompts])
     info = {
         "demo_sft": {"file_name": "sft.jsonl"},
         "demo_prompts": {"file_name": "prompts.jsonl"},
-        "demo_pairs": {"file_name": "pairs.jsonl", "ranking": True,
-                       "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}},
+        **{name: {"file_name": PAIR_FILES[split], "ranking": True,
+                  "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}}
+           for name, split in (("demo_pairs", "train"), ("demo_pairs_heldout", "heldout"))},
     }
     (data_dir / "dataset_info.json").write_text(json.dumps(info, indent=2))
     return train_prompts, heldout_prompts[: sizes["heldout"]]
-
-
-def _label_pairs(model_dir: Path, sft_dir: Path, prompts: list[str], data_dir: Path, max_new_tokens: int,
-                 fresh: bool) -> dict[str, float]:
-    """Two SFT samples per prompt, ordered by the gold judge; near-ties dropped."""
-    path = data_dir / "pairs.jsonl"
-    if path.is_file() and not fresh:
-        logger.info("== pairs: reusing %s", path)
-        return {}
-    from transformers import AutoTokenizer
-
-    logger.info("== pairs: sampling 2 responses for %d prompts from the SFT policy", len(prompts))
-    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
-    policy = load_policy(model_dir, sft_dir)
-    first = sample(policy, None, tokenizer, prompts, max_new_tokens, 1.0, seed=1, label="pairs, first samples")
-    second = sample(policy, None, tokenizer, prompts, max_new_tokens, 1.0, seed=2, label="pairs, second samples")
-    scores_a, scores_b = task.gold_score(first.responses), task.gold_score(second.responses)
-    rows = []
-    for prompt, a, b, score_a, score_b in zip(prompts, first.responses, second.responses, scores_a, scores_b):
-        if abs(score_a - score_b) < TIE_MARGIN or not a.strip() or not b.strip():
-            continue
-        chosen, rejected = (a, b) if score_a > score_b else (b, a)
-        rows.append({"instruction": prompt, "chosen": chosen, "rejected": rejected})
-    if len(rows) < 8:
-        raise fail(f"only {len(rows)} preference pairs survived the tie rule; the SFT policy's samples are too alike")
-    _write_jsonl(path, rows)
-    logger.info("== pairs: %d pairs kept of %d prompts (ties within %.2f dropped)", len(rows), len(prompts),
-                TIE_MARGIN)
-    return {"pairs": len(rows), "prompts": len(prompts)}
-
-
-def _written_pairs(count: int, data_dir: Path) -> dict[str, float]:
-    """Quick mode: pairs of written reviews (positive chosen over negative, as VADER confirms).
-
-    A tiny random model writes gibberish that the gold judge scores 0, so its own samples would
-    all be ties; the written reviews exercise the same RM stage.
-    """
-    import random
-
-    rng = random.Random(0)
-    rows = []
-    for spec in task.demo_prompt_specs()[0][:count]:
-        good, bad = task.write_review(spec, "positive", rng), task.write_review(spec, "negative", rng)
-        if good and bad:
-            rows.append({"instruction": spec.text, "chosen": good, "rejected": bad})
-    _write_jsonl(data_dir / "pairs.jsonl", rows)
-    return {"pairs": len(rows), "prompts": count}
 
 
 def _base_model(quick: bool, work_dir: Path) -> Path:
@@ -163,9 +111,10 @@ def run_demo(output_dir: str | Path = "demo_output", quick: bool = False, fresh:
     timings["sft"] = time.time() - tick
     tick = time.time()
     if quick:
-        pair_info = _written_pairs(sizes["pair_prompts"], data_dir)
+        pair_info = written_pairs(sizes["pair_prompts"], data_dir)
     else:
-        pair_info = _label_pairs(model_dir, sft_dir, train_prompts[: sizes["pair_prompts"]], data_dir,
+        pair_info = label_pairs(model_dir, sft_dir, {"train": train_prompts[: sizes["pair_prompts"]],
+                                                      "heldout": heldout_prompts}, data_dir,
                                  sizes["max_new_tokens"], fresh)
     timings["pairs"] = time.time() - tick
     tick = time.time()
@@ -179,7 +128,7 @@ def run_demo(output_dir: str | Path = "demo_output", quick: bool = False, fresh:
     timings["ppo"] = time.time() - tick
     tick = time.time()
     report = write_report(work, model_dir, sft_dir, rm_dir, ppo_dir, heldout_prompts, sizes["max_new_tokens"],
-                          timings, pair_info)
+                          timings)
     timings["report"] = time.time() - tick
     logger.info("demo finished in %.1f min; report: %s", (time.time() - started) / 60, report)
     return report

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from rlhfkit.demo import task
+from rlhfkit.demo.pairs import PAIR_FILES, TIE_MARGIN
 from rlhfkit.demo.sampling import load_policy, reward_model_scores, sample
 from rlhfkit.tracking.summary import bootstrap_interval
 from rlhfkit.tracking.trainer_log import read_trainer_log
@@ -21,6 +22,10 @@ SAMPLING_SEED = 1234
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / max(len(values), 1)
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
 
 
 def plot_rewards(ppo_dir: Path, path: Path) -> Path | None:
@@ -49,7 +54,7 @@ def plot_rewards(ppo_dir: Path, path: Path) -> Path | None:
 
 
 def write_report(work: Path, model_dir: Path, sft_dir: Path, rm_dir: Path, ppo_dir: Path, prompts: list[str],
-                 max_new_tokens: int, timings: dict[str, float], pair_info: dict) -> Path:
+                 max_new_tokens: int, timings: dict[str, float]) -> Path:
     """Sample both policies on `prompts` with the same seed, score, and write report.md + PNG."""
     logger.info("== report: sampling SFT and PPO policies on %d held-out prompts", len(prompts))
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
@@ -77,6 +82,7 @@ def write_report(work: Path, model_dir: Path, sft_dir: Path, rm_dir: Path, ppo_d
         import json
 
         rm_accuracy = json.loads(rm_log.read_text()).get("eval_accuracy")
+    train_pairs, heldout_pairs = (_count_lines(work / "data" / PAIR_FILES[split]) for split in ("train", "heldout"))
     plot = plot_rewards(ppo_dir, work / "gold_vs_proxy.png")
     lines = [
         "# rlhfkit demo report",
@@ -93,9 +99,10 @@ def write_report(work: Path, model_dir: Path, sft_dir: Path, rm_dir: Path, ppo_d
         f"**PPO − SFT gold score: {_mean(difference):+.3f}** (95% bootstrap CI [{diff_low:+.3f}, {diff_high:+.3f}]"
         f"{', excludes 0' if diff_low > 0 or diff_high < 0 else ', includes 0'}).",
         "",
-        f"Reward model held-out pair accuracy: {rm_accuracy:.1%}." if rm_accuracy is not None else "",
-        f"Preference pairs: {pair_info.get('pairs', 'reused')} of {pair_info.get('prompts', '?')} prompts "
-        "(two SFT samples each, ordered by the gold judge; pairs within 0.1 gold points dropped as ties).",
+        f"Reward model accuracy on {heldout_pairs} held-out pairs (prompts never trained on): {rm_accuracy:.1%}."
+        if rm_accuracy is not None else "",
+        f"Preference pairs: {train_pairs} for training, {heldout_pairs} held out (two SFT samples per prompt, "
+        f"ordered by the gold judge; pairs within {TIE_MARGIN} gold points dropped as ties).",
         "",
         "Stage wall times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ".",
         "",

@@ -41,7 +41,7 @@ def load_policy(base_dir: str | Path, adapter_dir: str | Path | None):
 
 @torch.no_grad()
 def sample(model, reference, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, seed: int,
-           batch_size: int = 16, label: str = "sampling") -> Samples:
+           batch_size: int = 48, label: str = "sampling") -> Samples:
     """Sample one response per prompt (same seed, same prompts: comparable across policies).
 
     Progress (batches done, ETA) goes to the console under `label`.
