@@ -22,3 +22,23 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path: Path):
     ppo_log = [json.loads(line) for line in (tmp_path / "ppo" / "trainer_log.jsonl").read_text().splitlines()]
     assert {"score/rm", "score/gold", "kl", "reward"} <= set(ppo_log[-1])
     assert (tmp_path / "gold_vs_proxy.png").stat().st_size > 1000
+    # RM accuracy comes from pairs on held-out prompts, which the RM never trained on.
+    train_prompts = {json.loads(line)["instruction"] for line in (tmp_path / "data" / "pairs.jsonl").open()}
+    heldout_prompts = {json.loads(line)["instruction"]
+                       for line in (tmp_path / "data" / "pairs_heldout.jsonl").open()}
+    assert heldout_prompts and not train_prompts & heldout_prompts
+    assert "eval_accuracy" in json.loads((tmp_path / "rm" / "demo_stage_done.json").read_text())
+    assert f"accuracy on {len(heldout_prompts)} held-out pairs" in report
+
+
+@pytest.mark.slow
+def test_demo_second_run_reuses_every_stage(tmp_path: Path, capfd):
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    done = {stage: (tmp_path / stage / "demo_stage_done.json").read_text() for stage in ("sft", "rm", "ppo")}
+    capfd.readouterr()
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    console = "".join(capfd.readouterr())
+    for stage in ("sft", "pairs", "rm", "ppo"):
+        assert f"== {stage}: reusing" in console, stage
+    for stage in ("sft", "rm", "ppo"):
+        assert (tmp_path / stage / "demo_stage_done.json").read_text() == done[stage]  # not retrained

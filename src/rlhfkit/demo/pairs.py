@@ -40,9 +40,11 @@ def pairs_from(first, second) -> list[dict]:
 
 def label_pairs(model_dir: Path, sft_dir: Path, prompts: dict[str, list[str]], data_dir: Path, max_new_tokens: int,
                 fresh: bool) -> dict[str, float]:
-    """Preference pairs for the train prompts (RM training) and the held-out ones (RM accuracy)."""
-    if all((data_dir / name).is_file() for name in PAIR_FILES.values()) and not fresh:
-        logger.info("== pairs: reusing %s", data_dir / PAIR_FILES["train"])
+    """Preference pairs for the train prompts (RM training) and the held-out ones (RM accuracy).
+
+    Returns counts of what was written, or {} when the files of an earlier run are reused.
+    """
+    if _reusable(data_dir, fresh):
         return {}
     from transformers import AutoTokenizer
 
@@ -67,12 +69,21 @@ def label_pairs(model_dir: Path, sft_dir: Path, prompts: dict[str, list[str]], d
     return info
 
 
-def written_pairs(count: int, data_dir: Path) -> dict[str, float]:
+def _reusable(data_dir: Path, fresh: bool) -> bool:
+    if fresh or not all((data_dir / name).is_file() for name in PAIR_FILES.values()):
+        return False
+    logger.info("== pairs: reusing %s", data_dir / PAIR_FILES["train"])
+    return True
+
+
+def written_pairs(count: int, data_dir: Path, fresh: bool) -> dict[str, float]:
     """Quick mode: pairs of written reviews (positive chosen over negative, as VADER confirms).
 
     A tiny random model writes gibberish that the gold judge scores 0, so its own samples would
-    all be ties; the written reviews exercise the same RM stage.
+    all be ties; the written reviews exercise the same RM stage. Returns {} when reusing.
     """
+    if _reusable(data_dir, fresh):
+        return {}
     import random
 
     rng = random.Random(0)

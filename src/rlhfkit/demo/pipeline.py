@@ -111,7 +111,7 @@ def run_demo(output_dir: str | Path = "demo_output", quick: bool = False, fresh:
     timings["sft"] = time.time() - tick
     tick = time.time()
     if quick:
-        pair_info = written_pairs(sizes["pair_prompts"], data_dir)
+        pair_info = written_pairs(sizes["pair_prompts"], data_dir, fresh)
     else:
         pair_info = label_pairs(model_dir, sft_dir, {"train": train_prompts[: sizes["pair_prompts"]],
                                                       "heldout": heldout_prompts}, data_dir,
