@@ -51,6 +51,15 @@ class _SelectedLogSoftmax(torch.autograd.Function):
         return dz.to(ctx.input_dtype), None
 
 
+def _check_inputs(logits: Tensor, labels: Tensor, temperature: float) -> None:
+    _check_temperature(temperature)
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits (b, t, v) and labels (b, t), got {tuple(logits.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
+
+
 def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     """Log-probability of each label under ``softmax(logits / temperature)``.
 
@@ -66,12 +75,7 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
     Returns:
         ``(b, t)`` float32 log-probabilities (differentiable w.r.t. ``logits``).
     """
-    _check_temperature(temperature)
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"expected logits (b, t, v) and labels (b, t), got {tuple(logits.shape)} "
-            f"and {tuple(labels.shape)}"
-        )
+    _check_inputs(logits, labels, temperature)
     if logits.numel() == 0:
         return logits.new_zeros(labels.shape, dtype=torch.float32)
     return _SelectedLogSoftmax.apply(_scaled(logits, temperature), labels)
@@ -104,12 +108,7 @@ def logprobs_and_entropy(logits: Tensor, labels: Tensor, temperature: float = 1.
 
     Returns ``(b, t)`` float32 log-probabilities of ``labels`` and ``(b, t)`` entropies.
     """
-    _check_temperature(temperature)
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"expected logits (b, t, v) and labels (b, t), got {tuple(logits.shape)} "
-            f"and {tuple(labels.shape)}"
-        )
+    _check_inputs(logits, labels, temperature)
     if logits.numel() == 0:
         empty = logits.new_zeros(labels.shape, dtype=torch.float32)
         return empty, empty.clone()

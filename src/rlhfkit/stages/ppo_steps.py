@@ -74,7 +74,7 @@ def padding_bounds(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tup
     start = int(prompt_real.long().argmax()) if bool(prompt_real.any()) else query_mask.shape[1] - 1
     response_real = response_mask.bool().any(0).nonzero()
     end = int(response_real[-1]) + 1 if len(response_real) else 1
-    return min(start, query_mask.shape[1] - 1), end
+    return start, end
 
 
 def length_order(mask: torch.Tensor) -> torch.Tensor:
