@@ -6,11 +6,30 @@ the standard library and torch.
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import resource
 import statistics
 import time
 from pathlib import Path
+
+
+def driver_setup(description: str, lora_flag: bool = False) -> tuple[argparse.Namespace, dict]:
+    """Parse a driver's command line (WORKLOAD_FOLDER [--lora] [--threads N] [--steps N] [--out FILE]),
+    set torch's thread count, and load the workload. Returns (arguments, workload)."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("workload", help="a workload folder written by benchmarks/workloads.py")
+    if lora_flag:
+        parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
+    parser.add_argument("--out", help="also write the JSON line to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args, load_workload(args.workload)
 
 
 def load_workload(folder: str) -> dict:

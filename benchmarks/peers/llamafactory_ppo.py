@@ -15,7 +15,6 @@ Usage: python llamafactory_ppo.py WORKLOAD_FOLDER [--threads 2] [--steps 3] [--o
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -39,7 +38,7 @@ except ImportError:
     stub = types.ModuleType("torchaudio")
     stub.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
     sys.modules["torchaudio"] = stub
-from common import StepClock, emit, load_workload, prompts  # noqa: E402
+from common import StepClock, driver_setup, emit, prompts  # noqa: E402
 
 
 def write_lora_reward_model(work: dict, folder: Path) -> None:
@@ -59,14 +58,7 @@ def write_lora_reward_model(work: dict, folder: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("workload")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--out")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    work = load_workload(args.workload)
+    args, work = driver_setup(__doc__.splitlines()[0])
 
     from transformers import TrainerCallback
     from llamafactory.hparams import get_train_args

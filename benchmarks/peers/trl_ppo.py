@@ -14,7 +14,6 @@ Usage: python trl_ppo.py WORKLOAD_FOLDER [--lora] [--threads 2] [--steps 3] [--o
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -24,19 +23,11 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import StepClock, emit, load_workload, prompts  # noqa: E402
+from common import StepClock, driver_setup, emit, prompts  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("workload")
-    parser.add_argument("--lora", action="store_true")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--out")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    work = load_workload(args.workload)
+    args, work = driver_setup(__doc__.splitlines()[0], lora_flag=True)
 
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
