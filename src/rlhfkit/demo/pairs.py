@@ -39,18 +39,17 @@ def pairs_from(first, second) -> list[dict]:
 
 
 def label_pairs(model_dir: Path, sft_dir: Path, prompts: dict[str, list[str]], data_dir: Path, max_new_tokens: int,
-                fresh: bool) -> dict[str, float]:
+                fresh: bool) -> bool:
     """Preference pairs for the train prompts (RM training) and the held-out ones (RM accuracy).
 
-    Returns counts of what was written, or {} when the files of an earlier run are reused.
+    Returns whether new pairs were written (False: the files of an earlier run are reused).
     """
     if _reusable(data_dir, fresh):
-        return {}
+        return False
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     policy = load_policy(model_dir, sft_dir)
-    info: dict[str, float] = {}
     for split_index, (split, split_prompts) in enumerate(prompts.items()):
         logger.info("== pairs: sampling 2 responses for %d %s prompts from the SFT policy", len(split_prompts), split)
         seed = 1 + 2 * split_index
@@ -65,8 +64,7 @@ def label_pairs(model_dir: Path, sft_dir: Path, prompts: dict[str, list[str]], d
         write_jsonl(data_dir / PAIR_FILES[split], rows)
         logger.info("== pairs: %d %s pairs kept of %d prompts (ties within %.2f dropped)", len(rows), split,
                     len(split_prompts), TIE_MARGIN)
-        info.update({f"{split}_pairs": len(rows), f"{split}_prompts": len(split_prompts)})
-    return info
+    return True
 
 
 def _reusable(data_dir: Path, fresh: bool) -> bool:
@@ -76,14 +74,14 @@ def _reusable(data_dir: Path, fresh: bool) -> bool:
     return True
 
 
-def written_pairs(count: int, data_dir: Path, fresh: bool) -> dict[str, float]:
+def written_pairs(count: int, data_dir: Path, fresh: bool) -> bool:
     """Quick mode: pairs of written reviews (positive chosen over negative, as VADER confirms).
 
     A tiny random model writes gibberish that the gold judge scores 0, so its own samples would
-    all be ties; the written reviews exercise the same RM stage. Returns {} when reusing.
+    all be ties; the written reviews exercise the same RM stage. Returns whether pairs were written.
     """
     if _reusable(data_dir, fresh):
-        return {}
+        return False
     import random
 
     rng = random.Random(0)
@@ -95,5 +93,4 @@ def written_pairs(count: int, data_dir: Path, fresh: bool) -> dict[str, float]:
     split = max(len(rows) // 4, 1)
     write_jsonl(data_dir / PAIR_FILES["train"], rows[split:])
     write_jsonl(data_dir / PAIR_FILES["heldout"], rows[:split])
-    return {"train_pairs": len(rows) - split, "train_prompts": count - split, "heldout_pairs": split,
-            "heldout_prompts": split}
+    return True

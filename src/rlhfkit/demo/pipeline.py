@@ -111,20 +111,20 @@ def run_demo(output_dir: str | Path = "demo_output", quick: bool = False, fresh:
     timings["sft"] = time.time() - tick
     tick = time.time()
     if quick:
-        pair_info = written_pairs(sizes["pair_prompts"], data_dir, fresh)
+        new_pairs = written_pairs(sizes["pair_prompts"], data_dir, fresh)
     else:
-        pair_info = label_pairs(model_dir, sft_dir, {"train": train_prompts[: sizes["pair_prompts"]],
+        new_pairs = label_pairs(model_dir, sft_dir, {"train": train_prompts[: sizes["pair_prompts"]],
                                                       "heldout": heldout_prompts}, data_dir,
                                  sizes["max_new_tokens"], fresh)
     timings["pairs"] = time.time() - tick
     tick = time.time()
-    rm_dir = _stage("rm", model_dir, data_dir, work / "rm", overrides.get("rm", {}), fresh or bool(pair_info))
+    rm_dir = _stage("rm", model_dir, data_dir, work / "rm", overrides.get("rm", {}), fresh or new_pairs)
     timings["rm"] = time.time() - tick
     tick = time.time()
     reward_models = [{"path": str(rm_dir), "type": "lora", "weight": 1.0, "name": "rm"},
                      {"path": GOLD_FUNCTION, "type": "function", "weight": 0.0, "name": "gold"}]
     ppo_extra = {"adapter_name_or_path": str(sft_dir), "reward_models": reward_models, **overrides.get("ppo", {})}
-    ppo_dir = _stage("ppo", model_dir, data_dir, work / "ppo", ppo_extra, fresh or bool(pair_info))
+    ppo_dir = _stage("ppo", model_dir, data_dir, work / "ppo", ppo_extra, fresh or new_pairs)
     timings["ppo"] = time.time() - tick
     tick = time.time()
     report = write_report(work, model_dir, sft_dir, rm_dir, ppo_dir, heldout_prompts, sizes["max_new_tokens"],

@@ -114,11 +114,12 @@ def evaluate_rollout(policy, value_head, reference, reference_context, ids, mask
     values and entropy from the sampling passes; then only the reference runs here.
     """
     rows_total, width = response_ids.shape
-    out = {key: torch.zeros(rows_total, width, device=ids.device)
-           for key in ("logprobs", "values", "entropy", "ref_logprobs")}
-    if recorded is not None:
-        for key in ("logprobs", "values", "entropy"):
-            out[key] = getattr(recorded, key).float()
+    def zeros():
+        return torch.zeros(rows_total, width, device=ids.device)
+
+    out = {key: zeros() if recorded is None else getattr(recorded, key).float()
+           for key in ("logprobs", "values", "entropy")}
+    out["ref_logprobs"] = zeros()
     prompt_width = ids.shape[1] - width
     order = length_order(mask)  # chunks of similar length, each trimmed to its own padding
     for begin in range(0, rows_total, chunk_size):
