@@ -288,3 +288,52 @@ def test_trimmed_rollout_drops_only_columns_padded_in_every_row():
     assert torch.equal(part.advantages, values[[1, 3], :7]) and torch.equal(part.scores, torch.tensor([1.0, 3.0]))
     single = rollout.select(torch.tensor([2])).trimmed()  # the longest prompt, a one-token response
     assert single.query_ids.shape == (1, 9) and single.response_ids.shape == (1, 1)
+
+
+# ------------------------------------------------------------------------------- torch_compile
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_eager_update_and_eager_decoding(tiny_model_dir):
+    """`torch_compile` changes kernels, not results: the update's gradients (micro-batches of 3 and 1,
+    so two batch shapes go through the compiled blocks), the no-grad log-probs and the sampled tokens
+    equal those of the same weights run eagerly."""
+    from rlhfkit.config import GenerationArguments
+    from torch._dynamo.utils import counters
+
+    from rlhfkit.models.compile import compile_blocks
+    from rlhfkit.rollout.generation import HFGenerator
+    from transformers import AutoTokenizer
+
+    policies = []
+    for _ in range(2):
+        policy = _lora(_model(tiny_model_dir))
+        for name, param in policy.named_parameters():
+            param.requires_grad_("lora_" in name)
+        policy.train()
+        policies.append(policy)
+    eager, compiled = policies
+    compiled.load_state_dict(eager.state_dict())  # the same adapter (LoRA A is drawn at random)
+    assert compile_blocks(compiled) == compiled.config.num_hidden_layers
+    head = _head(eager.config.hidden_size)
+    rollout = _fixed_rollout(eager, head)
+    ids, mask = rollout.sequences()
+    with torch.no_grad():
+        expected = response_forward(eager, head, ids, mask, rollout.response_ids, 0.9, with_entropy=True)
+        got = response_forward(compiled, head, ids, mask, rollout.response_ids, 0.9, with_entropy=True)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=0)
+    eager_stats, eager_grads = _update_grads(eager, head, rollout, 3, StandInAccelerator())
+    compiled_stats, compiled_grads = _update_grads(compiled, head, rollout, 3, StandInAccelerator())
+    assert eager_stats["policy_clipfrac"] > 0
+    assert counters["stats"]["unique_graphs"] > 0  # the compiled code ran
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
+    for key, value in eager_stats.items():
+        assert compiled_stats[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    generator = HFGenerator(tokenizer, GenerationArguments(max_new_tokens=6, do_sample=False), [tokenizer.eos_token_id])
+    query, query_mask = rollout.query_ids, rollout.query_mask
+    tokens = [generator.generate(model, query, query_mask, record=record).response_ids
+              for model in (eager, compiled) for record in (True, False)]
+    assert all(torch.equal(t, tokens[0]) for t in tokens[1:])

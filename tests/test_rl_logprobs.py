@@ -117,3 +117,23 @@ def test_logprobs_and_entropy_equal_the_separate_functions():
     torch.testing.assert_close(logprobs, logprobs_from_logits(logits, labels, 0.9), atol=0, rtol=0)
     torch.testing.assert_close(entropy, entropy_from_logits(logits, 0.9), atol=0, rtol=0)
     assert torch.isfinite(entropy).all()
+
+
+def test_no_grad_blocks_equal_one_whole_pass(monkeypatch):
+    # Without gradients the log-softmax runs over blocks of positions; every block size (one
+    # position, a size that leaves a remainder, all positions) gives the one-pass values exactly.
+    import rlhfkit.rl.logprobs as module
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, 17, generator=gen)
+    labels = torch.randint(0, 17, (3, 5), generator=gen)
+    lsm = torch.log_softmax(logits / 0.7, -1)
+    whole = lsm.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    whole_entropy = -(lsm.exp() * lsm).sum(-1)
+    for positions in (1, 4, 15, 100):
+        monkeypatch.setattr(module, "NO_GRAD_BLOCK_ELEMENTS", positions * 17)
+        with torch.no_grad():
+            torch.testing.assert_close(logprobs_from_logits(logits, labels, 0.7), whole, atol=0, rtol=0)
+        logprobs, entropy = logprobs_and_entropy(logits, labels, 0.7)
+        torch.testing.assert_close(logprobs, whole, atol=0, rtol=0)
+        torch.testing.assert_close(entropy, whole_entropy, atol=1e-6, rtol=0)

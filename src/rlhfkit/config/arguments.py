@@ -122,6 +122,8 @@ class TrainingArguments:
     """Compute in float16 (trainable parameters stay float32)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    torch_compile: bool = False
+    """Compile each transformer block with torch.compile (fused kernels, fewer saved activations) after a one-off compilation on the first steps; generation stays eager."""
     eval_steps: Optional[int] = None
     """Evaluate every this many steps (default: only at the end)."""
     resume_from_checkpoint: Any = None

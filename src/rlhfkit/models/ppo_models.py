@@ -23,6 +23,7 @@ from rlhfkit.config import Config
 from rlhfkit.data import get_template
 from rlhfkit.errors import fail
 from rlhfkit.models.adapters import adapter_base_path, check_adapter_dir, merge_adapters, setup_finetuning, split_paths
+from rlhfkit.models.compile import compile_blocks
 from rlhfkit.models.loading import (
     disable_dropout,
     enable_gradient_checkpointing,
@@ -184,6 +185,10 @@ def build_ppo_models(config: Config, tokenizer, device: torch.device) -> PPOMode
         enable_gradient_checkpointing(base)
     policy = setup_finetuning(base, f, adapters)
     disable_dropout(policy)
+    if config.training.torch_compile:  # the LoRA reference is this model with its adapter off
+        for model in (policy, frozen_reference):
+            if model is not None:
+                compile_blocks(model)
     hidden = policy.config.get_text_config().hidden_size
     models = PPOModels(policy=policy, value_head=ValueHead(hidden).to(device), reference=None, reference_adapter="")
     # Reference: explicit model, the frozen SFT adapter, the adapter-less base, or a frozen copy.

@@ -78,6 +78,8 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
     _check_inputs(logits, labels, temperature)
     if logits.numel() == 0:
         return logits.new_zeros(labels.shape, dtype=torch.float32)
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return _chunked_no_grad(logits, labels, temperature)[0]
     return _SelectedLogSoftmax.apply(_scaled(logits, temperature), labels)
 
 
@@ -112,9 +114,34 @@ def logprobs_and_entropy(logits: Tensor, labels: Tensor, temperature: float = 1.
     if logits.numel() == 0:
         empty = logits.new_zeros(labels.shape, dtype=torch.float32)
         return empty, empty.clone()
-    with torch.no_grad():
-        lsm = torch.log_softmax(_scaled(logits, temperature), dim=-1, dtype=torch.float32)  # (b, t, v)
-        return lsm.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1), _entropy(lsm)
+    return _chunked_no_grad(logits, labels, temperature, with_entropy=True)
+
+
+# Positions x vocabulary entries per log-softmax block without gradients (16 MB of float32):
+# a whole (b, t, v) log-softmax beside the logits would double the logits' memory.
+NO_GRAD_BLOCK_ELEMENTS = 1 << 22
+
+
+@torch.no_grad()
+def _chunked_no_grad(logits: Tensor, labels: Tensor, temperature: float,
+                     with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Selected log-probs (and entropies) ``(b, t)``, one block of positions at a time.
+
+    Each position's log-softmax is independent of the others, so the blocks give exactly the
+    values of one whole-tensor pass while holding at most `NO_GRAD_BLOCK_ELEMENTS` extra floats.
+    """
+    vocab = logits.shape[-1]
+    flat_logits, flat_labels = logits.reshape(-1, vocab), labels.reshape(-1, 1).long()
+    logprobs = torch.empty(flat_labels.shape[0], dtype=torch.float32, device=logits.device)
+    entropy = torch.empty_like(logprobs) if with_entropy else None
+    block = max(1, NO_GRAD_BLOCK_ELEMENTS // vocab)
+    for begin in range(0, flat_labels.shape[0], block):
+        end = begin + block
+        lsm = torch.log_softmax(_scaled(flat_logits[begin:end], temperature), dim=-1, dtype=torch.float32)
+        logprobs[begin:end] = lsm.gather(-1, flat_labels[begin:end]).squeeze(-1)
+        if entropy is not None:
+            entropy[begin:end] = _entropy(lsm)
+    return logprobs.view(labels.shape), entropy.view(labels.shape) if entropy is not None else None
 
 
 def _entropy(lsm: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ from transformers import GenerationConfig
 
 from rlhfkit.config import GenerationArguments
 from rlhfkit.errors import fail
+from rlhfkit.models.compile import eager_blocks
 from rlhfkit.rl import truncate_after_stop
 from rlhfkit.rollout.sampler import SamplingSettings, sample_with_records
 
@@ -86,13 +87,14 @@ class HFGenerator:
         was_training = model.training
         model.eval()
         records = None
-        if record:
-            records = sample_with_records(model, input_ids, attention_mask, self.settings, value_head)
-            generated = records.tokens
-        else:
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                    generation_config=self.config, synced_gpus=False)
-            generated = output[:, input_ids.shape[1]:]
+        with eager_blocks():  # compiled blocks (torch_compile) would recompile for every cache length
+            if record:
+                records = sample_with_records(model, input_ids, attention_mask, self.settings, value_head)
+                generated = records.tokens
+            else:
+                output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                        generation_config=self.config, synced_gpus=False)
+                generated = output[:, input_ids.shape[1]:]
         if was_training:
             model.train()
         response_ids, response_mask, ended = truncate_after_stop(

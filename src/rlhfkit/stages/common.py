@@ -21,6 +21,7 @@ from rlhfkit.data import (
 )
 from rlhfkit.errors import fail
 from rlhfkit.models.adapters import setup_finetuning, split_paths
+from rlhfkit.models.compile import compile_blocks
 from rlhfkit.models.loading import (
     count_parameters,
     enable_gradient_checkpointing,
@@ -85,6 +86,8 @@ def load_trainable_model(config: Config, tokenizer, device: torch.device | None)
     if config.training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model = setup_finetuning(model, config.finetuning, split_paths(config.model.adapter_name_or_path))
+    if config.training.torch_compile:
+        compile_blocks(model)
     trainable, total = count_parameters(model)
     logger.info("model %s: %s, %.2fM trainable of %.2fM parameters", config.model.model_name_or_path,
                 config.finetuning.finetuning_type, trainable / 1e6, total / 1e6)
