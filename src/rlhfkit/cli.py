@@ -99,19 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from rlhfkit.training.runtime import setup_logging
+    from rlhfkit.training.runtime import exit_launched_process, setup_logging
 
     setup_logging(args.debug)
     try:
-        return args.handler(args)
+        code = args.handler(args)
     except RlhfkitError as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
-        return getattr(err, "exit_code", 2)
+        code = getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    exit_launched_process(code)  # returns unless this is one process of a multi-process launch
+    return code
 
 
 if __name__ == "__main__":
