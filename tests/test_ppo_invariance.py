@@ -298,13 +298,14 @@ def test_compiled_blocks_give_the_eager_update_and_eager_decoding(tiny_model_dir
     """`torch_compile` changes kernels, not results: the update's gradients (micro-batches of 3 and 1,
     so two batch shapes go through the compiled blocks), the no-grad log-probs and the sampled tokens
     equal those of the same weights run eagerly."""
-    from rlhfkit.config import GenerationArguments
     from torch._dynamo.utils import counters
-
-    from rlhfkit.models.compile import compile_blocks
-    from rlhfkit.rollout.generation import HFGenerator
     from transformers import AutoTokenizer
 
+    from rlhfkit.config import GenerationArguments
+    from rlhfkit.models.compile import compile_blocks
+    from rlhfkit.rollout.generation import HFGenerator
+
+    counters.clear()
     policies = []
     for _ in range(2):
         policy = _lora(_model(tiny_model_dir))
