@@ -117,6 +117,48 @@ def test_left_padding_does_not_change_logprobs_or_values(tiny_model_dir, attn):
     torch.testing.assert_close(e0[0], expected_e, atol=1e-5, rtol=0)
 
 
+# ------------------------------------------------------------------------ values at the logits
+
+
+@pytest.mark.parametrize("kind", ["plain", "lora", "with_head"])
+@pytest.mark.parametrize("keep", ["index", "last"])
+def test_values_read_from_the_head_input_equal_the_last_hidden_states(tiny_model_dir, kind, keep):
+    """Values at the positions with logits, read from the LM head's input, equal the value head applied
+    to transformers' own last hidden states there; the capturing hook is gone afterwards."""
+    from rlhfkit.models.forward import forward_with_values
+    from rlhfkit.models.value_head import ModelWithValueHead
+
+    model = _model(tiny_model_dir)
+    if kind == "lora":
+        model = _lora(model)
+    head = _head(model.config.hidden_size)
+    *_, ids, mask = _batch(PROMPTS, RESPONSES)
+    positions = torch.tensor([2, 5, ids.shape[1] - 2]) if keep == "index" else torch.arange(ids.shape[1] - 4, ids.shape[1])
+    logits_to_keep = positions if keep == "index" else 4
+    runner, runner_head = (ModelWithValueHead(model, head), None) if kind == "with_head" else (model, head)
+    with torch.no_grad():
+        output, values = forward_with_values(runner, runner_head, ids, mask, logits_to_keep, at_logits=True)
+        _, all_values = forward_with_values(runner, runner_head, ids, mask, logits_to_keep)
+    assert values.shape == (len(PROMPTS), len(positions)) == output.logits.shape[:2]
+    torch.testing.assert_close(values, all_values[:, positions], atol=1e-6, rtol=0)
+    assert not model.get_output_embeddings()._forward_pre_hooks
+
+
+def test_values_follow_the_kept_positions_when_the_head_sees_every_position():
+    """A model that runs its head on all positions and slices the logits afterwards."""
+    from rlhfkit.models.forward import HeadInput, values_at_logits
+
+    hidden = torch.randn(2, 7, 3)
+    captured = HeadInput()
+    captured.hidden = hidden
+    head = torch.nn.Linear(3, 1)
+    value = lambda h: head(h).squeeze(-1)  # noqa: E731
+    index = torch.tensor([1, 4])
+    torch.testing.assert_close(values_at_logits(captured, value, torch.zeros(2, 2, 11), index), value(hidden[:, index]))
+    torch.testing.assert_close(values_at_logits(captured, value, torch.zeros(2, 3, 11), 3), value(hidden[:, -3:]))
+    torch.testing.assert_close(values_at_logits(captured, value, torch.zeros(2, 7, 11), 0), value(hidden))
+
+
 # -------------------------------------------------------------------------------- temperature
 
 
@@ -328,6 +370,8 @@ def test_compiled_blocks_give_the_eager_update_and_eager_decoding(tiny_model_dir
     compiled_stats, compiled_grads = _update_grads(compiled, head, rollout, 3, StandInAccelerator())
     assert eager_stats["policy_clipfrac"] > 0
     assert counters["stats"]["unique_graphs"] > 0  # the compiled code ran
+    assert not counters["graph_break"], dict(counters["graph_break"])  # one graph per block: values come
+    # from the head's input, not from transformers' per-layer output hooks
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
     for key, value in eager_stats.items():

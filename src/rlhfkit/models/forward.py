@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 
@@ -44,17 +47,66 @@ def causal_lm_forward(
     )
 
 
+class HeadInput:
+    """Holds the hidden states the LM head was called with (`capture_head_input`)."""
+
+    hidden: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def capture_head_input(model) -> Iterator[HeadInput]:
+    """Record the input of `model`'s output embeddings (the LM head) during a forward pass.
+
+    That input is the last hidden state (after the final norm) at exactly the positions that get
+    logits (`logits_to_keep`), which is where PPO needs values. Reading it here instead of asking
+    for ``output_hidden_states`` keeps transformers' per-layer output-capturing hooks out of the
+    forward pass: inside compiled blocks (`torch_compile`) each such hook is a graph break.
+    """
+    captured = HeadInput()
+
+    def keep(_module, args):
+        captured.hidden = args[0]
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(keep)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def values_at_logits(captured: HeadInput, value_head, logits: torch.Tensor,
+                     logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The value at every position that has logits, ``(b, K)``, from a `capture_head_input` record."""
+    hidden = captured.hidden
+    if hidden is None:
+        raise RuntimeError("the model's forward did not call its output embeddings; values cannot be read")
+    if hidden.shape[1] != logits.shape[1]:  # a model that runs its head on every position
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        elif logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+    return value_head(hidden)
+
+
 def forward_with_values(model, value_head, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        logits_to_keep: int | torch.Tensor = 0, with_values: bool = True):
+                        logits_to_keep: int | torch.Tensor = 0, with_values: bool = True,
+                        at_logits: bool = False):
     """The LM output and the value of every position, ``(b, T)`` (None without `with_values`).
 
+    `at_logits`: values only at the positions that get logits (`logits_to_keep`), ``(b, K)``, read
+    from the LM head's input (`capture_head_input`), which is cheaper than all hidden states.
     `value_head` is applied to the last hidden states here; None means `model` is a
     `ModelWithValueHead` (possibly wrapped by DDP, FSDP or DeepSpeed) that applies its own head
     inside its forward, which sharded training needs: the head's weights exist in full only there.
     """
     if value_head is None and with_values:
-        output = causal_lm_forward(model, input_ids, attention_mask, logits_to_keep, with_values=True)
+        output = causal_lm_forward(model, input_ids, attention_mask, logits_to_keep, with_values=True,
+                                   values_at_logits=at_logits)
         return output, output["values"]
+    if with_values and at_logits:
+        with capture_head_input(model) as captured:
+            output = causal_lm_forward(model, input_ids, attention_mask, logits_to_keep)
+        return output, values_at_logits(captured, value_head, output.logits, logits_to_keep)
     output = causal_lm_forward(model, input_ids, attention_mask, logits_to_keep, output_hidden_states=with_values)
     return output, value_head(output.hidden_states[-1]) if with_values else None
 

@@ -9,6 +9,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlhfkit.errors import fail
+from rlhfkit.models.forward import capture_head_input
+from rlhfkit.models.forward import values_at_logits as read_values_at_logits
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -64,7 +66,8 @@ class ModelWithValueHead(nn.Module):
 
     DeepSpeed and FSDP2 prepare one model per optimizer, and FSDP gathers a module's weights only
     inside its forward; so the head runs inside this forward. It takes the LM's arguments and
-    returns the LM's output, with ``output["values"]`` ``(b, T)`` added when `with_values`.
+    returns the LM's output, with ``output["values"]`` ``(b, T)`` added when `with_values`
+    (``(b, K)``, only at the positions that get logits, with `values_at_logits`).
     """
 
     def __init__(self, model: nn.Module, value_head: ValueHead) -> None:
@@ -78,7 +81,14 @@ class ModelWithValueHead(nn.Module):
         return getattr(self.model, "_no_split_modules", None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_values: bool = False,
-                output_hidden_states: bool = False, **kwargs):
+                output_hidden_states: bool = False, values_at_logits: bool = False, **kwargs):
+        if with_values and values_at_logits:
+            with capture_head_input(self.model) as captured:
+                output = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                    output_hidden_states=output_hidden_states, **kwargs)
+            output["values"] = read_values_at_logits(captured, self.value_head, output.logits,
+                                                     kwargs.get("logits_to_keep", 0))  # (b, K)
+            return output
         output = self.model(input_ids=input_ids, attention_mask=attention_mask,
                             output_hidden_states=output_hidden_states or with_values, **kwargs)
         if with_values:

@@ -18,6 +18,7 @@ Shapes: ``b`` rows, ``P`` prompt length (left-padded), ``R`` new tokens, ``v`` v
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from rlhfkit.models.forward import position_ids_from_mask
+from rlhfkit.models.forward import capture_head_input, position_ids_from_mask, values_at_logits
 
 
 @dataclass
@@ -133,9 +134,9 @@ def sample_with_records(model, input_ids: torch.Tensor, attention_mask: torch.Te
     running = torch.ones(rows, dtype=torch.bool, device=device)
     tokens, logprobs, values, entropies = [], [], [], []
     for _ in range(settings.max_new_tokens):
-        output = model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1,
-                       output_hidden_states=value_head is not None)
+        with capture_head_input(model) if value_head is not None else contextlib.nullcontext() as head_input:
+            output = model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = output.past_key_values
         logits = output.logits[:, -1].float()  # (b, v) raw, finite
         lsm, probs, sampling = recorded_distribution(logits, temperature, stop_ids,
@@ -150,7 +151,7 @@ def sample_with_records(model, input_ids: torch.Tensor, attention_mask: torch.Te
         logprobs.append(lsm.gather(-1, token.unsqueeze(-1)).squeeze(-1))
         entropies.append(-(probs * lsm).sum(-1))  # raw logits are finite, so no 0 * -inf
         if value_head is not None:
-            values.append(value_head(output.hidden_states[-1][:, -1:]).squeeze(-1).float())
+            values.append(values_at_logits(head_input, value_head, output.logits, 1).squeeze(-1).float())
         running = running & ~torch.isin(token, stop_ids)
         if not bool(running.any()):
             break

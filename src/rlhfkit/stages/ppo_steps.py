@@ -87,21 +87,21 @@ def response_forward(model, value_head, ids: torch.Tensor, mask: torch.Tensor, r
     """Log-probs (and values, entropy) of the response tokens at the end of ``ids``.
 
     Vocabulary logits are computed only for the R positions that predict response tokens (an
-    index tensor as `logits_to_keep`, so no slice of the logits needs a backward pass).
+    index tensor as `logits_to_keep`, so no slice of the logits needs a backward pass), and values
+    at the same positions, from the LM head's input (no per-layer hidden states).
     `value_head` None with `with_values`: `model` is a `ModelWithValueHead` (see `forward_with_values`).
     Returns ``logprobs (b, R)``, ``values (b, R) | None``, ``entropy (b, R) | None``.
     """
     length, width = ids.shape[1], response_ids.shape[1]
     predicting = torch.arange(length - width - 1, length - 1, device=ids.device)  # (R,)
     output, values = forward_with_values(model, value_head, ids, mask, logits_to_keep=predicting,
-                                         with_values=with_values)
+                                         with_values=with_values, at_logits=True)  # values (b, R)
     logits = output.logits  # (b, R, v): position i predicts response token i
     if with_entropy and not torch.is_grad_enabled():  # one log-softmax for both
         logprobs, entropy = logprobs_and_entropy(logits, response_ids, temperature)
     else:
         logprobs = logprobs_from_logits(logits, response_ids, temperature)
         entropy = entropy_from_logits(logits, temperature) if with_entropy else None
-    values = values[:, -width - 1:-1] if with_values else None
     return logprobs, values, entropy
 
 

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 2**20  # glibc's maximum on 64-bit systems
-TRIM_THRESHOLD = 2**30
+TRIM_THRESHOLD = 256 * 2**20
 _applied = False
 
 
