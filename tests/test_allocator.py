@@ -4,6 +4,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,28 @@ def test_freed_blocks_stay_in_the_heap():
 def test_users_malloc_settings_win(env):
     applied, _, _ = probe("tuned", **env)
     assert applied == "False"
+
+
+THP_PROBE = """
+import rlhfkit, torch
+x = torch.empty(1 << 24).fill_(1.0)  # 64 MB
+rollup = open("/proc/self/smaps_rollup").read().splitlines()
+print(next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages")) >> 10)
+"""
+
+
+def huge_page_mb(**env) -> int:
+    environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    environment.update(env)
+    return int(subprocess.run([sys.executable, "-c", THP_PROBE], capture_output=True, text=True, env=environment,
+                              check=True).stdout)
+
+
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP_MODE.is_file() or "[madvise]" not in THP_MODE.read_text(),
+                    reason="transparent huge pages on request (madvise mode) only")
+def test_importing_rlhfkit_first_gives_large_tensors_huge_pages():
+    assert huge_page_mb() >= 32
+    assert huge_page_mb(THP_MEM_ALLOC_ENABLE="0") == 0  # the user's setting wins

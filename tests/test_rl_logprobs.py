@@ -98,6 +98,18 @@ def test_logprobs_gradient_matches_autograd_of_log_softmax():
     torch.testing.assert_close(ours.grad, reference.grad, atol=1e-6, rtol=0)
 
 
+def test_logprobs_backward_refuses_a_second_pass_over_one_graph():
+    # The backward pass writes the gradient over its saved log-softmax, so a retained graph must
+    # not silently give a wrong second gradient.
+    import pytest
+
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    out = logprobs_from_logits(logits, torch.zeros(2, 3, dtype=torch.long)).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run twice"):
+        out.backward()
+
+
 def test_logprobs_bf16_gradient_keeps_the_logits_dtype():
     logits = torch.tensor([[[0.0, 1.0, 2.0]]], dtype=torch.bfloat16, requires_grad=True)
     logprobs_from_logits(logits, torch.tensor([[0]])).sum().backward()
