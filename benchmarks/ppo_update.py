@@ -54,9 +54,9 @@ REWARD_FILE = Path(__file__).resolve().parent / "reward.py"
 # 2.93 -> 3.03 s, 0.88 -> 0.75 GB; W2 LoRA 4 -> 2 rows 31.2 -> 31.6 s, 1.95 -> 1.58 GB).
 MICRO_BATCH = {("W1", "full"): 16, ("W1", "lora"): 8, ("W2", "full"): 4, ("W2", "lora"): 2}
 # Rows per no-grad forward of the evaluate phase (`per_device_eval_batch_size`): the reference's
-# vocabulary logits of one chunk are rows x 32 x 49,152 floats, 100 MB for all 16 rows; W2 LoRA
-# runs 8-row chunks, which cut its peak memory by 0.1 GB (1.47 -> 1.36 GB) for ~0.05 s.
-EVAL_CHUNK = {("W1", "full"): 16, ("W1", "lora"): 16, ("W2", "full"): 16, ("W2", "lora"): 8}
+# vocabulary logits of one chunk are rows x 32 x 49,152 floats, 100 MB for all 16 rows. W2 LoRA
+# runs 4-row chunks: peak memory 1.47 (16 rows) / 1.41 (8) / 1.37 GB (4), step time within noise.
+EVAL_CHUNK = {("W1", "full"): 16, ("W1", "lora"): 16, ("W2", "full"): 16, ("W2", "lora"): 4}
 # `torch_compile` where it pays (measured, 2 threads): W2 full 23.2 -> 19.9 s, W2 LoRA 18.4 -> 17.0 s
 # and 1.60 -> 1.41 GB; W1 within the noise (full 1.81 -> 1.78 s), so W1 runs eagerly.
 # Compilation happens in the unmeasured warm-up step (`warmup_seconds`).
