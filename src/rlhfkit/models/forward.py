@@ -7,6 +7,8 @@ from typing import Iterator
 
 import torch
 
+from rlhfkit.errors import fail
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so left padding does not shift them. ``(b, T)``."""
@@ -67,7 +69,12 @@ def capture_head_input(model) -> Iterator[HeadInput]:
     def keep(_module, args):
         captured.hidden = args[0]
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(keep)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        raise fail(f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None), so its "
+                   "values cannot be read at the logits' positions; PPO needs a causal LM with an LM head")
+    handle = head.register_forward_pre_hook(keep)
     try:
         yield captured
     finally:
