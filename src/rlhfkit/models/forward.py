@@ -95,6 +95,13 @@ def values_at_logits(captured: HeadInput, value_head, logits: torch.Tensor,
     return value_head(hidden)
 
 
+def forward_reading_values(model, value_head, logits_to_keep: int | torch.Tensor, run):
+    """``run()`` (a forward pass of `model`) and the values at its logits' positions ``(b, K)``."""
+    with capture_head_input(model) as captured:
+        output = run()
+    return output, values_at_logits(captured, value_head, output.logits, logits_to_keep)
+
+
 def forward_with_values(model, value_head, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         logits_to_keep: int | torch.Tensor = 0, with_values: bool = True,
                         at_logits: bool = False):
@@ -111,9 +118,8 @@ def forward_with_values(model, value_head, input_ids: torch.Tensor, attention_ma
                                    values_at_logits=at_logits)
         return output, output["values"]
     if with_values and at_logits:
-        with capture_head_input(model) as captured:
-            output = causal_lm_forward(model, input_ids, attention_mask, logits_to_keep)
-        return output, values_at_logits(captured, value_head, output.logits, logits_to_keep)
+        return forward_reading_values(model, value_head, logits_to_keep,
+                                      lambda: causal_lm_forward(model, input_ids, attention_mask, logits_to_keep))
     output = causal_lm_forward(model, input_ids, attention_mask, logits_to_keep, output_hidden_states=with_values)
     return output, value_head(output.hidden_states[-1]) if with_values else None
 

@@ -9,8 +9,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlhfkit.errors import fail
-from rlhfkit.models.forward import capture_head_input
-from rlhfkit.models.forward import values_at_logits as read_values_at_logits
+from rlhfkit.models.forward import forward_reading_values
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -83,11 +82,10 @@ class ModelWithValueHead(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_values: bool = False,
                 output_hidden_states: bool = False, values_at_logits: bool = False, **kwargs):
         if with_values and values_at_logits:
-            with capture_head_input(self.model) as captured:
-                output = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                    output_hidden_states=output_hidden_states, **kwargs)
-            output["values"] = read_values_at_logits(captured, self.value_head, output.logits,
-                                                     kwargs.get("logits_to_keep", 0))  # (b, K)
+            output, output["values"] = forward_reading_values(  # values (b, K)
+                self.model, self.value_head, kwargs.get("logits_to_keep", 0),
+                lambda: self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                   output_hidden_states=output_hidden_states, **kwargs))
             return output
         output = self.model(input_ids=input_ids, attention_mask=attention_mask,
                             output_hidden_states=output_hidden_states or with_values, **kwargs)

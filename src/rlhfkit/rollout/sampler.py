@@ -133,32 +133,33 @@ def sample_with_records(model, input_ids: torch.Tensor, attention_mask: torch.Te
     step_input, step_positions = input_ids, positions
     running = torch.ones(rows, dtype=torch.bool, device=device)
     tokens, logprobs, values, entropies = [], [], [], []
-    for _ in range(settings.max_new_tokens):
-        with capture_head_input(model) if value_head is not None else contextlib.nullcontext() as head_input:
+    # One hook for the whole loop: each step's LM-head input is the last hidden state, for the values.
+    with capture_head_input(model) if value_head is not None else contextlib.nullcontext() as head_input:
+        for _ in range(settings.max_new_tokens):
             output = model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
                            past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = output.past_key_values
-        logits = output.logits[:, -1].float()  # (b, v) raw, finite
-        lsm, probs, sampling = recorded_distribution(logits, temperature, stop_ids,
-                                                     ban_stops=len(tokens) < settings.min_new_tokens)
-        if processors is None:
-            token = sample_from_probs(sampling)
-        else:
-            scores = processors(sequence, logits.clone())
-            token = sample_from_probs(torch.softmax(scores, -1)) if settings.do_sample else scores.argmax(-1)
-        token = torch.where(running, token, torch.full_like(token, settings.pad_token_id))
-        tokens.append(token)
-        logprobs.append(lsm.gather(-1, token.unsqueeze(-1)).squeeze(-1))
-        entropies.append(-(probs * lsm).sum(-1))  # raw logits are finite, so no 0 * -inf
-        if value_head is not None:
-            values.append(values_at_logits(head_input, value_head, output.logits, 1).squeeze(-1).float())
-        running = running & ~torch.isin(token, stop_ids)
-        if not bool(running.any()):
-            break
-        if processors is not None:  # the repetition penalty reads the tokens so far
-            sequence = torch.cat([sequence, token.unsqueeze(-1)], dim=-1)
-        mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=-1)
-        step_positions = step_positions[:, -1:] + 1
-        step_input = token.unsqueeze(-1)
+            cache = output.past_key_values
+            logits = output.logits[:, -1].float()  # (b, v) raw, finite
+            lsm, probs, sampling = recorded_distribution(logits, temperature, stop_ids,
+                                                         ban_stops=len(tokens) < settings.min_new_tokens)
+            if processors is None:
+                token = sample_from_probs(sampling)
+            else:
+                scores = processors(sequence, logits.clone())
+                token = sample_from_probs(torch.softmax(scores, -1)) if settings.do_sample else scores.argmax(-1)
+            token = torch.where(running, token, torch.full_like(token, settings.pad_token_id))
+            tokens.append(token)
+            logprobs.append(lsm.gather(-1, token.unsqueeze(-1)).squeeze(-1))
+            entropies.append(-(probs * lsm).sum(-1))  # raw logits are finite, so no 0 * -inf
+            if value_head is not None:
+                values.append(values_at_logits(head_input, value_head, output.logits, 1).squeeze(-1).float())
+            running = running & ~torch.isin(token, stop_ids)
+            if not bool(running.any()):
+                break
+            if processors is not None:  # the repetition penalty reads the tokens so far
+                sequence = torch.cat([sequence, token.unsqueeze(-1)], dim=-1)
+            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=-1)
+            step_positions = step_positions[:, -1:] + 1
+            step_input = token.unsqueeze(-1)
     return SampledBatch(torch.stack(tokens, 1), torch.stack(logprobs, 1),
                         torch.stack(values, 1) if value_head is not None else None, torch.stack(entropies, 1))
