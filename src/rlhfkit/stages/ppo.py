@@ -51,7 +51,7 @@ from rlhfkit.stages.ppo_steps import (
 from rlhfkit.tracking.trainer_log import TrainerLog
 from rlhfkit.training.batches import step_batches
 from rlhfkit.training.distributed import global_sums
-from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_and_step
+from rlhfkit.training.optim import allocate_gradients, build_optimizer, build_scheduler, clip_and_step
 from rlhfkit.training.control import NonFiniteGuard, active_signals
 from rlhfkit.training.runtime import build_accelerator, check_output_dir, seed_everything, seed_per_process
 
@@ -132,6 +132,7 @@ def run_ppo(config: Config) -> dict[str, float]:
     # The policy and its value head are one module for accelerate (DeepSpeed and FSDP2 take one model).
     policy, optimizer = accelerator.prepare(ModelWithValueHead(models.policy, models.value_head), optimizer)
     params = [param for param in policy.parameters() if param.requires_grad]  # FSDP replaces the parameters
+    keep_gradients = allocate_gradients(accelerator, params)  # one block, before any pass
     # Forward passes on the shared base go through the prepared module, which DDP/FSDP/DeepSpeed watch.
     reference = policy if models.reference is models.policy else models.reference
     for source, _ in models.rewards:
@@ -211,7 +212,7 @@ def run_ppo(config: Config) -> dict[str, float]:
                                              g.temperature, world)
                 skip = not guard.ok(stats["loss"], what="loss", step=plan.step + 1)
                 stats["grad_norm"] = clip_and_step(accelerator, policy, optimizer, scheduler, t.max_grad_norm,
-                                                   params, skip=skip)
+                                                   params, skip=skip, keep_gradients=keep_gradients)
                 if skip or not guard.ok(stats["grad_norm"], what="gradients", step=plan.step + 1):
                     continue
                 for key, value in stats.items():

@@ -25,7 +25,13 @@ from rlhfkit.stages.common import load_stage_data, load_trainable_model, save_tr
 from rlhfkit.tracking.trainer_log import TrainerLog
 from rlhfkit.training.batches import micro_batches, rank_share, step_batches
 from rlhfkit.training.distributed import global_sums, micro_batch_context
-from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_and_step, total_optimizer_steps
+from rlhfkit.training.optim import (
+    allocate_gradients,
+    build_optimizer,
+    build_scheduler,
+    clip_and_step,
+    total_optimizer_steps,
+)
 from rlhfkit.training.control import NonFiniteGuard, active_signals
 from rlhfkit.training.runtime import build_accelerator, check_output_dir, seed_everything, seed_per_process
 
@@ -78,6 +84,7 @@ def run_rm(config: Config) -> dict[str, float]:
     scheduler = build_scheduler(optimizer, t, total_steps)
     model, optimizer = accelerator.prepare(scorer, optimizer)  # `model`: the LM and its head as one module
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces the parameters
+    keep_gradients = allocate_gradients(accelerator, params)  # one block, before any pass
     seed_per_process(t.seed, accelerator.process_index)
     modules = {"model": scorer.model, "value_head": scorer.value_head}
     checkpoints = RunCheckpoints(config, accelerator, output_dir, modules, optimizer, scheduler, tokenizer,
@@ -115,7 +122,8 @@ def run_rm(config: Config) -> dict[str, float]:
         totals = [value / step_pairs for value in global_sums(accelerator, loss_sum, correct, margin)]
         step = batch_plan.step + 1
         skip = not guard.ok(float(totals[0]), what="loss", step=step)
-        grad_norm = clip_and_step(accelerator, model, optimizer, scheduler, t.max_grad_norm, params, skip=skip)
+        grad_norm = clip_and_step(accelerator, model, optimizer, scheduler, t.max_grad_norm, params, skip=skip,
+                                   keep_gradients=keep_gradients)
         if not skip:  # a non-finite norm was dropped by clip_and_step; count it once
             guard.ok(grad_norm, what="gradients", step=step)
         stats = {"loss": float(totals[0]), "accuracy": float(totals[1]), "margin": float(totals[2]),
