@@ -50,9 +50,13 @@ import workloads  # noqa: E402
 REWARD_FILE = Path(__file__).resolve().parent / "reward.py"
 # Rows per forward/backward pass of the update (the mini-batch is always the 16 rows of the step,
 # so the gradient is the same): smaller passes bound the activations and vocabulary-sized logits
-# that set the peak memory, at a time cost within the noise (measured: W1 LoRA 16 -> 8 rows
-# 2.93 -> 3.03 s, 0.88 -> 0.75 GB; W2 LoRA 4 -> 2 rows 31.2 -> 31.6 s, 1.95 -> 1.58 GB).
-MICRO_BATCH = {("W1", "full"): 16, ("W1", "lora"): 8, ("W2", "full"): 4, ("W2", "lora"): 2}
+# that set the peak memory; larger ones run each layer's products on more rows at once (measured:
+# W1 LoRA 16 -> 8 rows 2.93 -> 3.03 s, 0.88 -> 0.75 GB; W2 LoRA, compiled, with gradients kept
+# in one buffer, 2 -> 4 rows 16.0 -> 14.1 s, 1.32 -> 1.47 GB).
+MICRO_BATCH = {("W1", "full"): 16, ("W1", "lora"): 8, ("W2", "full"): 4, ("W2", "lora"): 4}
+# `torch_compile_memory_budget`: W2 LoRA's compiled blocks recompute their cheapest operations in
+# the backward pass to save less (4-row passes: 1.47 -> 1.41 GB, step time +1%).
+MEMORY_BUDGET = {("W2", "lora"): 0.6}
 # Rows per no-grad forward of the evaluate phase (`per_device_eval_batch_size`): the reference's
 # vocabulary logits of one chunk are rows x 32 x 49,152 floats, 100 MB for all 16 rows. W2 LoRA
 # runs 4-row chunks: peak memory 1.47 (16 rows) / 1.41 (8) / 1.37 GB (4), step time within noise.
@@ -214,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     variant = (args.workload, "lora" if args.lora else "full")
     overrides = {"torch_compile": TORCH_COMPILE[variant]}
+    if variant in MEMORY_BUDGET:
+        overrides["torch_compile_memory_budget"] = MEMORY_BUDGET[variant]
     overrides.update({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)})
     result = run(args.workload, args.lora, args.steps, args.threads, args.micro_batch or MICRO_BATCH[variant],
                  overrides, EVAL_CHUNK[variant])

@@ -48,6 +48,7 @@ def test_llamafactory_ppo_example_is_accepted():
     ({"finetuning_type": "qlora"}, "allowed: lora, full, freeze"),
     ({"bf16": True, "fp16": True}, "choose one"),
     ({"warmup_ratio": 1.5}, "warmup_ratio must be in [0, 1)"),
+    ({"torch_compile_memory_budget": 0}, "torch_compile_memory_budget must be in (0, 1]"),
     ({"stage": "ppo"}, "stage ppo needs reward_model"),
     ({"stage": "ppo", "reward_model": "r", "kl_estimator": "k2"}, "allowed: k1, k3"),
     ({"stage": "ppo", "reward_model": "r", "gamma": 1.5}, "gamma must be in [0, 1]"),

@@ -382,3 +382,39 @@ def test_compiled_blocks_give_the_eager_update_and_eager_decoding(tiny_model_dir
     tokens = [generator.generate(model, query, query_mask, record=record).response_ids
               for model in (eager, compiled) for record in (True, False)]
     assert all(torch.equal(t, tokens[0]) for t in tokens[1:])
+
+
+@pytest.mark.slow
+def test_a_compile_memory_budget_saves_fewer_activations_for_the_same_gradients(tiny_model_dir):
+    """`torch_compile_memory_budget` below 1 makes the compiled blocks save less for the backward
+    pass (they recompute cheap operations) and leaves the gradients as they were."""
+    from rlhfkit.models.compile import compile_blocks
+
+    ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(5))
+    saved, grads = {}, {}
+    for budget in (1.0, 0.2):
+        torch._dynamo.reset()  # each budget compiles afresh (the setting is read at compilation)
+        torch.manual_seed(0)  # the same LoRA A
+        policy = _lora(_model(tiny_model_dir))
+        for name, param in policy.named_parameters():
+            param.requires_grad_("lora_" in name)
+        compile_blocks(policy, memory_budget=budget)
+        for attempt in range(2):  # the first pass compiles; measure the second
+            total = 0
+
+            def pack(tensor):
+                nonlocal total
+                total += tensor.numel() * tensor.element_size()
+                return tensor
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                loss = policy(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).mean()
+            policy.zero_grad(set_to_none=True)
+            loss.backward()
+        saved[budget] = total
+        grads[budget] = {name: param.grad.clone() for name, param in policy.named_parameters() if param.grad is not None}
+    torch._dynamo.reset()
+    assert saved[0.2] < 0.9 * saved[1.0], saved
+    assert grads[1.0].keys() == grads[0.2].keys() and grads[1.0]
+    for name, grad in grads[1.0].items():
+        torch.testing.assert_close(grads[0.2][name], grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max()), msg=name)

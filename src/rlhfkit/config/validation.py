@@ -73,6 +73,8 @@ def validate(config: "Config") -> None:
     _positive(src, "save_steps", o.save_steps, allow_zero=True)
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise fail(f"{src}: warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if not 0.0 < t.torch_compile_memory_budget <= 1.0:
+        raise fail(f"{src}: torch_compile_memory_budget must be in (0, 1], got {t.torch_compile_memory_budget}")
     if not 0.0 <= f.lora_dropout < 1.0:
         raise fail(f"{src}: lora_dropout must be in [0, 1), got {f.lora_dropout}")
     if d.val_size < 0 or (d.val_size >= 1 and not float(d.val_size).is_integer()):

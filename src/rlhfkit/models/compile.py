@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch._functorch.config
 from torch import nn
 
 from rlhfkit.errors import fail
@@ -29,13 +30,20 @@ def block_class_names(model: nn.Module) -> set[str]:
     return names
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """Compile every transformer block of `model` in place; returns how many were compiled."""
+def compile_blocks(model: nn.Module, memory_budget: float = 1.0) -> int:
+    """Compile every transformer block of `model` in place; returns how many were compiled.
+
+    `memory_budget` (0, 1]: the saved activations allowed, as a fraction of the fastest plan's;
+    the partitioner recomputes the cheapest operations to fit (process-wide setting, read when a
+    block first compiles). SmolLM2-135M LoRA, 4-row passes: 0.6 cut the peak 1.47 -> 1.41 GB
+    for +1% update time.
+    """
     names = block_class_names(model)
     blocks = [module for module in model.modules() if type(module).__name__ in names]
     if not blocks:
         raise fail(f"torch_compile: {type(model).__name__} names no transformer block class "
                    "(_no_split_modules); set torch_compile: false")
+    torch._functorch.config.activation_memory_budget = memory_budget
     for block in blocks:
         block.compile(dynamic=True)
     logger.info("torch_compile: %d %s blocks compile on their first forward pass", len(blocks),

@@ -188,7 +188,7 @@ def build_ppo_models(config: Config, tokenizer, device: torch.device) -> PPOMode
     if config.training.torch_compile:  # the LoRA reference is this model with its adapter off
         for model in (policy, frozen_reference):
             if model is not None:
-                compile_blocks(model)
+                compile_blocks(model, config.training.torch_compile_memory_budget)
     hidden = policy.config.get_text_config().hidden_size
     models = PPOModels(policy=policy, value_head=ValueHead(hidden).to(device), reference=None, reference_adapter="")
     # Reference: explicit model, the frozen SFT adapter, the adapter-less base, or a frozen copy.

@@ -87,7 +87,7 @@ def load_trainable_model(config: Config, tokenizer, device: torch.device | None)
         enable_gradient_checkpointing(model)
     model = setup_finetuning(model, config.finetuning, split_paths(config.model.adapter_name_or_path))
     if config.training.torch_compile:
-        compile_blocks(model)
+        compile_blocks(model, config.training.torch_compile_memory_budget)
     trainable, total = count_parameters(model)
     logger.info("model %s: %s, %.2fM trainable of %.2fM parameters", config.model.model_name_or_path,
                 config.finetuning.finetuning_type, trainable / 1e6, total / 1e6)
