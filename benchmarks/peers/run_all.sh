@@ -3,6 +3,8 @@
 # Usage: benchmarks/peers/run_all.sh W1|W2 [ROUNDS]
 #   ROUNDS (default 1): run the whole set of sides this many times, interleaved, and report each
 #   side's median round, so that drifting load on a shared machine hits every side alike.
+#   SIDES (default: all four) runs a subset, e.g. SIDES="ours-lora llamafactory-lora"; the other
+#   sides' earlier results in the folder are kept and compared too.
 # Needs the repo's venv (.venv, `make install`); installs the peers' venvs on first use (setup.sh).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -15,9 +17,11 @@ threads="${THREADS:-1}"  # see benchmarks/README.md: Threads
 folder="$("$ours" "$repo/benchmarks/workloads.py" "$workload" | tail -1)"
 results="$repo/benchmarks/results/$workload"
 mkdir -p "$results"
-rm -f "$results"/*.json
+sides="${SIDES:-ours-full trl-full ours-lora llamafactory-lora}"
+for side in $sides; do rm -f "$results/$side"-*.json; done
+rm -f "$results/summary.json"
 for round in $(seq 1 "$rounds"); do
-  for side in ours-full trl-full ours-lora llamafactory-lora; do
+  for side in $sides; do
     out="$results/$side-$round.json"
     echo "== round $round/$rounds: $side ($workload, $threads threads)" >&2
     case "$side" in
