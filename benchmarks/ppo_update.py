@@ -52,11 +52,13 @@ REWARD_FILE = Path(__file__).resolve().parent / "reward.py"
 # so the gradient is the same): smaller passes bound the activations and vocabulary-sized logits
 # that set the peak memory; larger ones run each layer's products on more rows at once (measured:
 # W1 LoRA 16 -> 8 rows 2.93 -> 3.03 s, 0.88 -> 0.75 GB; W2 LoRA, compiled, with gradients kept
-# in one buffer, 2 -> 4 rows 16.0 -> 14.1 s, 1.32 -> 1.47 GB).
-MICRO_BATCH = {("W1", "full"): 16, ("W1", "lora"): 8, ("W2", "full"): 4, ("W2", "lora"): 4}
-# `torch_compile_memory_budget`: W2 LoRA's compiled blocks recompute their cheapest operations in
-# the backward pass to save less (4-row passes: 1.47 -> 1.41 GB, step time +1%).
-MEMORY_BUDGET = {("W2", "lora"): 0.6}
+# in one buffer, 2 -> 4 rows 16.0 -> 14.1 s, 1.32 -> 1.47 GB; W2 full 4 -> 8 -> 16 rows 19.6 ->
+# 18.7 -> 17.0 s, 3.69 -> 4.02 -> 4.58 GB, where TRL peaks at ~9.9 GB).
+MICRO_BATCH = {("W1", "full"): 16, ("W1", "lora"): 8, ("W2", "full"): 16, ("W2", "lora"): 4}
+# `torch_compile_memory_budget`: the compiled blocks recompute their cheapest operations in the
+# backward pass to save less (W2 LoRA, 4-row passes: 1.47 -> 1.41 GB, step time +1%; W2 full,
+# 16-row passes: 4.58 -> 4.18 GB, 17.0 -> 17.5 s).
+MEMORY_BUDGET = {("W2", "full"): 0.6, ("W2", "lora"): 0.6}
 # Rows per no-grad forward of the evaluate phase (`per_device_eval_batch_size`): the reference's
 # vocabulary logits of one chunk are rows x 32 x 49,152 floats, 100 MB for all 16 rows. W2 LoRA
 # runs 4-row chunks: peak memory 1.47 (16 rows) / 1.41 (8) / 1.37 GB (4), step time within noise.
