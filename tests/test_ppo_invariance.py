@@ -388,31 +388,36 @@ def test_compiled_blocks_give_the_eager_update_and_eager_decoding(tiny_model_dir
 def test_a_compile_memory_budget_saves_fewer_activations_for_the_same_gradients(tiny_model_dir):
     """`torch_compile_memory_budget` below 1 makes the compiled blocks save less for the backward
     pass (they recompute cheap operations) and leaves the gradients as they were."""
+    import torch._functorch.config
+
     from rlhfkit.models.compile import compile_blocks
 
     ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(5))
     saved, grads = {}, {}
-    for budget in (1.0, 0.2):
-        torch._dynamo.reset()  # each budget compiles afresh (the setting is read at compilation)
-        torch.manual_seed(0)  # the same LoRA A
-        policy = _lora(_model(tiny_model_dir))
-        for name, param in policy.named_parameters():
-            param.requires_grad_("lora_" in name)
-        compile_blocks(policy, memory_budget=budget)
-        for attempt in range(2):  # the first pass compiles; measure the second
-            total = 0
+    # compile_blocks sets the process-wide budget; `patch` puts it back afterwards
+    with torch._functorch.config.patch(activation_memory_budget=torch._functorch.config.activation_memory_budget):
+        for budget in (1.0, 0.2):
+            torch._dynamo.reset()  # each budget compiles afresh (the setting is read at compilation)
+            torch.manual_seed(0)  # the same LoRA A
+            policy = _lora(_model(tiny_model_dir))
+            for name, param in policy.named_parameters():
+                param.requires_grad_("lora_" in name)
+            compile_blocks(policy, memory_budget=budget)
+            for _ in range(2):  # the first pass compiles; measure the second
+                total = 0
 
-            def pack(tensor):
-                nonlocal total
-                total += tensor.numel() * tensor.element_size()
-                return tensor
+                def pack(tensor):
+                    nonlocal total
+                    total += tensor.numel() * tensor.element_size()
+                    return tensor
 
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                loss = policy(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).mean()
-            policy.zero_grad(set_to_none=True)
-            loss.backward()
-        saved[budget] = total
-        grads[budget] = {name: param.grad.clone() for name, param in policy.named_parameters() if param.grad is not None}
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                    loss = policy(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).mean()
+                policy.zero_grad(set_to_none=True)
+                loss.backward()
+            saved[budget] = total
+            grads[budget] = {name: param.grad.clone() for name, param in policy.named_parameters()
+                             if param.grad is not None}
     torch._dynamo.reset()
     assert saved[0.2] < 0.9 * saved[1.0], saved
     assert grads[1.0].keys() == grads[0.2].keys() and grads[1.0]
