@@ -14,6 +14,7 @@ from rlhfkit.config import GenerationArguments
 from rlhfkit.errors import fail
 from rlhfkit.models.compile import eager_blocks
 from rlhfkit.rl import truncate_after_stop
+from rlhfkit.models.lora_decoding import lean_lora_decoding
 from rlhfkit.rollout.sampler import SamplingSettings, sample_with_records
 
 
@@ -87,7 +88,8 @@ class HFGenerator:
         was_training = model.training
         model.eval()
         records = None
-        with eager_blocks():  # compiled blocks (torch_compile) would recompile for every cache length
+        # Compiled blocks (torch_compile) would recompile for every cache length: decode eagerly.
+        with eager_blocks(), lean_lora_decoding(model):
             if record:
                 records = sample_with_records(model, input_ids, attention_mask, self.settings, value_head)
                 generated = records.tokens
