@@ -19,15 +19,12 @@ import contextlib
 from typing import Iterator
 
 import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 
 def _plain_lora(module: nn.Module) -> tuple[nn.Linear, nn.Linear, float] | None:
     """``(lora_A, lora_B, scale)`` of `module` if it is a PEFT LoRA linear layer in the plain case."""
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-    except ImportError:
-        return None
     if type(module) is not LoraLinear or module.merged or module.disable_adapters:
         return None
     active = module.active_adapters

@@ -13,8 +13,8 @@ from transformers import GenerationConfig
 from rlhfkit.config import GenerationArguments
 from rlhfkit.errors import fail
 from rlhfkit.models.compile import eager_blocks
-from rlhfkit.rl import truncate_after_stop
 from rlhfkit.models.lora_decoding import lean_lora_decoding
+from rlhfkit.rl import truncate_after_stop
 from rlhfkit.rollout.sampler import SamplingSettings, sample_with_records
 
 
