@@ -125,7 +125,7 @@ class TrainingArguments:
     torch_compile: bool = False
     """Compile each transformer block with torch.compile (fused kernels, fewer saved activations) after a one-off compilation on the first steps; generation stays eager."""
     torch_compile_memory_budget: float = 1.0
-    """With torch_compile: the activations the compiled blocks save for the backward pass, as a fraction (0, 1] of what the fastest plan saves; below 1 the cheapest operations (norms, activations, elementwise) are recomputed in the backward pass instead (PyTorch's activation_memory_budget)."""
+    """With torch_compile: the activations the compiled blocks save for the backward pass, as a fraction (0, 1] of what the fastest plan saves; below 1 the cheapest operations (norms, activations, elementwise; at low budgets products too) are recomputed in the backward pass instead (PyTorch's activation_memory_budget)."""
     eval_steps: Optional[int] = None
     """Evaluate every this many steps (default: only at the end)."""
     resume_from_checkpoint: Any = None
