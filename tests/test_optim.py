@@ -1,4 +1,5 @@
-"""Gradient buffers allocated once (`allocate_gradients`) and `clip_and_step`'s in-place zeroing."""
+"""Gradient buffers allocated once (`allocate_gradients`), sparse embedding gradients added into
+them (`sparse_embedding_gradients`) and `clip_and_step`'s in-place zeroing."""
 
 from types import SimpleNamespace
 
@@ -6,9 +7,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhfkit.config import TrainingArguments
-from rlhfkit.training.optim import allocate_gradients, build_optimizer, build_scheduler, clip_and_step
+from rlhfkit.training.optim import (
+    allocate_gradients,
+    build_optimizer,
+    build_scheduler,
+    clip_and_step,
+    sparse_embedding_gradients,
+)
 
 
 def tiny_net(seed: int) -> nn.Module:
@@ -74,3 +82,59 @@ def test_sharded_training_keeps_its_own_gradient_storage():
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         assert not allocate_gradients(SimpleNamespace(distributed_type=kind), params)
     assert all(p.grad is None for p in params)
+
+
+def tiny_tied_lm() -> LlamaForCausalLM:
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0)
+    return LlamaForCausalLM(config)
+
+
+def train_lm(model: LlamaForCausalLM, sparse: bool, steps: int = 3) -> list[float]:
+    """AdamW steps over two accumulated micro-batches (pad tokens included), gradients kept in one buffer."""
+    accelerator = Accelerator(cpu=True)
+    args = TrainingArguments(learning_rate=0.05, weight_decay=0.1, max_grad_norm=1.0)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(named, args)
+    scheduler = build_scheduler(optimizer, args, steps)
+    params = [p for _, p in named]
+    assert allocate_gradients(accelerator, params)
+    embedding = model.get_input_embeddings()
+    assert sparse_embedding_gradients(accelerator, model) == 1 if sparse else not embedding.sparse
+    pointer = embedding.weight.grad.data_ptr()
+    data = torch.Generator().manual_seed(11)
+    norms = []
+    for _ in range(steps):
+        for _ in range(2):
+            ids = torch.randint(0, 40, (3, 7), generator=data)  # repeated tokens and pad (0) rows
+            model(input_ids=ids, labels=ids).loss.backward()
+            grad = embedding.weight.grad
+            assert not grad.is_sparse and grad.data_ptr() == pointer  # added into the dense buffer
+        norms.append(clip_and_step(accelerator, model, optimizer, scheduler, args.max_grad_norm, params,
+                                   keep_gradients=True))
+    return norms
+
+
+def test_sparse_embedding_gradients_train_like_dense_ones_in_the_same_buffer():
+    dense, sparse = tiny_tied_lm(), tiny_tied_lm()
+    assert sparse.get_input_embeddings().weight is sparse.lm_head.weight  # tied: head dense + rows sparse
+    norms_dense, norms_sparse = train_lm(dense, sparse=False), train_lm(sparse, sparse=True)
+    assert sparse.get_input_embeddings().sparse
+    torch.testing.assert_close(norms_sparse, norms_dense, rtol=1e-6, atol=1e-7)
+    for (name, a), (_, b) in zip(dense.named_parameters(), sparse.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_sparse_embedding_gradients_only_into_dense_buffers_on_one_process():
+    model = tiny_tied_lm()
+    embedding = model.get_input_embeddings()
+    one = Accelerator(cpu=True)
+    assert sparse_embedding_gradients(one, model) == 0  # no buffer allocated: the gradient would stay sparse
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert allocate_gradients(one, params)
+    for accelerator in (SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU),
+                        SimpleNamespace(num_processes=1, distributed_type=DistributedType.DEEPSPEED)):
+        assert sparse_embedding_gradients(accelerator, model) == 0
+    embedding.weight.requires_grad_(False)  # frozen (LoRA): nothing to switch
+    assert sparse_embedding_gradients(one, model) == 0 and not embedding.sparse

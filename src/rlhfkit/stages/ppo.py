@@ -51,7 +51,13 @@ from rlhfkit.stages.ppo_steps import (
 from rlhfkit.tracking.trainer_log import TrainerLog
 from rlhfkit.training.batches import step_batches
 from rlhfkit.training.distributed import global_sums
-from rlhfkit.training.optim import allocate_gradients, build_optimizer, build_scheduler, clip_and_step
+from rlhfkit.training.optim import (
+    allocate_gradients,
+    build_optimizer,
+    build_scheduler,
+    clip_and_step,
+    sparse_embedding_gradients,
+)
 from rlhfkit.training.control import NonFiniteGuard, active_signals
 from rlhfkit.training.runtime import build_accelerator, check_output_dir, seed_everything, seed_per_process
 
@@ -133,6 +139,8 @@ def run_ppo(config: Config) -> dict[str, float]:
     policy, optimizer = accelerator.prepare(ModelWithValueHead(models.policy, models.value_head), optimizer)
     params = [param for param in policy.parameters() if param.requires_grad]  # FSDP replaces the parameters
     keep_gradients = allocate_gradients(accelerator, params)  # one block, before any pass
+    if keep_gradients:
+        sparse_embedding_gradients(accelerator, policy)  # token rows added into that block
     # Forward passes on the shared base go through the prepared module, which DDP/FSDP/DeepSpeed watch.
     reference = policy if models.reference is models.policy else models.reference
     for source, _ in models.rewards:

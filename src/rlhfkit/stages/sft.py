@@ -29,6 +29,7 @@ from rlhfkit.training.optim import (
     build_optimizer,
     build_scheduler,
     clip_and_step,
+    sparse_embedding_gradients,
     total_optimizer_steps,
 )
 from rlhfkit.training.control import NonFiniteGuard, active_signals
@@ -81,6 +82,8 @@ def run_sft(config: Config) -> dict[str, float]:
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces the parameters
     keep_gradients = allocate_gradients(accelerator, params)  # one block, before any pass
+    if keep_gradients:
+        sparse_embedding_gradients(accelerator, model)  # token rows added into that block
     seed_per_process(t.seed, accelerator.process_index)
     modules = {"model": accelerator.unwrap_model(model)}
     checkpoints = RunCheckpoints(config, accelerator, output_dir, modules, optimizer, scheduler, tokenizer,

@@ -76,6 +76,27 @@ def allocate_gradients(accelerator, params: list[nn.Parameter]) -> bool:
     return True
 
 
+def sparse_embedding_gradients(accelerator, model: nn.Module) -> int:
+    """Let every trainable `nn.Embedding` of `model` give autograd a sparse gradient; returns how many.
+
+    Call only after `allocate_gradients` succeeded: each pass's embedding gradient (the rows of
+    the tokens it saw) is then added in place into the parameter's dense gradient buffer, or into
+    the tied LM head's dense gradient first, instead of being built as a zero-filled
+    vocabulary x hidden tensor and added whole (SmolLM2: 113 MB per pass). The gradient after
+    accumulation is the same dense tensor, so clipping and the optimizer are unchanged. Only on
+    one process: DDP decides at wrapping time which gradients are sparse.
+    """
+    if accelerator.num_processes != 1 or is_sharded(accelerator):
+        return 0
+    switched = 0
+    for module in accelerator.unwrap_model(model).modules():
+        if isinstance(module, nn.Embedding) and module.weight.requires_grad and module.weight.grad is not None \
+                and not module.weight.grad.is_sparse:
+            module.sparse = True
+            switched += 1
+    return switched
+
+
 def clip_and_step(
     accelerator, model: nn.Module, optimizer, scheduler, max_grad_norm: float, params: list[nn.Parameter],
     skip: bool = False, keep_gradients: bool = False,
