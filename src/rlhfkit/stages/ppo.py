@@ -26,6 +26,7 @@ from rlhfkit.checkpoint import RunCheckpoints
 from rlhfkit.config import Config
 from rlhfkit.data import collate_prompts
 from rlhfkit.errors import fail
+from rlhfkit.models.head import reuse_head_output
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.ppo_models import build_ppo_models, trainable_policy_parameters
 from rlhfkit.models.value_head import ModelWithValueHead
@@ -50,7 +51,7 @@ from rlhfkit.stages.ppo_steps import (
 )
 from rlhfkit.tracking.trainer_log import TrainerLog
 from rlhfkit.training.batches import step_batches
-from rlhfkit.training.distributed import global_sums
+from rlhfkit.training.distributed import global_sums, is_sharded
 from rlhfkit.training.optim import (
     allocate_gradients,
     build_optimizer,
@@ -143,6 +144,10 @@ def run_ppo(config: Config) -> dict[str, float]:
         sparse_embedding_gradients(accelerator, policy)  # token rows added into that block
     # Forward passes on the shared base go through the prepared module, which DDP/FSDP/DeepSpeed watch.
     reference = policy if models.reference is models.policy else models.reference
+    if not is_sharded(accelerator):  # logits into kept memory; the head's gradient into its buffer
+        reuse_head_output(models.policy, accumulate=keep_gradients and world == 1)
+        if models.reference is not models.policy:
+            reuse_head_output(models.reference, accumulate=False)
     for source, _ in models.rewards:
         if isinstance(source, SharedBaseReward):
             source.forward_model = policy

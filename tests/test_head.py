@@ -1,0 +1,87 @@
+"""`reuse_head_output`: logits in a kept buffer and the head's gradient added in place, equal to nn.Linear."""
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rlhfkit.models.head import HeadOutputBuffer, reuse_head_output
+from rlhfkit.training.optim import allocate_gradients, sparse_embedding_gradients
+
+
+def tiny_lm(tied: bool = True) -> LlamaForCausalLM:
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied, pad_token_id=0)
+    return LlamaForCausalLM(config)
+
+
+def gradients(model: LlamaForCausalLM, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gradients accumulated over `batches` (response-style: logits at the last 3 positions only)."""
+    for ids in batches:
+        logits = model(input_ids=ids, logits_to_keep=torch.arange(ids.shape[1] - 4, ids.shape[1] - 1)).logits
+        logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, -3:].unsqueeze(-1))
+        logprobs.sum().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_head_in_place_gradients_equal_nn_linear_tied_and_untied():
+    data = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 48, (3, 9), generator=data) for _ in range(2)]
+    for tied in (True, False):
+        plain, reused = tiny_lm(tied), tiny_lm(tied)
+        accelerator = Accelerator(cpu=True)
+        for model in (plain, reused):
+            assert allocate_gradients(accelerator, list(model.parameters()))
+        sparse_embedding_gradients(accelerator, reused)
+        assert reuse_head_output(reused, accumulate=True, output=HeadOutputBuffer())
+        weight = reused.lm_head.weight
+        pointer = weight.grad.data_ptr()
+        delivered = []  # what autograd still hands the head's weight: the embedding's sparse rows, or nothing
+        weight.register_hook(lambda grad: delivered.append(None if grad is None else grad.is_sparse))
+        expected, got = gradients(plain, batches), gradients(reused, batches)
+        assert weight.grad.data_ptr() == pointer and weight.grad.abs().sum() > 0  # added into the kept buffer
+        assert delivered == [True if tied else None] * len(batches)  # no dense gradient through autograd
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gradient_returned_to_autograd_without_accumulate():
+    plain, reused = tiny_lm(), tiny_lm()
+    assert reuse_head_output(reused, accumulate=False, output=HeadOutputBuffer())
+    ids = torch.randint(0, 48, (2, 7), generator=torch.Generator().manual_seed(3))
+    expected, got = gradients(plain, [ids]), gradients(reused, [ids])  # gradients created by autograd
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_logits_buffer_is_reused_only_when_nothing_refers_to_it():
+    model = tiny_lm()
+    output = HeadOutputBuffer()
+    assert reuse_head_output(model, accumulate=False, output=output)
+    ids = torch.randint(0, 48, (2, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = nn.functional.linear(model.model(input_ids=ids).last_hidden_state, model.lm_head.weight)
+        kept = model(input_ids=ids).logits
+        torch.testing.assert_close(kept, expected)
+        second = model(input_ids=ids.flip(0)).logits  # `kept` still refers to the buffer: a new one
+        assert second.data_ptr() != kept.data_ptr()
+        torch.testing.assert_close(kept, expected)  # not overwritten
+        first_buffer = second.data_ptr()
+        del kept, second
+        third = model(input_ids=ids).logits
+        assert third.data_ptr() == first_buffer  # free again: reused
+        torch.testing.assert_close(third, expected)
+
+
+def test_heads_outside_the_plain_case_keep_their_forward():
+    with_bias = tiny_lm(tied=False)
+    with_bias.lm_head = nn.Linear(16, 48, bias=True)
+    assert not reuse_head_output(with_bias, accumulate=True)
+    model = tiny_lm()
+    assert reuse_head_output(model, accumulate=False, output=HeadOutputBuffer())
+    assert not reuse_head_output(model, accumulate=False)  # installed once
+    ids = torch.randint(0, 48, (2, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the plain forward
+        logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16
