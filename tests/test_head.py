@@ -5,7 +5,8 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhfkit.models.head import HeadOutputBuffer, reuse_head_output
+from rlhfkit.models.head import reuse_head_output
+from rlhfkit.training.buffers import KeptBuffer
 from rlhfkit.training.optim import allocate_gradients, sparse_embedding_gradients
 
 
@@ -34,7 +35,7 @@ def test_head_in_place_gradients_equal_nn_linear_tied_and_untied():
         for model in (plain, reused):
             assert allocate_gradients(accelerator, list(model.parameters()))
         sparse_embedding_gradients(accelerator, reused)
-        assert reuse_head_output(reused, accumulate=True, output=HeadOutputBuffer())
+        assert reuse_head_output(reused, accumulate=True, output=KeptBuffer(minimum_bytes=0))
         weight = reused.lm_head.weight
         pointer = weight.grad.data_ptr()
         delivered = []  # what autograd still hands the head's weight: the embedding's sparse rows, or nothing
@@ -48,7 +49,7 @@ def test_head_in_place_gradients_equal_nn_linear_tied_and_untied():
 
 def test_gradient_returned_to_autograd_without_accumulate():
     plain, reused = tiny_lm(), tiny_lm()
-    assert reuse_head_output(reused, accumulate=False, output=HeadOutputBuffer())
+    assert reuse_head_output(reused, accumulate=False, output=KeptBuffer(minimum_bytes=0))
     ids = torch.randint(0, 48, (2, 7), generator=torch.Generator().manual_seed(3))
     expected, got = gradients(plain, [ids]), gradients(reused, [ids])  # gradients created by autograd
     for name in expected:
@@ -57,7 +58,7 @@ def test_gradient_returned_to_autograd_without_accumulate():
 
 def test_logits_buffer_is_reused_only_when_nothing_refers_to_it():
     model = tiny_lm()
-    output = HeadOutputBuffer()
+    output = KeptBuffer(minimum_bytes=0)
     assert reuse_head_output(model, accumulate=False, output=output)
     ids = torch.randint(0, 48, (2, 6), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -79,9 +80,18 @@ def test_heads_outside_the_plain_case_keep_their_forward():
     with_bias.lm_head = nn.Linear(16, 48, bias=True)
     assert not reuse_head_output(with_bias, accumulate=True)
     model = tiny_lm()
-    assert reuse_head_output(model, accumulate=False, output=HeadOutputBuffer())
+    assert reuse_head_output(model, accumulate=False, output=KeptBuffer(minimum_bytes=0))
     assert not reuse_head_output(model, accumulate=False)  # installed once
     ids = torch.randint(0, 48, (2, 5), generator=torch.Generator().manual_seed(6))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the plain forward
         logits = model(input_ids=ids).logits
     assert logits.dtype == torch.bfloat16
+
+
+def test_small_or_non_cpu_requests_are_plain_allocations():
+    buffer = KeptBuffer(minimum_bytes=1024)
+    small = buffer.take((4, 8), torch.float32, torch.device("cpu"))  # 128 bytes
+    assert buffer.buffer is None and small.shape == (4, 8)
+    large = buffer.take((16, 16), torch.float32, torch.device("cpu"))  # 1 KB: kept
+    assert buffer.buffer is not None and large.data_ptr() == buffer.buffer.data_ptr()
+    assert buffer.take((4, 16), torch.float32, torch.device("meta")).device.type == "meta"

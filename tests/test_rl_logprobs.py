@@ -149,3 +149,23 @@ def test_no_grad_blocks_equal_one_whole_pass(monkeypatch):
         logprobs, entropy = logprobs_and_entropy(logits, labels, 0.7)
         torch.testing.assert_close(logprobs, whole, atol=0, rtol=0)
         torch.testing.assert_close(entropy, whole_entropy, atol=1e-6, rtol=0)
+
+
+def test_logprobs_with_a_kept_buffer_equal_and_reuse_it_after_each_backward():
+    from rlhfkit.training.buffers import KeptBuffer
+
+    buffer = KeptBuffer(minimum_bytes=0)  # tiny tensors kept too
+    generator = torch.Generator().manual_seed(9)
+    pointers = []
+    for _ in range(2):
+        logits = torch.randn(2, 3, 7, generator=generator)
+        labels = torch.randint(0, 7, (2, 3), generator=generator)
+        weights = torch.randn(2, 3, generator=generator)
+        plain, kept = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        (logprobs_from_logits(plain, labels, 0.7) * weights).sum().backward()
+        out = logprobs_from_logits(kept, labels, 0.7, buffer=buffer)
+        pointers.append(buffer.buffer.data_ptr())
+        torch.testing.assert_close(out, logprobs_from_logits(logits, labels, 0.7))
+        (out * weights).sum().backward()
+        torch.testing.assert_close(kept.grad, plain.grad)
+    assert pointers[0] == pointers[1]  # the first graph was freed by its backward: the same buffer again

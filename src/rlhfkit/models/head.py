@@ -6,8 +6,8 @@ system each pass and their pages faulted in again; with a tied embedding the hea
 then added to the embedding's into a third fresh tensor before autograd adds that into the
 parameter's gradient. `reuse_head_output` replaces the output embedding's forward so that:
 
-* the logits are written into one kept buffer, whenever no tensor still refers to it (its
-  storage's use count is checked at each call, so a caller that keeps logits gets a new buffer);
+* the logits are written into one `KeptBuffer` (reused whenever no tensor still refers to it, so
+  a caller that keeps logits gets a new buffer);
 * with ``accumulate=True`` the weight's gradient is added straight into ``weight.grad`` with one
   ``addmm_`` (which must be the dense buffer of `allocate_gradients`, on one process), instead of
   returned to autograd.
@@ -22,30 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-class HeadOutputBuffer:
-    """One kept buffer for the logits; reused only while nothing else refers to its storage."""
-
-    def __init__(self) -> None:
-        self.buffer: torch.Tensor | None = None
-
-    def take(self, rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
-        """A ``(rows, columns)`` tensor of `like`'s dtype and device, from the buffer when it is free."""
-        size = rows * columns
-        buffer = self.buffer
-        free = buffer is not None and buffer.dtype == like.dtype and buffer.device == like.device \
-            and buffer.numel() >= size and _storage_users(buffer) == 1
-        if not free:
-            buffer = torch.empty(max(size, buffer.numel() if buffer is not None else 0), dtype=like.dtype,
-                                 device=like.device)
-            self.buffer = buffer
-        return buffer[:size].view(rows, columns)
-
-
-def _storage_users(tensor: torch.Tensor) -> int:
-    """Tensors sharing `tensor`'s storage, `tensor` included."""
-    storage = tensor.untyped_storage()
-    return torch._C._storage_Use_Count(storage._cdata) - 1  # minus the `storage` wrapper itself
+from rlhfkit.training.buffers import KeptBuffer
 
 
 class _HeadProduct(torch.autograd.Function):
@@ -53,8 +30,8 @@ class _HeadProduct(torch.autograd.Function):
     ``weight.grad``."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, output: HeadOutputBuffer, accumulate: bool):
-        out = output.take(hidden.shape[0], weight.shape[0], hidden)
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, output: KeptBuffer, accumulate: bool):
+        out = output.take((hidden.shape[0], weight.shape[0]), hidden.dtype, hidden.device)
         torch.mm(hidden, weight.t(), out=out)
         ctx.save_for_backward(hidden, weight)
         ctx.accumulate = accumulate
@@ -77,10 +54,10 @@ def _plain_head(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.bias is None
 
 
-SHARED_OUTPUT = HeadOutputBuffer()  # one buffer for every head of the process (policy, reference)
+SHARED_OUTPUT = KeptBuffer()  # one buffer for every head of the process (policy, reference)
 
 
-def reuse_head_output(model: nn.Module, accumulate: bool, output: HeadOutputBuffer = SHARED_OUTPUT) -> bool:
+def reuse_head_output(model: nn.Module, accumulate: bool, output: KeptBuffer = SHARED_OUTPUT) -> bool:
     """Run `model`'s output embedding through `_HeadProduct` from now on; True if installed.
 
     `accumulate`: add the weight's gradient into ``weight.grad`` directly. Only when that gradient

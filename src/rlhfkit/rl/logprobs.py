@@ -37,8 +37,11 @@ class _SelectedLogSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, labels: Tensor) -> Tensor:
-        lsm = torch.log_softmax(z, dim=-1, dtype=torch.float32)  # (b, t, v)
+    def forward(ctx, z: Tensor, labels: Tensor, buffer=None) -> Tensor:
+        if buffer is None:
+            lsm = torch.log_softmax(z, dim=-1, dtype=torch.float32)  # (b, t, v)
+        else:
+            lsm = torch.log_softmax(z, dim=-1, dtype=torch.float32, out=buffer.take(z.shape, torch.float32, z.device))
         index = labels.long().unsqueeze(-1)  # (b, t, 1)
         ctx.save_for_backward(lsm, index)
         ctx.input_dtype = z.dtype
@@ -54,7 +57,7 @@ class _SelectedLogSoftmax(torch.autograd.Function):
         upstream = grad.to(torch.float32).unsqueeze(-1)  # (b, t, 1)
         dz = lsm.exp_().mul_(-upstream)  # -g * softmax, in place of lsm
         dz.scatter_add_(-1, index, upstream)  # + g at the label
-        return dz.to(ctx.input_dtype), None
+        return dz.to(ctx.input_dtype), None, None
 
 
 def _check_inputs(logits: Tensor, labels: Tensor, temperature: float) -> None:
@@ -66,7 +69,7 @@ def _check_inputs(logits: Tensor, labels: Tensor, temperature: float) -> None:
         )
 
 
-def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0, buffer=None) -> Tensor:
     """Log-probability of each label under ``softmax(logits / temperature)``.
 
     Equation, with ``z = logits / temperature``::
@@ -77,6 +80,9 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
         logits: ``(b, t, v)`` any floating dtype.
         labels: ``(b, t)`` long, token ids in ``[0, v)``.
         temperature: sampling temperature (> 0) the tokens were drawn with.
+        buffer: with gradients, where the ``(b, t, v)`` float32 log-softmax kept for the backward
+            pass is written: an object whose ``take(shape, dtype, device)`` returns a tensor
+            (`rlhfkit.training.buffers.KeptBuffer`); None allocates it.
 
     Returns:
         ``(b, t)`` float32 log-probabilities (differentiable w.r.t. ``logits``).
@@ -86,7 +92,7 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
         return logits.new_zeros(labels.shape, dtype=torch.float32)
     if not (torch.is_grad_enabled() and logits.requires_grad):
         return _chunked_no_grad(logits, labels, temperature)[0]
-    return _SelectedLogSoftmax.apply(_scaled(logits, temperature), labels)
+    return _SelectedLogSoftmax.apply(_scaled(logits, temperature), labels, buffer)
 
 
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:

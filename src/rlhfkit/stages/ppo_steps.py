@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from rlhfkit.models.forward import forward_with_values
+from rlhfkit.training.buffers import KeptBuffer
 from rlhfkit.training.distributed import global_masked_whiten, global_sums, micro_batch_context
 from rlhfkit.rl import (
     PPOLoss,
@@ -82,6 +83,10 @@ def length_order(mask: torch.Tensor) -> torch.Tensor:
     return torch.argsort(mask.sum(1), stable=True)
 
 
+# The update's (b, R, v) log-softmax, kept between passes instead of mapped afresh each time.
+_LOG_SOFTMAX = KeptBuffer()
+
+
 def response_forward(model, value_head, ids: torch.Tensor, mask: torch.Tensor, response_ids: torch.Tensor,
                      temperature: float, with_values: bool = True, with_entropy: bool = False):
     """Log-probs (and values, entropy) of the response tokens at the end of ``ids``.
@@ -100,7 +105,7 @@ def response_forward(model, value_head, ids: torch.Tensor, mask: torch.Tensor, r
     if with_entropy and not torch.is_grad_enabled():  # one log-softmax for both
         logprobs, entropy = logprobs_and_entropy(logits, response_ids, temperature)
     else:
-        logprobs = logprobs_from_logits(logits, response_ids, temperature)
+        logprobs = logprobs_from_logits(logits, response_ids, temperature, buffer=_LOG_SOFTMAX)
         entropy = entropy_from_logits(logits, temperature) if with_entropy else None
     return logprobs, values, entropy
 
