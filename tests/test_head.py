@@ -95,3 +95,5 @@ def test_small_or_non_cpu_requests_are_plain_allocations():
     large = buffer.take((16, 16), torch.float32, torch.device("cpu"))  # 1 KB: kept
     assert buffer.buffer is not None and large.data_ptr() == buffer.buffer.data_ptr()
     assert buffer.take((4, 16), torch.float32, torch.device("meta")).device.type == "meta"
+    buffer.release()
+    assert buffer.buffer is None

@@ -54,10 +54,10 @@ def _plain_head(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.bias is None
 
 
-SHARED_OUTPUT = KeptBuffer()  # one buffer for every head of the process (policy, reference)
+LOGITS_BUFFER = KeptBuffer()  # one buffer for every head of the process (policy, reference)
 
 
-def reuse_head_output(model: nn.Module, accumulate: bool, output: KeptBuffer = SHARED_OUTPUT) -> bool:
+def reuse_head_output(model: nn.Module, accumulate: bool, output: KeptBuffer = LOGITS_BUFFER) -> bool:
     """Run `model`'s output embedding through `_HeadProduct` from now on; True if installed.
 
     `accumulate`: add the weight's gradient into ``weight.grad`` directly. Only when that gradient

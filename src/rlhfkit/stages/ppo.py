@@ -26,7 +26,7 @@ from rlhfkit.checkpoint import RunCheckpoints
 from rlhfkit.config import Config
 from rlhfkit.data import collate_prompts
 from rlhfkit.errors import fail
-from rlhfkit.models.head import reuse_head_output
+from rlhfkit.models.head import LOGITS_BUFFER, reuse_head_output
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.ppo_models import build_ppo_models, trainable_policy_parameters
 from rlhfkit.models.value_head import ModelWithValueHead
@@ -44,6 +44,7 @@ from rlhfkit.rl import (
 from rlhfkit.rollout import HFGenerator, check_generation_supported, full_weights_for_generation
 from rlhfkit.stages.common import load_stage_data, save_trained
 from rlhfkit.stages.ppo_steps import (
+    LOG_SOFTMAX_BUFFER,
     Rollout,
     compute_advantages,
     evaluate_rollout,
@@ -268,6 +269,8 @@ def run_ppo(config: Config) -> dict[str, float]:
             "kl_controller": kl_controller.state_dict(), "score_moments": score_moments.state_dict(),
             "guard": guard.state_dict()})
     log.close()  # progress bar, TensorBoard, plots
+    LOGITS_BUFFER.release()
+    LOG_SOFTMAX_BUFFER.release()
     # Save the policy without the value head; the head goes beside it for further training.
     save_trained(accelerator, policy, modules, tokenizer, output_dir)
     return final

@@ -84,7 +84,7 @@ def length_order(mask: torch.Tensor) -> torch.Tensor:
 
 
 # The update's (b, R, v) log-softmax, kept between passes instead of mapped afresh each time.
-_LOG_SOFTMAX = KeptBuffer()
+LOG_SOFTMAX_BUFFER = KeptBuffer()
 
 
 def response_forward(model, value_head, ids: torch.Tensor, mask: torch.Tensor, response_ids: torch.Tensor,
@@ -105,7 +105,7 @@ def response_forward(model, value_head, ids: torch.Tensor, mask: torch.Tensor, r
     if with_entropy and not torch.is_grad_enabled():  # one log-softmax for both
         logprobs, entropy = logprobs_and_entropy(logits, response_ids, temperature)
     else:
-        logprobs = logprobs_from_logits(logits, response_ids, temperature, buffer=_LOG_SOFTMAX)
+        logprobs = logprobs_from_logits(logits, response_ids, temperature, buffer=LOG_SOFTMAX_BUFFER)
         entropy = entropy_from_logits(logits, temperature) if with_entropy else None
     return logprobs, values, entropy
 

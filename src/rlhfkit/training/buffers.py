@@ -43,6 +43,10 @@ class KeptBuffer:
             buffer = self.buffer = torch.empty(keep, dtype=dtype, device=device)
         return buffer[:size].view(shape)
 
+    def release(self) -> None:
+        """Drop the kept tensor (its memory is freed once no other tensor refers to it)."""
+        self.buffer = None
+
 
 def storage_users(tensor: torch.Tensor) -> int:
     """How many tensors share `tensor`'s storage, `tensor` included."""

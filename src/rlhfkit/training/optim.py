@@ -80,9 +80,9 @@ def sparse_embedding_gradients(accelerator, model: nn.Module) -> int:
     """Let every trainable `nn.Embedding` of `model` give autograd a sparse gradient; returns how many.
 
     Call only after `allocate_gradients` succeeded: each pass's embedding gradient (the rows of
-    the tokens it saw) is then added in place into the parameter's dense gradient buffer, or into
-    the tied LM head's dense gradient first, instead of being built as a zero-filled
-    vocabulary x hidden tensor and added whole (SmolLM2: 113 MB per pass). The gradient after
+    the tokens it saw) is then added in place into the parameter's dense gradient buffer (or, for
+    a tied LM head whose gradient autograd builds, into that first) instead of being built as a
+    zero-filled vocabulary x hidden tensor and added whole (SmolLM2: 113 MB per pass). The gradient after
     accumulation is the same dense tensor, so clipping and the optimizer are unchanged. Only on
     one process: DDP decides at wrapping time which gradients are sparse.
     """
