@@ -26,14 +26,18 @@ def tiny_net(seed: int) -> nn.Module:
     return net
 
 
+def training_setup(model: nn.Module, max_grad_norm: float, steps: int):
+    """AdamW (lr 0.05, weight decay 0.1) and its schedule over `model`'s trainable parameters."""
+    args = TrainingArguments(learning_rate=0.05, weight_decay=0.1, max_grad_norm=max_grad_norm)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(named, args)
+    return args, optimizer, build_scheduler(optimizer, args, steps), [p for _, p in named]
+
+
 def train(net: nn.Module, keep: bool, steps: int = 3) -> list[float]:
     """`steps` AdamW steps, each over two accumulated micro-batches, clipped; returns the norms."""
     accelerator = Accelerator(cpu=True)
-    args = TrainingArguments(learning_rate=0.05, weight_decay=0.1, max_grad_norm=0.5)
-    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(named, args)
-    scheduler = build_scheduler(optimizer, args, steps)
-    params = [p for _, p in named]
+    args, optimizer, scheduler, params = training_setup(net, 0.5, steps)
     kept = allocate_gradients(accelerator, params) if keep else False
     assert kept == keep
     data = torch.Generator().manual_seed(7)
@@ -94,11 +98,7 @@ def tiny_tied_lm() -> LlamaForCausalLM:
 def train_lm(model: LlamaForCausalLM, sparse: bool, steps: int = 3) -> list[float]:
     """AdamW steps over two accumulated micro-batches (pad tokens included), gradients kept in one buffer."""
     accelerator = Accelerator(cpu=True)
-    args = TrainingArguments(learning_rate=0.05, weight_decay=0.1, max_grad_norm=1.0)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(named, args)
-    scheduler = build_scheduler(optimizer, args, steps)
-    params = [p for _, p in named]
+    args, optimizer, scheduler, params = training_setup(model, 1.0, steps)
     assert allocate_gradients(accelerator, params)
     embedding = model.get_input_embeddings()
     assert sparse_embedding_gradients(accelerator, model) == 1 if sparse else not embedding.sparse
