@@ -82,9 +82,9 @@ def sparse_embedding_gradients(accelerator, model: nn.Module) -> int:
     Call only after `allocate_gradients` succeeded: each pass's embedding gradient (the rows of
     the tokens it saw) is then added in place into the parameter's dense gradient buffer (or, for
     a tied LM head whose gradient autograd builds, into that first) instead of being built as a
-    zero-filled vocabulary x hidden tensor and added whole (SmolLM2: 113 MB per pass). The gradient after
-    accumulation is the same dense tensor, so clipping and the optimizer are unchanged. Only on
-    one process: DDP decides at wrapping time which gradients are sparse.
+    zero-filled vocabulary x hidden tensor and added whole (SmolLM2: 113 MB per pass). The
+    gradient after accumulation is the same dense tensor, so clipping and the optimizer are
+    unchanged. Only on one process: DDP decides at wrapping time which gradients are sparse.
     """
     if accelerator.num_processes != 1 or is_sharded(accelerator):
         return 0
