@@ -1,7 +1,7 @@
-"""rlhfkit: SFT -> reward model -> PPO for Hugging Face causal language models."""
+"""rlhfkit: SFT -> reward model -> PPO for Hugging Face causal language models.
 
-from rlhfkit.training.allocator import request_huge_pages
-
-request_huge_pages()  # before anything imports torch (PyTorch reads the switch once)
+Importing the package changes nothing process-wide; CPU tuning is applied by `rlhfkit.cli` and
+the stages (see `rlhfkit.cpu`).
+"""
 
 __version__ = "0.1.0"

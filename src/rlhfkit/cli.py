@@ -6,19 +6,25 @@ import argparse
 import sys
 
 from rlhfkit import __version__
+from rlhfkit.cpu.allocator import request_huge_pages
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.logs import setup_logging
 
 
 def _train(args: argparse.Namespace) -> int:
     from rlhfkit.config import load_config
-    from rlhfkit.stages import run_stage
 
     config = load_config(args.config, args.overrides)
+    if config.training.cpu_speedups != "off":
+        request_huge_pages()  # before torch allocates: PyTorch reads the switch once
+    from rlhfkit.stages import run_stage
+
     run_stage(config)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
+    request_huge_pages()  # before torch allocates: PyTorch reads the switch once
     from rlhfkit.demo.pipeline import run_demo
 
     run_demo(output_dir=args.output_dir, quick=args.quick, fresh=args.fresh)
@@ -99,8 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from rlhfkit.training.runtime import exit_launched_process, setup_logging
-
     setup_logging(args.debug)
     try:
         code = args.handler(args)
@@ -112,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
-    exit_launched_process(code)  # returns unless this is one process of a multi-process launch
+    if "torch" in sys.modules:  # a launched process is ended without torch.distributed's teardown
+        from rlhfkit.training.runtime import exit_launched_process
+
+        exit_launched_process(code)  # returns unless this is one process of a multi-process launch
     return code
 
 

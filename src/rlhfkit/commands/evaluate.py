@@ -33,7 +33,7 @@ from rlhfkit.config import Config
 from rlhfkit.data import collate_prompts, get_template, load_examples, resolve_datasets, tokenize_prompts
 from rlhfkit.errors import fail
 from rlhfkit.models.adapters import split_paths
-from rlhfkit.models.ppo_models import PPOModels, build_reward_source, reward_specs
+from rlhfkit.stages.ppo_models import PPOModels, build_reward_source, reward_specs
 from rlhfkit.rewards.base import build_scoring_batch
 from rlhfkit.rollout import HFGenerator
 from rlhfkit.tracking.summary import summarize

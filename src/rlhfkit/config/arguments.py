@@ -6,7 +6,7 @@ line that appears in the configuration reference (`docs/configuration.md`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 
@@ -132,6 +132,8 @@ class TrainingArguments:
     """Resume from a checkpoint: true (the latest in output_dir, or a fresh start if none) or a checkpoint folder."""
     max_bad_steps: int = 5
     """Stop after this many consecutive updates skipped for NaN/Inf loss, gradients or rewards."""
+    cpu_speedups: str = "auto"
+    """CPU-only speed-ups (malloc settings and huge pages, kept gradient and vocabulary buffers, sparse embedding gradients, lean LoRA decode, inverse-CDF sampling): auto (on for a CPU device in one process) or off. Results are the same up to float rounding."""
 
 
 @dataclass

@@ -44,13 +44,6 @@ class Config:
     source: str = "<overrides>"
     """Where the config came from, for messages."""
 
-    def to_flat_dict(self) -> dict[str, Any]:
-        """All keys with their values, as one flat mapping (the YAML form)."""
-        flat: dict[str, Any] = {}
-        for section in SECTIONS:
-            flat.update(dataclasses.asdict(getattr(self, section)))
-        return flat
-
 
 def _key_owners() -> dict[str, tuple[str, dataclasses.Field]]:
     owners = {}
@@ -61,11 +54,6 @@ def _key_owners() -> dict[str, tuple[str, dataclasses.Field]]:
 
 
 KEY_OWNERS = _key_owners()
-
-
-def all_keys() -> list[str]:
-    """Every accepted configuration key."""
-    return sorted(KEY_OWNERS)
 
 
 def closest_key(key: str) -> str | None:
@@ -79,6 +67,10 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 
 _HINTS = {name: _type_hints(cls) for name, cls in SECTIONS.items()}
+
+
+# String keys whose values include YAML 1.1's boolean words: the bool read back as the word meant.
+SWITCH_WORDS = {"cpu_speedups": {True: "auto", False: "off"}}
 
 
 def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
@@ -119,6 +111,8 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and key in SWITCH_WORDS:  # YAML 1.1 reads a bare `off` / `on` as a bool
+            return SWITCH_WORDS[key][value]
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if isinstance(value, list) and all(isinstance(v, str) for v in value):

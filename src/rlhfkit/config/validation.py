@@ -51,6 +51,7 @@ def validate(config: "Config") -> None:
     _choice(src, "reward_model_type", p.reward_model_type, REWARD_MODEL_TYPES)
     _choice(src, "kl_estimator", p.kl_estimator, ("k1", "k3"))
     _choice(src, "value_head_init", p.value_head_init, ("auto", "reward", "zero"))
+    _choice(src, "cpu_speedups", t.cpu_speedups, ("auto", "off"))
     for name in report_to_list(o.report_to):
         _choice(src, "report_to", name, REPORT_TO)
     if not m.model_name_or_path:

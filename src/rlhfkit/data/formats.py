@@ -29,9 +29,6 @@ from rlhfkit.errors import fail
 if TYPE_CHECKING:
     from rlhfkit.data.dataset_info import DatasetSpec
 
-_MISSING = object()
-
-
 def row_to_example(row: dict[str, Any], source: str, spec: DatasetSpec) -> Example:
     """Convert one raw row according to the dataset's formatting."""
     if spec.formatting == "sharegpt":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from rlhfkit.config import FinetuningArguments, ModelArguments, TrainingArguments
 from rlhfkit.errors import fail
@@ -99,12 +99,6 @@ def load_causal_lm(
     if device is not None:
         model.to(device)
     return model
-
-
-def hidden_size_of(path: str, trust_remote_code: bool = False) -> int:
-    """The hidden size from a model folder's config, without loading weights."""
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return config.get_text_config().hidden_size
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""Rollout generation behind one small interface (Hugging Face generate today)."""
+"""Rollout generation on the training model: the recording decode loop or `model.generate`."""
 
 from rlhfkit.rollout.generation import (
     GeneratedBatch,

@@ -1,10 +1,16 @@
-"""Sample responses with `generate`, then cut each after its first stop token or stop word."""
+"""Rollouts: sample responses to left-padded prompts, then cut each after its first stop token or
+stop word.
+
+`HFGenerator.generate` runs the recording decode loop (`rollout.sampler`, the default: PPO's
+`logprobs_from_rollout: true`), which also returns the policy's log-probs, values and entropies,
+or transformers' `model.generate` when nothing needs recording.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from accelerate.utils import DistributedType
@@ -13,9 +19,11 @@ from transformers import GenerationConfig
 from rlhfkit.config import GenerationArguments
 from rlhfkit.errors import fail
 from rlhfkit.models.compile import eager_blocks
-from rlhfkit.models.lora_decoding import lean_lora_decoding
 from rlhfkit.rl import truncate_after_stop
-from rlhfkit.rollout.sampler import SamplingSettings, sample_with_records
+from rlhfkit.rollout.sampler import SamplingSettings, multinomial_draw, sample_with_records
+
+if TYPE_CHECKING:
+    from rlhfkit.cpu.speedups import CpuSpeedups
 
 
 @dataclass
@@ -51,10 +59,13 @@ def cut_at_stop_words(tokenizer, response_ids: torch.Tensor, response_mask: torc
 
 
 class HFGenerator:
-    """Rollouts through `model.generate` (sampling, KV cache, left-padded prompts)."""
+    """Rollouts on the training model (KV cache, left-padded prompts): the recording decode loop or
+    `model.generate`. `speedups`: the run's CPU speed-ups (lean LoRA decode, inverse-CDF draw)."""
 
-    def __init__(self, tokenizer, args: GenerationArguments, stop_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer, args: GenerationArguments, stop_token_ids: list[int],
+                 speedups: "CpuSpeedups | None" = None) -> None:
         self.tokenizer = tokenizer
+        self.speedups = speedups
         self.stop_token_ids = sorted(set(stop_token_ids))
         self.stop_words = [w for w in (args.stop_words or "").split(",") if w]
         self.config = GenerationConfig(
@@ -89,9 +100,11 @@ class HFGenerator:
         model.eval()
         records = None
         # Compiled blocks (torch_compile) would recompile for every cache length: decode eagerly.
-        with eager_blocks(), lean_lora_decoding(model):
+        decoding = self.speedups.decoding(model) if self.speedups else contextlib.nullcontext()
+        with eager_blocks(), decoding:
             if record:
-                records = sample_with_records(model, input_ids, attention_mask, self.settings, value_head)
+                draw = self.speedups.draw if self.speedups else multinomial_draw
+                records = sample_with_records(model, input_ids, attention_mask, self.settings, value_head, draw)
                 generated = records.tokens
             else:
                 output = model.generate(input_ids=input_ids, attention_mask=attention_mask,

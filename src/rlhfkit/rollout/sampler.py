@@ -9,9 +9,8 @@ KV-cached pass sums in another order); tests/test_rollout_sampler.py checks that
 
 Logits processing reuses transformers' processors in `generate`'s order (repetition penalty,
 minimum length, temperature, top-k, top-p), so the sampling distribution is `generate`'s.
-Tokens are drawn by inverting the CDF with one uniform number per row: the same distribution as
-``torch.multinomial``, whose CPU kernel draws an exponential variate per vocabulary entry and was
-a third of the rollout's time.
+Tokens are drawn with ``torch.multinomial`` by default; the stage passes the CPU's faster
+inverse-CDF draw (`cpu.sampling`) where it pays.
 
 Shapes: ``b`` rows, ``P`` prompt length (left-padded), ``R`` new tokens, ``v`` vocabulary.
 """
@@ -20,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
@@ -33,6 +33,9 @@ from transformers.generation import (
 )
 
 from rlhfkit.models.forward import capture_head_input, position_ids_from_mask, values_at_logits
+
+
+Draw = Callable[[torch.Tensor], torch.Tensor]  # (b, v) unnormalised probabilities -> (b,) token ids
 
 
 @dataclass
@@ -100,26 +103,21 @@ def recorded_distribution(logits: torch.Tensor, temperature: float, stop_ids: to
     return lsm, probs, sampling
 
 
-def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One index per row of ``probs`` ``(b, v)`` (rows need not be normalised) -> ``(b,)`` long.
-
-    Inverse CDF: the first index whose cumulative sum exceeds ``u x total`` for a uniform ``u``;
-    an index of probability 0 adds nothing to the sum, so it is never chosen.
-    """
-    cdf = probs.float().cumsum(-1)  # (b, v)
-    threshold = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]
-    index = torch.searchsorted(cdf, threshold, right=True).squeeze(-1)  # (b,)
-    return index.clamp_(max=probs.shape[-1] - 1)
+def multinomial_draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs`` ``(b, v)`` (rows need not be normalised) -> ``(b,)`` long,
+    with torch's own sampling kernel."""
+    return torch.multinomial(probs.float(), 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
 def sample_with_records(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: SamplingSettings,
-                        value_head=None) -> SampledBatch:
+                        value_head=None, draw: Draw = multinomial_draw) -> SampledBatch:
     """Sample up to ``max_new_tokens`` per row of the left-padded prompts ``(b, P)``.
 
     `model` is a causal LM (or a PEFT model around one) that takes a KV cache; `value_head`, if
-    given, maps its last hidden state to values. A row whose stop token came gets pad after it;
-    the loop ends when every row has stopped.
+    given, maps its last hidden state to values. `draw` picks one token per row from unnormalised
+    probabilities ``(b, v)``. A row whose stop token came gets pad after it; the loop ends when
+    every row has stopped.
     """
     rows, prompt_length = input_ids.shape
     device = input_ids.device
@@ -143,10 +141,10 @@ def sample_with_records(model, input_ids: torch.Tensor, attention_mask: torch.Te
             lsm, probs, sampling = recorded_distribution(logits, temperature, stop_ids,
                                                          ban_stops=len(tokens) < settings.min_new_tokens)
             if processors is None:
-                token = sample_from_probs(sampling)
+                token = draw(sampling)
             else:
                 scores = processors(sequence, logits.clone())
-                token = sample_from_probs(torch.softmax(scores, -1)) if settings.do_sample else scores.argmax(-1)
+                token = draw(torch.softmax(scores, -1)) if settings.do_sample else scores.argmax(-1)
             token = torch.where(running, token, torch.full_like(token, settings.pad_token_id))
             tokens.append(token)
             logprobs.append(lsm.gather(-1, token.unsqueeze(-1)).squeeze(-1))

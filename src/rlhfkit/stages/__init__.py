@@ -15,10 +15,8 @@ def run_stage(config: Config) -> dict[str, float]:
         from rlhfkit.config import IGNORED_KEYS
 
         logger.info("note: key '%s' has no effect here (%s)", key, IGNORED_KEYS[key])
-    from rlhfkit.training.allocator import keep_freed_memory
     from rlhfkit.training.control import StopSignals
 
-    keep_freed_memory()
     stage = config.finetuning.stage
     with StopSignals():
         if stage == "sft":

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from rlhfkit.models.forward import forward_with_values
-from rlhfkit.training.buffers import KeptBuffer
 from rlhfkit.training.distributed import global_masked_whiten, global_sums, micro_batch_context
 from rlhfkit.rl import (
     PPOLoss,
@@ -16,10 +16,12 @@ from rlhfkit.rl import (
     kl_penalty,
     logprobs_and_entropy,
     logprobs_from_logits,
-    masked_mean,
     masked_whiten,
     shape_rewards,
 )
+
+if TYPE_CHECKING:
+    from rlhfkit.stages.setup import Training
 
 
 @dataclass
@@ -83,18 +85,16 @@ def length_order(mask: torch.Tensor) -> torch.Tensor:
     return torch.argsort(mask.sum(1), stable=True)
 
 
-# The update's (b, R, v) log-softmax, kept between passes instead of mapped afresh each time.
-LOG_SOFTMAX_BUFFER = KeptBuffer()
-
-
 def response_forward(model, value_head, ids: torch.Tensor, mask: torch.Tensor, response_ids: torch.Tensor,
-                     temperature: float, with_values: bool = True, with_entropy: bool = False):
+                     temperature: float, with_values: bool = True, with_entropy: bool = False,
+                     logprobs_fn: Callable[..., torch.Tensor] = logprobs_from_logits):
     """Log-probs (and values, entropy) of the response tokens at the end of ``ids``.
 
     Vocabulary logits are computed only for the R positions that predict response tokens (an
     index tensor as `logits_to_keep`, so no slice of the logits needs a backward pass), and values
     at the same positions, from the LM head's input (no per-layer hidden states).
     `value_head` None with `with_values`: `model` is a `ModelWithValueHead` (see `forward_with_values`).
+    `logprobs_fn`: the log-probs with gradients (`logprobs_from_logits` or the CPU's buffered twin).
     Returns ``logprobs (b, R)``, ``values (b, R) | None``, ``entropy (b, R) | None``.
     """
     length, width = ids.shape[1], response_ids.shape[1]
@@ -105,14 +105,24 @@ def response_forward(model, value_head, ids: torch.Tensor, mask: torch.Tensor, r
     if with_entropy and not torch.is_grad_enabled():  # one log-softmax for both
         logprobs, entropy = logprobs_and_entropy(logits, response_ids, temperature)
     else:
-        logprobs = logprobs_from_logits(logits, response_ids, temperature, buffer=LOG_SOFTMAX_BUFFER)
+        logprobs = logprobs_fn(logits, response_ids, temperature)
         entropy = entropy_from_logits(logits, temperature) if with_entropy else None
     return logprobs, values, entropy
 
 
+@dataclass
+class Evaluation:
+    """The evaluate phase's per-token results, every tensor ``(b, R)`` float32."""
+
+    logprobs: torch.Tensor      # the policy's ("old") log-probs
+    values: torch.Tensor        # the value head's ("old") estimates
+    entropy: torch.Tensor       # the policy's entropies
+    ref_logprobs: torch.Tensor  # the reference's log-probs
+
+
 @torch.no_grad()
 def evaluate_rollout(policy, value_head, reference, reference_context, ids, mask, response_ids, temperature,
-                     chunk_size: int, recorded=None) -> dict[str, torch.Tensor]:
+                     chunk_size: int, recorded=None) -> Evaluation:
     """Old log-probs, values, entropy (policy) and reference log-probs, in chunks of rows.
 
     `recorded` (a `GeneratedBatch` sampled with ``record=True``) holds the policy's log-probs,
@@ -138,11 +148,12 @@ def evaluate_rollout(policy, value_head, reference, reference_context, ids, mask
                 policy, value_head, chunk_ids, chunk_mask, chunk_response, temperature, with_values=True,
                 with_entropy=True)
         with reference_context():
-            computed["ref_logprobs"], _, _ = response_forward(reference, None, chunk_ids, chunk_mask, chunk_response,
-                                                              temperature, with_values=False)
+            computed["ref_logprobs"], _, _ = response_forward(reference, value_head=None, ids=chunk_ids,
+                                                              mask=chunk_mask, response_ids=chunk_response,
+                                                              temperature=temperature, with_values=False)
         for key, value in computed.items():
             out[key][rows, :end] = value.float()
-    return out
+    return Evaluation(**out)
 
 
 def compute_advantages(scores, logprobs, ref_logprobs, values, response_mask, kl_coef: float, estimator: str,
@@ -168,7 +179,8 @@ def compute_advantages(scores, logprobs, ref_logprobs, values, response_mask, kl
 
 
 def ppo_update_minibatch(accelerator, policy, value_head, loss_fn: PPOLoss, minibatch: Rollout,
-                         micro_batch_size: int, temperature: float, world: int) -> dict[str, float]:
+                         micro_batch_size: int, temperature: float, world: int,
+                         logprobs_fn: Callable[..., torch.Tensor] = logprobs_from_logits) -> dict[str, float]:
     """Accumulate gradients of the clipped PPO loss over the micro-batches of one mini-batch.
 
     Each micro-batch's loss is a sum over its response tokens divided by the mini-batch's token
@@ -190,7 +202,8 @@ def ppo_update_minibatch(accelerator, policy, value_head, loss_fn: PPOLoss, mini
         last = begin + micro_batch_size >= rows
         with micro_batch_context(accelerator, policy, last), accelerator.autocast():
             logprobs, values, entropy = response_forward(policy, value_head, ids, mask, micro.response_ids,
-                                                         temperature, with_values=True, with_entropy=with_entropy)
+                                                         temperature, with_values=True, with_entropy=with_entropy,
+                                                         logprobs_fn=logprobs_fn)
             loss, stats = loss_fn(logprobs, micro.logprobs, micro.advantages, values, micro.values, micro.returns,
                                   micro.response_mask, entropy=entropy, normaliser=total_tokens)
             accelerator.backward(loss * world)  # DDP averages gradients over processes
@@ -203,10 +216,33 @@ def ppo_update_minibatch(accelerator, policy, value_head, loss_fn: PPOLoss, mini
     return {"loss": totals[0], **{key: value / total_tokens for key, value in zip(keys, totals[1:])}}
 
 
-def masked_row_sum_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean over rows of the masked per-row sum (e.g. KL in nats per response)."""
-    return float((values * mask).sum(-1).mean())
+def ppo_update(run: "Training", loss_fn: PPOLoss, rollout: Rollout, mini_size: int, micro_size: int,
+               epochs: int, temperature: float, step: int) -> dict[str, float]:
+    """`epochs` passes over the rollout in shuffled mini-batches, one optimizer step each; the
+    statistics averaged over the steps taken (those the non-finite guard skipped left out).
+
+    The shuffle is seeded by the step, so a resumed run shuffles as the uninterrupted one.
+    """
+    t, world = run.config.training, run.accelerator.num_processes
+    rows = rollout.response_mask.shape[0]
+    shuffle = torch.Generator().manual_seed(t.seed * 7919 + step - 1)
+    sums: dict[str, float] = {}
+    updates = 0
+    for _ in range(epochs):
+        order = torch.randperm(rows, generator=shuffle)
+        for begin in range(0, rows, mini_size):
+            minibatch = rollout.select(order[begin:begin + mini_size])
+            stats = ppo_update_minibatch(run.accelerator, run.model, value_head=None, loss_fn=loss_fn,
+                                         minibatch=minibatch, micro_batch_size=micro_size, temperature=temperature,
+                                         world=world, logprobs_fn=run.speedups.logprobs)
+            stats["grad_norm"], stepped = run.optimizer_step(stats["loss"], step)
+            if not stepped:
+                continue
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+            updates += 1
+    return {key: value / max(updates, 1) for key, value in sums.items()}
 
 
-__all__ = ["Rollout", "compute_advantages", "evaluate_rollout", "length_order", "masked_mean",
-           "masked_row_sum_mean", "padding_bounds", "ppo_update_minibatch", "response_forward"]
+__all__ = ["Evaluation", "Rollout", "compute_advantages", "evaluate_rollout", "length_order", "padding_bounds",
+           "ppo_update", "ppo_update_minibatch", "response_forward"]

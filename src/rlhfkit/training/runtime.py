@@ -1,4 +1,4 @@
-"""Process-level set-up shared by every stage: accelerate, seeds, output folder, logging."""
+"""Process-level set-up shared by every stage: accelerate, seeds, output folder."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import random
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -157,24 +156,3 @@ def check_output_dir(config: Config) -> Path:
     except OSError as err:
         raise fail(f"output_dir {path} is not writable ({err.strerror}); choose a folder you can write to") from None
     return path
-
-
-def setup_logging(debug: bool = False) -> None:
-    """Concise console logging; quiet third-party libraries; only warnings from processes other than the first."""
-    level = logging.DEBUG if debug else logging.INFO
-    if int(os.environ.get("RANK", "0")) != 0:  # launched by accelerate / torchrun: one process reports
-        level = logging.WARNING
-    logging.basicConfig(level=level, format="%(message)s", force=True)
-    for name in ("transformers", "datasets", "accelerate", "peft", "urllib3", "httpx", "filelock"):
-        logging.getLogger(name).setLevel(logging.WARNING if not debug else logging.INFO)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not debug:
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - logging set-up must never stop a run
-        pass

@@ -6,8 +6,6 @@ two rank-r products. Inside `lean_lora_decoding` each plain LoRA layer computes
 ``base(x) + scale * (x A^T) B^T`` as the base product, one rank-r product and one in-place
 ``addmm_``: the same function up to float rounding (tests/test_lora_decoding.py compares it with
 PEFT's forward; tests/test_rollout_sampler.py the recorded log-probs with full forward passes).
-Measured on SmolLM2-135M with LoRA r8 on every linear layer, 16 rows, 32 tokens, 2 threads:
-rollout 3.43 -> 3.17 s.
 
 A layer keeps PEFT's forward unless it is the plain case: exactly one active adapter, not merged,
 not disabled, no variant (DoRA), no adapter bias, dropout inactive, adapter and base weights of

@@ -1,29 +1,23 @@
-"""Memory-allocation settings that suit tensor work on the CPU.
+"""Memory-allocation settings that suit tensor work on the CPU (process-wide, so applied only by
+the command-line entry and the stage start, never on import).
 
 `request_huge_pages`: PyTorch's own switch (``THP_MEM_ALLOC_ENABLE``) that aligns CPU tensors of
 2 MB and more to 2 MB and asks the kernel for transparent huge pages for them. A tensor larger
 than malloc's mmap threshold (vocabulary-sized logits, their log-softmax, an embedding's
 gradient) is a fresh mapping every time; with 4 KB pages its first touch costs a page fault per
-4 KB (a fresh 100 MB log-softmax: 32 ms against 15 ms into reused memory), with 2 MB pages 512x
-fewer. Measured, 2 threads: W1 full (vocabulary 49,152) 1.89 -> 1.68 s per PPO step, W2 LoRA
-16.4 -> 15.9 s; peak memory within +3%. PyTorch reads the variable once, at its first
-allocation, so this must run before `import torch`: the package's `__init__` calls it. A value
-the user set (``THP_MEM_ALLOC_ENABLE=0`` turns it off) is left alone; kernels with huge pages
-disabled ignore the request.
+4 KB, with 2 MB pages 512x fewer. PyTorch reads the variable once, at its first allocation, so
+the command-line entry sets it before it imports torch. A value the user set
+(``THP_MEM_ALLOC_ENABLE=0`` turns it off) is left alone; kernels with huge pages disabled ignore
+the request.
 
-`keep_freed_memory`: glibc malloc settings for the blocks below that threshold.
-
-PyTorch's CPU tensors come straight from malloc. By default glibc serves blocks above a
-(moving) threshold with fresh `mmap` pages and trims its heap whenever the free space at its top
-passes another, so a pass that allocates activations of a few MB each pays a page fault (and a
-page of zeroing) for every 4 KB it touches, again on every step. A fixed mmap threshold at its
-maximum (32 MB on 64-bit) and a trim threshold of 256 MB keep freed blocks in the heap for the
-next pass. Measured, 2 threads: W1 LoRA 1.66 -> 1.52 s per PPO step (peak memory 0.72 ->
-0.74 GB); SmolLM2-135M LoRA, prefill of 16 x 40 tokens 0.75 -> 0.56 s, a 4-row training pass
-168 -> 160 ms per row. A 1 GB trim threshold was as fast but kept 0.1 GB more at the peak.
-
-Applied once per process, only on glibc and only when the user has set none of glibc's own
-malloc settings (`MALLOC_*` variables, `glibc.malloc` tunables): those win.
+`keep_freed_memory`: glibc malloc settings for the blocks below that threshold. PyTorch's CPU
+tensors come straight from malloc. By default glibc serves blocks above a (moving) threshold with
+fresh `mmap` pages and trims its heap whenever the free space at its top passes another, so a
+pass that allocates activations of a few MB each pays a page fault (and a page of zeroing) for
+every 4 KB it touches, again on every step. A fixed mmap threshold at its maximum (32 MB on
+64-bit) and a trim threshold of 256 MB keep freed blocks in the heap for the next pass. Applied
+once per process, only on glibc and only when the user has set none of glibc's own malloc
+settings (`MALLOC_*` variables, `glibc.malloc` tunables): those win.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 
 from rlhfkit.config import Config
 from rlhfkit.data import get_template

@@ -2,7 +2,7 @@
 
 A PPO pass's vocabulary-sized tensors (the LM head's logits, their log-softmax: 16 rows x 32
 positions x 49,152 entries = 100 MB each) are larger than malloc's mmap threshold
-(`training.allocator`), so each would be a fresh mapping every pass, its pages faulted in and
+(`cpu.allocator`), so each would be a fresh mapping every pass, its pages faulted in and
 zeroed again. A `KeptBuffer` hands out its one tensor again instead, but only when no other
 tensor still refers to its storage (checked at every call): a caller that keeps an earlier
 output gets a new buffer, never its data overwritten. Only CPU tensors from the mmap threshold up
@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from rlhfkit.training.allocator import MMAP_THRESHOLD
+from rlhfkit.cpu.allocator import MMAP_THRESHOLD
 
 
 class KeptBuffer:

@@ -9,12 +9,12 @@ parameter's gradient. `reuse_head_output` replaces the output embedding's forwar
 * the logits are written into one `KeptBuffer` (reused whenever no tensor still refers to it, so
   a caller that keeps logits gets a new buffer);
 * with ``accumulate=True`` the weight's gradient is added straight into ``weight.grad`` with one
-  ``addmm_`` (which must be the dense buffer of `allocate_gradients`, on one process), instead of
+  ``addmm_`` (which must be the dense block of `cpu.gradients.allocate_gradients`), instead of
   returned to autograd.
 
 Both give the same numbers as ``nn.Linear`` up to float rounding (tests/test_head.py). The head
 keeps its own forward wherever this does not apply: a head with bias or adapters, another dtype,
-autocast, or sharded parameters (the stages do not install it under FSDP or DeepSpeed).
+autocast, or sharded parameters (`CpuSpeedups` installs it only for one unsharded CPU process).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlhfkit.training.buffers import KeptBuffer
+from rlhfkit.cpu.buffers import KeptBuffer
 
 
 class _HeadProduct(torch.autograd.Function):
