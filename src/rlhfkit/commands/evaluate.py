@@ -30,12 +30,13 @@ import torch
 
 from rlhfkit.commands.inference import inference_device, load_for_inference
 from rlhfkit.config import Config
+from rlhfkit.cpu.speedups import CpuSpeedups
 from rlhfkit.data import collate_prompts, get_template, load_examples, resolve_datasets, tokenize_prompts
 from rlhfkit.errors import fail
 from rlhfkit.models.adapters import split_paths
-from rlhfkit.stages.ppo_models import PPOModels, build_reward_source, reward_specs
 from rlhfkit.rewards.base import build_scoring_batch
 from rlhfkit.rollout import HFGenerator
+from rlhfkit.stages.ppo_models import PPOModels, build_reward_source, reward_specs
 from rlhfkit.tracking.summary import summarize
 from rlhfkit.training.runtime import seed_everything
 
@@ -86,8 +87,9 @@ def _load_prompts(config: Config, tokenizer, template) -> list[dict[str, Any]]:
 def sample_and_score(model, tokenizer, template, items: list[dict], sources: list[tuple[Any, float]],
                      config: Config) -> list[dict[str, Any]]:
     """One row per prompt: prompt, response, raw score per source, weighted `reward`, length, EOS."""
-    generator = HFGenerator(tokenizer, config.generation, template.stop_token_ids(tokenizer))
     device = next(model.parameters()).device
+    generator = HFGenerator(tokenizer, config.generation, template.stop_token_ids(tokenizer),
+                            speedups=CpuSpeedups.for_sampling(config.training.cpu_speedups, device))
     batch_size = config.training.per_device_eval_batch_size
     rows: list[dict[str, Any]] = []
     for begin in range(0, len(items), batch_size):

@@ -37,6 +37,12 @@ class CpuSpeedups:
     _kept: list = field(default_factory=list)
 
     @classmethod
+    def for_sampling(cls, setting: str, device) -> "CpuSpeedups":
+        """The decoding speed-ups (lean LoRA, inverse-CDF draw) for sampling alone on one process's
+        `device`; no process-wide setting is changed."""
+        return cls(setting == "auto" and device.type == "cpu")
+
+    @classmethod
     def for_run(cls, setting: str, accelerator) -> "CpuSpeedups":
         """The speed-ups for `accelerator`'s run; applies the malloc settings when they are on."""
         enabled = speedups_apply(setting, accelerator)
