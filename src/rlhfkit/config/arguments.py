@@ -174,6 +174,14 @@ class PPOArguments:
     """Adapter(s) to load on ref_model."""
     value_head_init: str = "auto"
     """Value head start: reward (copy the RM's head), zero, or auto (reward when the RM shares the base)."""
+    advantage_estimator: str = "gae"
+    """How rewards become advantages: gae (PPO with the value head as critic), or critic-free (no value head): grpo, dr_grpo, rloo, reinforce_plus_plus, reinforce_plus_plus_baseline."""
+    num_generations: int = 1
+    """Responses sampled per prompt (G); batch sizes count prompts, so a rollout batch of B prompts holds B x G responses. At least 2 for grpo, dr_grpo, rloo and reinforce_plus_plus_baseline."""
+    scale_rewards: str = "group"
+    """grpo: divide each advantage by the std of its group's scores (group), of the whole batch's (batch), or not at all (none)."""
+    filter_groups: bool = False
+    """Drop groups whose scores are all equal (they carry no signal for a group estimator) from the update; logged as filtered_groups."""
     ppo_epochs: int = 4
     """Optimisation passes over each rollout batch."""
     logprobs_from_rollout: bool = True
@@ -197,13 +205,23 @@ class PPOArguments:
     kl_horizon: int = 10000
     """Horizon of the adaptive KL controller, in samples."""
     kl_estimator: str = "k1"
-    """Per-token KL estimator in the reward: k1 (log ratio) or k3 (non-negative, lower variance)."""
+    """Per-token KL estimator: k1 (log ratio), k2 (half its square) or k3 (non-negative, lower variance)."""
+    kl_in_reward: bool = True
+    """Put -kl_coef x KL into each token's reward (PPO's penalty); false leaves the reward to the scores."""
+    kl_loss_coef: float = 0.0
+    """Weight of a KL-to-reference loss term, as GRPO uses it (0 disables); usually with kl_in_reward: false."""
+    loss_aggregation: str = "token_mean"
+    """How per-token policy losses become one: token_mean, seq_mean_token_mean, seq_mean_token_sum, or seq_mean_token_sum_norm (Dr. GRPO: the token sum over rows x max_new_tokens)."""
     gamma: float = 1.0
     """Discount factor of GAE."""
     lam: float = 0.95
     """Lambda of GAE."""
     cliprange: float = 0.2
     """Clip range of the policy probability ratio."""
+    cliprange_low: Optional[float] = None
+    """Lower clip range of the ratio, 1 - cliprange_low (default: cliprange)."""
+    cliprange_high: Optional[float] = None
+    """Upper clip range of the ratio, 1 + cliprange_high (default: cliprange; DAPO's clip-higher sets it above)."""
     cliprange_value: float = 0.2
     """Clip range of the value prediction around the rollout's value."""
     vf_coef: float = 0.1

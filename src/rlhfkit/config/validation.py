@@ -18,6 +18,9 @@ SCHEDULERS = (
     "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
 )
 REPORT_TO = ("none", "tensorboard")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 
 def _choice(source: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -49,7 +52,10 @@ def validate(config: "Config") -> None:
     _choice(src, "lr_scheduler_type", t.lr_scheduler_type, SCHEDULERS)
     _choice(src, "overlong_prompts", d.overlong_prompts, ("drop", "error"))
     _choice(src, "reward_model_type", p.reward_model_type, REWARD_MODEL_TYPES)
-    _choice(src, "kl_estimator", p.kl_estimator, ("k1", "k3"))
+    _choice(src, "kl_estimator", p.kl_estimator, ("k1", "k2", "k3"))
+    _choice(src, "advantage_estimator", p.advantage_estimator, ADVANTAGE_ESTIMATORS)
+    _choice(src, "scale_rewards", p.scale_rewards, ("group", "batch", "none"))
+    _choice(src, "loss_aggregation", p.loss_aggregation, LOSS_AGGREGATIONS)
     _choice(src, "value_head_init", p.value_head_init, ("auto", "reward", "zero"))
     _choice(src, "cpu_speedups", t.cpu_speedups, ("auto", "off"))
     for name in report_to_list(o.report_to):
@@ -110,8 +116,18 @@ def _validate_ppo(config: "Config") -> None:
         raise fail(f"{src}: min_new_tokens ({g.min_new_tokens}) must not exceed max_new_tokens ({g.max_new_tokens})")
     for key in ("cliprange", "cliprange_value", "ppo_target"):
         _positive(src, key, getattr(p, key))
-    for key in ("kl_coef", "vf_coef", "entropy_coef", "reward_api_timeout"):
+    for key in ("kl_coef", "vf_coef", "entropy_coef", "reward_api_timeout", "kl_loss_coef"):
         _positive(src, key, getattr(p, key), allow_zero=True)
+    for key in ("cliprange_low", "cliprange_high"):
+        if getattr(p, key) is None:
+            setattr(p, key, p.cliprange)
+        _positive(src, key, getattr(p, key))
+    _positive(src, "num_generations", p.num_generations)
+    if p.advantage_estimator in GROUP_ESTIMATORS and p.num_generations < 2:
+        raise fail(f"{src}: advantage_estimator {p.advantage_estimator} compares the responses to one prompt; "
+                   f"set num_generations to 2 or more (got {p.num_generations})")
+    if p.filter_groups and p.num_generations < 2:
+        raise fail(f"{src}: filter_groups needs groups; set num_generations to 2 or more")
     _positive(src, "reward_api_retries", p.reward_api_retries, allow_zero=True)
     if p.rollout_batch_size is not None:
         mini = t.per_device_train_batch_size * t.gradient_accumulation_steps

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-KL_ESTIMATORS = ("k1", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
@@ -17,7 +17,10 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     With ``log_ratio = ref_logprobs - logprobs`` (i.e. ``log(ref / policy)``)::
 
         k1 = logprobs - ref_logprobs = -log_ratio          (unbiased, can be < 0)
+        k2 = log_ratio^2 / 2                               (biased, always >= 0; its gradient is k1's score)
         k3 = exp(log_ratio) - 1 - log_ratio                (unbiased, always >= 0)
+
+    (Schulman 2020, "Approximating KL divergence".)
 
     Args:
         logprobs: ``(b, t)`` policy log-probabilities of the sampled tokens.
@@ -29,6 +32,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     """
     if estimator == "k1":
         return logprobs - ref_logprobs
+    if estimator == "k2":
+        return 0.5 * (ref_logprobs - logprobs) ** 2
     if estimator == "k3":
         log_ratio = ref_logprobs - logprobs
         return log_ratio.exp() - 1.0 - log_ratio
