@@ -9,6 +9,10 @@ broadcast to every response token of its row.
 Group means are taken after shifting each group by its first element
 (``mean(r) = r_0 + mean(r - r_0)``), the same number in exact arithmetic, so a group
 of equal scores gets advantages of exactly 0 (no rounding residue, no NaN).
+
+Batch statistics (GRPO's ``scale="batch"`` std, the REINFORCE++ whitening) are taken over
+the rows passed in. TRL gathers the scores of all processes before its batch std; in a
+multi-process loop pass the gathered rows (then slice), or accept per-process statistics.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def _grouped(scores: Tensor, response_mask: Tensor, group_size: int) -> Tensor:
     check_group_layout(scores.shape[0], group_size)
     if not scores.is_floating_point():
         scores = scores.to(torch.get_default_dtype())
-    return scores.view(-1, group_size)
+    return scores.reshape(-1, group_size)
 
 
 def _group_centered(grouped: Tensor) -> Tensor:
@@ -77,7 +81,7 @@ def _broadcast(sequence_advantages: Tensor, response_mask: Tensor) -> Tensor:
 def grpo_advantages(
     scores: Tensor, response_mask: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
 ) -> Tensor:
-    """Group-relative advantages of GRPO (Shao et al. 2024, "DeepSeekMath", eq. for outcome supervision).
+    """Group-relative advantages of GRPO (Shao et al. 2024, "DeepSeekMath", sec. 4.1.2, outcome supervision).
 
     For row ``i`` of group ``g`` (G responses to one prompt)::
 
@@ -91,8 +95,8 @@ def grpo_advantages(
     ``rewards.view(-1, G).std(dim=1)`` is torch's default, unbiased, std, and eps = 1e-4 is
     added to the std, not the variance. The paper writes ``std(r)`` without saying which.
     Note the unbiased std of a group of 2 is ``|r_1 - r_2| / sqrt(2)``, so G = 2 gives
-    ``A = +-1/sqrt(2)`` (up to eps) whenever the two scores differ. A group (or, with
-    "batch", a batch) of equal scores gets A = 0 exactly, even with eps = 0.
+    ``A = +-1/sqrt(2)`` (up to eps) whenever the two scores differ. A group of equal
+    scores gets A = 0 exactly in every mode, even with eps = 0.
 
     Args:
         scores: ``(n,)`` one score per response, n = B * G, groups on consecutive rows.
