@@ -113,6 +113,13 @@ def test_float32_scores_keep_dtype():
     torch.testing.assert_close(adv, expected, atol=1e-6, rtol=0)  # O(1) values, a handful of float32 roundings
 
 
+def test_non_contiguous_scores():
+    strided = torch.stack([SCORES, -SCORES], dim=1)[:, 0]  # same values, stride 2
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(grpo_advantages(strided, MASK, 3), grpo_advantages(SCORES, MASK, 3), **EXACT)
+    torch.testing.assert_close(rloo_advantages(strided, MASK, 3), rloo_advantages(SCORES, MASK, 3), **EXACT)
+
+
 # ---------------------------------------------------------------- RLOO
 
 
