@@ -45,3 +45,41 @@ __all__ = [
     "shape_rewards",
     "truncate_after_stop",
 ]
+
+from rlhfkit.rl.estimators import (  # noqa: E402  (critic-free estimators, appended)
+    ADVANTAGE_ESTIMATORS,
+    GROUP_ADVANTAGE_ESTIMATORS,
+    GRPO_SCALES,
+    check_group_layout,
+    discounted_returns,
+    dr_grpo_advantages,
+    grpo_advantages,
+    reinforce_plus_plus_advantages,
+    reinforce_plus_plus_baseline_advantages,
+    rloo_advantages,
+)
+from rlhfkit.rl.policy_losses import (  # noqa: E402
+    KL_LOSS_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
+    clipped_policy_loss,
+    kl_loss,
+)
+
+__all__ += [
+    "ADVANTAGE_ESTIMATORS",
+    "GROUP_ADVANTAGE_ESTIMATORS",
+    "GRPO_SCALES",
+    "KL_LOSS_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "aggregate_loss",
+    "check_group_layout",
+    "clipped_policy_loss",
+    "discounted_returns",
+    "dr_grpo_advantages",
+    "grpo_advantages",
+    "kl_loss",
+    "reinforce_plus_plus_advantages",
+    "reinforce_plus_plus_baseline_advantages",
+    "rloo_advantages",
+]
