@@ -56,8 +56,10 @@ def split_trained(module, full_state: dict[str, torch.Tensor] | None = None):
     """
     if not isinstance(module, ModelWithValueHead):
         return module, full_state, None
-    if full_state is None:
-        return module.model, None, module.value_head
+    if full_state is None or module.value_head is None:
+        model_state = None if full_state is None else \
+            {k[len("model."):]: v for k, v in full_state.items() if k.startswith("model.")}
+        return module.model, model_state, module.value_head
     head = ValueHead(module.value_head.summary.in_features)
     head.load_state_dict({k[len("value_head."):]: v for k, v in full_state.items() if k.startswith("value_head.")})
     model_state = {k[len("model."):]: v for k, v in full_state.items() if k.startswith("model.")}

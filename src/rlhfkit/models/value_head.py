@@ -66,10 +66,11 @@ class ModelWithValueHead(nn.Module):
     DeepSpeed and FSDP2 prepare one model per optimizer, and FSDP gathers a module's weights only
     inside its forward; so the head runs inside this forward. It takes the LM's arguments and
     returns the LM's output, with ``output["values"]`` ``(b, T)`` added when `with_values`
-    (``(b, K)``, only at the positions that get logits, with `values_at_logits`).
+    (``(b, K)``, only at the positions that get logits, with `values_at_logits`). `value_head`
+    None: a policy without a critic (the critic-free estimators), which never asks for values.
     """
 
-    def __init__(self, model: nn.Module, value_head: ValueHead) -> None:
+    def __init__(self, model: nn.Module, value_head: ValueHead | None) -> None:
         super().__init__()
         self.model = model
         self.value_head = value_head

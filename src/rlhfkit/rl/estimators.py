@@ -17,6 +17,8 @@ multi-process loop pass the gathered rows (then slice), or accept per-process st
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -31,6 +33,8 @@ GROUP_ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus_ba
 """The estimators that compare the G responses of a prompt: they need G >= 2 consecutive rows per prompt."""
 
 GRPO_SCALES = ("group", "batch", "none")
+
+Whiten = Callable[[Tensor, Tensor], Tensor]  # (x (n, t), mask (n, t)) -> whitened x
 
 
 def check_group_layout(num_rows: int, group_size: int) -> None:
@@ -196,7 +200,8 @@ def discounted_returns(token_rewards: Tensor, response_mask: Tensor, gamma: floa
     return returns
 
 
-def reinforce_plus_plus_advantages(token_rewards: Tensor, response_mask: Tensor, gamma: float = 1.0) -> Tensor:
+def reinforce_plus_plus_advantages(token_rewards: Tensor, response_mask: Tensor, gamma: float = 1.0,
+                                   whiten: Whiten = masked_whiten) -> Tensor:
     """REINFORCE++ advantages (Hu 2025, "REINFORCE++", arXiv:2501.03262, sec. 3)::
 
         G_j = sum_{k >= j} gamma^(k - j) * r_k
@@ -213,16 +218,19 @@ def reinforce_plus_plus_advantages(token_rewards: Tensor, response_mask: Tensor,
         token_rewards: ``(n, t)`` per-token rewards.
         response_mask: ``(n, t)`` bool or 0/1 float.
         gamma: discount factor.
+        whiten: ``whiten(x, mask)``, the batch whitening (a multi-process loop passes one over
+            every process's tokens).
 
     Returns:
         ``(n, t)`` advantages with masked mean 0 and unbiased variance ~1, 0 on padding.
     """
     returns = discounted_returns(token_rewards, response_mask, gamma)
-    return masked_whiten(returns, response_mask)
+    return whiten(returns, response_mask)
 
 
 def reinforce_plus_plus_baseline_advantages(
-    scores: Tensor, response_mask: Tensor, group_size: int, kl_token_penalty: Tensor | None = None
+    scores: Tensor, response_mask: Tensor, group_size: int, kl_token_penalty: Tensor | None = None,
+    whiten: Whiten = masked_whiten,
 ) -> Tensor:
     """REINFORCE++-baseline advantages (Hu 2025, arXiv:2501.03262; OpenRLHF ``reinforce_baseline``)::
 
@@ -245,6 +253,7 @@ def reinforce_plus_plus_baseline_advantages(
         group_size: G, responses per prompt (>= 2, divides n).
         kl_token_penalty: optional ``(n, t)`` penalty already scaled, ``beta * KL_t`` (it is
             subtracted), e.g. ``kl_coef * kl_penalty(logprobs, ref_logprobs)``.
+        whiten: ``whiten(x, mask)``, the batch whitening (see `reinforce_plus_plus_advantages`).
 
     Returns:
         ``(n, t)`` advantages with masked mean 0 and unbiased variance ~1, 0 on padding.
@@ -257,4 +266,4 @@ def reinforce_plus_plus_baseline_advantages(
                          f"got {tuple(kl_token_penalty.shape)}")
     token_rewards = shape_rewards(centered, kl_token_penalty.to(centered.dtype), response_mask, kl_coef=1.0)
     returns = discounted_returns(token_rewards, response_mask, gamma=1.0)
-    return masked_whiten(returns, response_mask)
+    return whiten(returns, response_mask)

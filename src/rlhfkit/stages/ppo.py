@@ -43,7 +43,8 @@ from rlhfkit.rl import (
 from rlhfkit.rollout import GeneratedBatch, HFGenerator, check_generation_supported, full_weights_for_generation
 from rlhfkit.stages.common import load_stage_data, save_trained
 from rlhfkit.stages.ppo_models import PPOModels, build_ppo_models, trainable_policy_parameters
-from rlhfkit.stages.ppo_steps import Evaluation, Rollout, compute_advantages, evaluate_rollout, ppo_update
+from rlhfkit.stages.ppo_advantages import estimate_advantages, informative_groups
+from rlhfkit.stages.ppo_steps import Evaluation, Rollout, evaluate_rollout, group_rows, ppo_update
 from rlhfkit.stages.setup import Training, prepare_training, start_run
 from rlhfkit.training.batches import step_batches
 from rlhfkit.training.distributed import global_sums
@@ -53,8 +54,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RolloutSizes:
-    """Rows per process: micro-batch (one forward/backward pass), mini-batch (one optimizer step) and
-    rollout batch (one PPO step) = mini-batch x ppo_buffer_size; `steps`: PPO steps of the run."""
+    """Prompts per process: micro-batch (one forward/backward pass), mini-batch (one optimizer step) and
+    rollout batch (one PPO step) = mini-batch x ppo_buffer_size, each x num_generations responses;
+    `steps`: PPO steps of the run."""
 
     micro: int
     mini: int
@@ -133,7 +135,8 @@ def run_ppo(config: Config) -> dict[str, float]:
     data = load_stage_data(config, tokenizer)
     sizes = rollout_sizes(config, world, len(data.train))
     models = build_ppo_models(config, tokenizer, device)
-    modules = {"policy": models.policy, "value_head": models.value_head}
+    modules = {"policy": models.policy, **({"value_head": models.value_head} if models.value_head else {})}
+    group = p.num_generations
     # The policy and its value head are one module for accelerate (DeepSpeed and FSDP2 take one model).
     with prepare_training(config, accelerator, output_dir, ModelWithValueHead(models.policy, models.value_head),
                           trainable_policy_parameters(models), modules, tokenizer, sizes.steps,
@@ -142,23 +145,24 @@ def run_ppo(config: Config) -> dict[str, float]:
         policy = run.model
         reference = attach_models(run, models)
         generator = HFGenerator(tokenizer, g, data.template.stop_token_ids(tokenizer), speedups=run.speedups)
-        loss_fn = PPOLoss(p.cliprange, p.cliprange_value, p.vf_coef, p.entropy_coef)
+        loss_fn = PPOLoss(p.cliprange_low, p.cliprange_value, p.vf_coef, p.entropy_coef, p.cliprange_high,
+                          p.kl_loss_coef, p.kl_estimator, p.loss_aggregation, g.max_new_tokens)
         kl_controller = (AdaptiveKLController(p.kl_coef, p.ppo_target, p.kl_horizon) if p.adaptive_kl
                          else FixedKLController(p.kl_coef))
         score_moments = RunningMoments()
         if run.resumed["step"]:
             kl_controller.load_state_dict(run.resumed["kl_controller"])
             score_moments.load_state_dict(run.resumed["score_moments"])
-        logger.info("ppo: %d prompts, %d steps; rollout batch %d (x%d processes), mini-batch %d, micro-batch %d, "
-                    "%d epochs", len(data.train), sizes.steps, sizes.rollout, world, sizes.mini, sizes.micro,
-                    p.ppo_epochs)
+        logger.info("ppo (%s): %d prompts, %d steps; rollout batch %d prompts (x%d processes) x %d responses, "
+                    "mini-batch %d, micro-batch %d, %d epochs", p.advantage_estimator, len(data.train), sizes.steps,
+                    sizes.rollout, world, group, sizes.mini, sizes.micro, p.ppo_epochs)
         final: dict[str, float] = {}
         for plan in step_batches(len(data.train), sizes.rollout * world, t.seed, start_step=run.resumed["step"],
                                  fill_last=True):
             if plan.step >= sizes.steps:
                 break
             step, step_start, timings = plan.step + 1, time.time(), {}
-            items = [data.train[i] for i in plan.indices[accelerator.process_index::world]]
+            items = [data.train[i] for i in plan.indices[accelerator.process_index::world] for _ in range(group)]
             # 1. rollout
             with timed(timings, "rollout"):
                 prompts = collate_prompts(items, tokenizer.pad_token_id)
@@ -179,23 +183,25 @@ def run_ppo(config: Config) -> dict[str, float]:
                 evaluated = evaluate_rollout(policy, None, reference, models.reference_context, scoring.sequence_ids,
                                              scoring.sequence_mask, generated.response_ids, g.temperature,
                                              t.per_device_eval_batch_size,
-                                             recorded=generated if p.logprobs_from_rollout else None)
+                                             recorded=generated if p.logprobs_from_rollout else None,
+                                             with_values=models.value_head is not None)
             # 4. shape and 5. advantages
             mask = generated.response_mask.float()
-            rewards, advantages, returns, kl = compute_advantages(
-                scores, evaluated.logprobs, evaluated.ref_logprobs, evaluated.values, mask, kl_controller.value,
-                p.kl_estimator, p.gamma, p.lam, p.ppo_whiten_rewards, p.whiten_advantages, accelerator)
+            rewards, advantages, returns, kl = estimate_advantages(p, scores, evaluated, mask, kl_controller.value,
+                                                                   accelerator)
+            values = None if evaluated.values is None else evaluated.values * mask
             rollout = Rollout(query_ids, query_mask, generated.response_ids, generated.response_mask, scores,
-                              evaluated.logprobs, evaluated.ref_logprobs, evaluated.values * mask, advantages, returns)
+                              evaluated.logprobs, evaluated.ref_logprobs, values, advantages, returns)
             # 6. update (none when a reward is not finite)
             with timed(timings, "update"):
                 rewards_ok = run.guard.ok(global_sums(accelerator, scores.sum())[0], what="rewards", step=step)
-                update_stats = ppo_update(run, loss_fn, rollout, sizes.mini, sizes.micro,
-                                          p.ppo_epochs if rewards_ok else 0, g.temperature, step)
+                kept, group_stats = kept_groups(rollout, group, p.filter_groups, accelerator)
+                update_stats = ppo_update(run, loss_fn, kept, sizes.mini * group, sizes.micro * group,
+                                          p.ppo_epochs if rewards_ok else 0, g.temperature, step, group)
             # 7. control and statistics
             record = step_statistics(run, generated, evaluated, rollout, rewards, kl, returns, kl_controller,
-                                     sizes.rollout * world)
-            record.update(update_stats, **score_stats, epoch=round(plan.epoch, 4), **timings,
+                                     sizes.rollout * group * world)
+            record.update(update_stats, **group_stats, **score_stats, epoch=round(plan.epoch, 4), **timings,
                           seconds_per_step=time.time() - step_start,
                           tokens_per_second=float(generated.response_mask.sum()) / max(timings["time/rollout"], 1e-9))
             run.log.advance(step)
@@ -237,12 +243,26 @@ def step_statistics(run: Training, generated: GeneratedBatch, evaluated: Evaluat
         (evaluated.entropy * mask).sum())
     beta = kl_controller.value
     kl_controller.update(kl_sum / rows, global_rollout)
-    return {
+    record = {
         "skipped_updates": run.guard.total,
         "kl": k1_sum / rows, "kl_k3": k3_sum / rows, "kl_coef": beta, "shaped_reward": shaped_sum / rows,
         "entropy_rollout": entropy_sum / max(length_sum, 1.0),
-        "explained_variance": float(explained_variance(rollout.values, returns, mask)),  # this process's
         "response_length": length_sum / rows,
         "ended_with_eos": ended_sum / rows,
         "lr": run.scheduler.get_last_lr()[0],
     }
+    if returns is not None:  # meaningless without a critic: absent, not zero
+        record["explained_variance"] = float(explained_variance(rollout.values, returns, mask))  # this process's
+    return record
+
+
+def kept_groups(rollout: Rollout, group: int, filter_groups: bool, accelerator) -> tuple[Rollout, dict[str, float]]:
+    """The rollout the update trains on: with `filter_groups`, without the groups whose scores are all
+    equal (no signal for a group baseline); their count over every process is logged."""
+    if not filter_groups:
+        return rollout, {}
+    if accelerator.num_processes > 1:  # processes would run different numbers of mini-batches
+        raise fail("filter_groups runs on one process only; turn it off for a multi-process launch")
+    keep = informative_groups(rollout.scores, group)
+    (dropped,) = global_sums(accelerator, float((~keep).sum()))
+    return rollout.select(group_rows(keep.nonzero().squeeze(-1), group)), {"filtered_groups": dropped}

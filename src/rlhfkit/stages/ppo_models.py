@@ -55,7 +55,8 @@ class PPOModels:
     """Everything PPO runs: the trainable policy and head, the reference and the reward sources."""
 
     policy: Any
-    value_head: ValueHead
+    value_head: ValueHead | None
+    """The critic; None for the critic-free estimators."""
     reference: Any
     reference_adapter: str | None
     """Adapter that makes `reference` the reference: `reference`, None (adapters disabled) or "" (own model)."""
@@ -189,7 +190,8 @@ def build_ppo_models(config: Config, tokenizer, device: torch.device) -> PPOMode
             if model is not None:
                 compile_blocks(model, config.training.torch_compile_memory_budget)
     hidden = policy.config.get_text_config().hidden_size
-    models = PPOModels(policy=policy, value_head=ValueHead(hidden).to(device), reference=None, reference_adapter="")
+    critic = ValueHead(hidden).to(device) if config.ppo.advantage_estimator == "gae" else None
+    models = PPOModels(policy=policy, value_head=critic, reference=None, reference_adapter="")
     # Reference: explicit model, the frozen SFT adapter, the adapter-less base, or a frozen copy.
     resumed_adapter = f.finetuning_type == "lora" and adapters and not f.create_new_adapter
     if config.ppo.ref_model:
@@ -209,7 +211,8 @@ def build_ppo_models(config: Config, tokenizer, device: torch.device) -> PPOMode
     for spec in specs:
         source = build_reward_source(spec, config, models, tokenizer, dtype, device, shared_base_ok)
         models.rewards.append((source, spec.weight))
-    _init_value_head(config, models, specs)
+    if critic is not None:
+        _init_value_head(config, models, specs)
     return models
 
 
@@ -230,5 +233,6 @@ def _init_value_head(config: Config, models: PPOModels, specs: list[RewardSpec])
 def trainable_policy_parameters(models: PPOModels) -> list[tuple[str, torch.nn.Parameter]]:
     """Trainable (name, parameter) pairs of the policy and the value head."""
     named = [(f"policy.{n}", p) for n, p in models.policy.named_parameters() if p.requires_grad]
-    named += [(f"value_head.{n}", p) for n, p in models.value_head.named_parameters()]
+    if models.value_head is not None:
+        named += [(f"value_head.{n}", p) for n, p in models.value_head.named_parameters()]
     return named

@@ -35,13 +35,13 @@ class Rollout:
     scores: torch.Tensor           # (b,) final scores (after penalty, normalisation, clipping)
     logprobs: torch.Tensor         # (b, R) policy log-probs at rollout time ("old")
     ref_logprobs: torch.Tensor     # (b, R)
-    values: torch.Tensor           # (b, R) value estimates at rollout time ("old")
+    values: torch.Tensor | None    # (b, R) value estimates at rollout time ("old"); None without a critic
     advantages: torch.Tensor       # (b, R)
-    returns: torch.Tensor          # (b, R)
+    returns: torch.Tensor | None   # (b, R) value targets; None without a critic
 
     def select(self, rows: torch.Tensor | list[int]) -> "Rollout":
         """The sub-batch of `rows`."""
-        return Rollout(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+        return Rollout(**{f.name: _rows(getattr(self, f.name), rows) for f in fields(self)})
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt + response tokens and mask, ``(b, P + R)``."""
@@ -58,7 +58,13 @@ class Rollout:
 _QUERY_FIELDS = ("query_ids", "query_mask")
 
 
-def _trim_field(name: str, value: torch.Tensor, start: int, end: int) -> torch.Tensor:
+def _rows(value: torch.Tensor | None, rows) -> torch.Tensor | None:
+    return None if value is None else value[rows]
+
+
+def _trim_field(name: str, value: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+    if value is None:
+        return None
     if name in _QUERY_FIELDS:
         return value[:, start:]
     return value[:, :end] if value.dim() == 2 else value  # response-aligned (b, R); scores (b,) stay
@@ -115,15 +121,16 @@ class Evaluation:
     """The evaluate phase's per-token results, every tensor ``(b, R)`` float32."""
 
     logprobs: torch.Tensor      # the policy's ("old") log-probs
-    values: torch.Tensor        # the value head's ("old") estimates
+    values: torch.Tensor | None  # the value head's ("old") estimates; None without a critic
     entropy: torch.Tensor       # the policy's entropies
     ref_logprobs: torch.Tensor  # the reference's log-probs
 
 
 @torch.no_grad()
 def evaluate_rollout(policy, value_head, reference, reference_context, ids, mask, response_ids, temperature,
-                     chunk_size: int, recorded=None) -> Evaluation:
-    """Old log-probs, values, entropy (policy) and reference log-probs, in chunks of rows.
+                     chunk_size: int, recorded=None, with_values: bool = True) -> Evaluation:
+    """Old log-probs, values (`with_values`: a critic), entropy (policy) and reference log-probs, in
+    chunks of rows.
 
     `recorded` (a `GeneratedBatch` sampled with ``record=True``) holds the policy's log-probs,
     values and entropy from the sampling passes; then only the reference runs here.
@@ -132,8 +139,8 @@ def evaluate_rollout(policy, value_head, reference, reference_context, ids, mask
     def zeros():
         return torch.zeros(rows_total, width, device=ids.device)
 
-    out = {key: zeros() if recorded is None else getattr(recorded, key).float()
-           for key in ("logprobs", "values", "entropy")}
+    kept = ("logprobs", "values", "entropy") if with_values else ("logprobs", "entropy")
+    out = {key: zeros() if recorded is None else getattr(recorded, key).float() for key in kept}
     out["ref_logprobs"] = zeros()
     prompt_width = ids.shape[1] - width
     order = length_order(mask)  # chunks of similar length, each trimmed to its own padding
@@ -145,15 +152,16 @@ def evaluate_rollout(policy, value_head, reference, reference_context, ids, mask
         computed = {}
         if recorded is None:
             computed["logprobs"], computed["values"], computed["entropy"] = response_forward(
-                policy, value_head, chunk_ids, chunk_mask, chunk_response, temperature, with_values=True,
+                policy, value_head, chunk_ids, chunk_mask, chunk_response, temperature, with_values=with_values,
                 with_entropy=True)
         with reference_context():
             computed["ref_logprobs"], _, _ = response_forward(reference, value_head=None, ids=chunk_ids,
                                                               mask=chunk_mask, response_ids=chunk_response,
                                                               temperature=temperature, with_values=False)
         for key, value in computed.items():
-            out[key][rows, :end] = value.float()
-    return Evaluation(**out)
+            if value is not None:
+                out[key][rows, :end] = value.float()
+    return Evaluation(**{"values": None, **out})
 
 
 def compute_advantages(scores, logprobs, ref_logprobs, values, response_mask, kl_coef: float, estimator: str,
@@ -184,16 +192,17 @@ def ppo_update_minibatch(accelerator, policy, value_head, loss_fn: PPOLoss, mini
     """Accumulate gradients of the clipped PPO loss over the micro-batches of one mini-batch.
 
     Each micro-batch's loss is a sum over its response tokens divided by the mini-batch's token
-    count over all processes, so accumulation equals one large batch exactly, on one process or
-    several. Returns the loss and token-weighted means of the loss statistics over all processes.
+    count (or, for the sequence aggregations, by its row count) over all processes, so accumulation
+    equals one large batch exactly, on one process or several. Returns the loss and token-weighted
+    means of the loss statistics over all processes.
     The caller clips and steps. `value_head` None: `policy` is a `ModelWithValueHead`.
     """
-    local_tokens = float(minibatch.response_mask.sum())
-    (total_tokens,) = global_sums(accelerator, local_tokens)
-    total_tokens = max(total_tokens, 1.0)
     rows = minibatch.response_mask.shape[0]
+    total_tokens, total_rows = global_sums(accelerator, float(minibatch.response_mask.sum()), rows)
+    total_tokens = max(total_tokens, 1.0)
     sums: dict[str, float] = {}
     with_entropy = loss_fn.entropy_coef > 0
+    with_values = minibatch.values is not None  # a critic
     minibatch_loss = 0.0
     order = length_order(minibatch.sequences()[1])  # similar lengths together: less padding per pass
     for begin in range(0, rows, micro_batch_size):
@@ -202,10 +211,11 @@ def ppo_update_minibatch(accelerator, policy, value_head, loss_fn: PPOLoss, mini
         last = begin + micro_batch_size >= rows
         with micro_batch_context(accelerator, policy, last), accelerator.autocast():
             logprobs, values, entropy = response_forward(policy, value_head, ids, mask, micro.response_ids,
-                                                         temperature, with_values=True, with_entropy=with_entropy,
-                                                         logprobs_fn=logprobs_fn)
+                                                         temperature, with_values=with_values,
+                                                         with_entropy=with_entropy, logprobs_fn=logprobs_fn)
             loss, stats = loss_fn(logprobs, micro.logprobs, micro.advantages, values, micro.values, micro.returns,
-                                  micro.response_mask, entropy=entropy, normaliser=total_tokens)
+                                  micro.response_mask, entropy=entropy, normaliser=total_tokens,
+                                  ref_logprobs=micro.ref_logprobs, sequence_normaliser=total_rows)
             accelerator.backward(loss * world)  # DDP averages gradients over processes
         tokens = float(micro.response_mask.sum())
         for key, value in stats.items():
@@ -216,12 +226,20 @@ def ppo_update_minibatch(accelerator, policy, value_head, loss_fn: PPOLoss, mini
     return {"loss": totals[0], **{key: value / total_tokens for key, value in zip(keys, totals[1:])}}
 
 
+def group_rows(groups: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The row indices ``(len(groups) x G,)`` of `groups` (group indices), group by group: a prompt's G
+    responses sit on consecutive rows."""
+    return (groups.unsqueeze(-1) * group_size + torch.arange(group_size, device=groups.device)).reshape(-1)
+
+
 def ppo_update(run: "Training", loss_fn: PPOLoss, rollout: Rollout, mini_size: int, micro_size: int,
-               epochs: int, temperature: float, step: int) -> dict[str, float]:
+               epochs: int, temperature: float, step: int, group_size: int = 1) -> dict[str, float]:
     """`epochs` passes over the rollout in shuffled mini-batches, one optimizer step each; the
     statistics averaged over the steps taken (those the non-finite guard skipped left out).
 
-    The shuffle is seeded by the step, so a resumed run shuffles as the uninterrupted one.
+    Sizes count rows; whole groups of `group_size` consecutive rows (a prompt's responses) are
+    shuffled, so a group always sits in one mini-batch. The shuffle is seeded by the step, so a
+    resumed run shuffles as the uninterrupted one.
     """
     t, world = run.config.training, run.accelerator.num_processes
     rows = rollout.response_mask.shape[0]
@@ -229,7 +247,7 @@ def ppo_update(run: "Training", loss_fn: PPOLoss, rollout: Rollout, mini_size: i
     sums: dict[str, float] = {}
     updates = 0
     for _ in range(epochs):
-        order = torch.randperm(rows, generator=shuffle)
+        order = group_rows(torch.randperm(rows // group_size, generator=shuffle), group_size)
         for begin in range(0, rows, mini_size):
             minibatch = rollout.select(order[begin:begin + mini_size])
             stats = ppo_update_minibatch(run.accelerator, run.model, value_head=None, loss_fn=loss_fn,
@@ -244,5 +262,5 @@ def ppo_update(run: "Training", loss_fn: PPOLoss, rollout: Rollout, mini_size: i
     return {key: value / max(updates, 1) for key, value in sums.items()}
 
 
-__all__ = ["Evaluation", "Rollout", "compute_advantages", "evaluate_rollout", "length_order", "padding_bounds",
-           "ppo_update", "ppo_update_minibatch", "response_forward"]
+__all__ = ["Evaluation", "Rollout", "compute_advantages", "evaluate_rollout", "group_rows", "length_order",
+           "padding_bounds", "ppo_update", "ppo_update_minibatch", "response_forward"]
