@@ -7,7 +7,6 @@ from fractions import Fraction
 import pytest
 import torch
 
-from rlhfkit.errors import RlhfkitError
 from rlhfkit.rewards.base import ScoringBatch
 from rlhfkit.rewards.function import FunctionReward, import_callable
 from rlhfkit.rewards.rules import (
@@ -219,13 +218,16 @@ def test_math_answer_never_raises_on_odd_text():
     assert math_answer(odd, odd, ["2"] * len(odd)) == [0.0] * len(odd)
 
 
-def test_loader_resolves_the_dotted_path_and_fails_loudly_without_answers():
-    # reward_model: rlhfkit.rewards.rules:math_answer with reward_model_type: function resolves...
+def test_the_function_reward_passes_each_rows_reference_answer():
+    # reward_model: rlhfkit.rewards.rules:math_answer with reward_model_type: function resolves ...
     assert import_callable("rlhfkit.rewards.rules:math_answer") is math_answer
-    # ...but the loader calls fn(prompts, responses): no gold answers, so it stops with a clear error.
     reward = FunctionReward("rlhfkit.rewards.rules:math_answer")
-    batch = ScoringBatch(prompts=["1+1?"], responses=["2"], messages=[[{"role": "user", "content": "1+1?"}]],
-                         systems=[None], sequence_ids=torch.zeros(1, 2, dtype=torch.long),
-                         sequence_mask=torch.ones(1, 2, dtype=torch.long))
-    with pytest.raises(RlhfkitError, match="math_answer.*needs the gold answers"):
-        reward.score(batch)
+    assert reward.with_answers
+    question = [{"role": "user", "content": "1+1?"}]
+    batch = ScoringBatch(prompts=["1+1?"] * 3, responses=["So \\boxed{2}.", "It is 3", "2"], messages=[question] * 3,
+                         systems=[None] * 3, sequence_ids=torch.zeros(3, 2, dtype=torch.long),
+                         sequence_mask=torch.ones(3, 2, dtype=torch.long), answers=["1 + 1 = 2\n#### 2", "2", None])
+    # ... and scores against each row's answer (a row without one scores 0)
+    assert reward.score(batch).tolist() == [1.0, 0.0, 0.0]
+    two_arguments = FunctionReward("rlhfkit.rewards.rules:exact_match")  # (candidate, answer): no `answers`
+    assert not two_arguments.with_answers

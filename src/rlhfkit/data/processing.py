@@ -165,9 +165,11 @@ def _prompt_and_reply(
 def tokenize_prompts(
     examples: Sequence[Example], tokenizer: Any, template: Template, cutoff_len: int, overlong: str = "drop"
 ) -> tuple[list[dict[str, Any]], TokenizeStats]:
-    """`input_ids` of each prompt (ending with the generation prompt), plus its `messages` and `system`.
+    """`input_ids` of each prompt (ending with the generation prompt), plus its `messages`, `system` and
+    `answer`.
 
-    A final assistant reply, if present, is removed first. Prompts longer than `cutoff_len`
+    A final assistant reply, if present, is removed first and kept as `answer` (None without one):
+    the reference answer that rule-checked rewards compare with. Prompts longer than `cutoff_len`
     are dropped (`overlong="drop"`) or raise `RlhfkitError` (`overlong="error"`).
     """
     _check_cutoff(cutoff_len)
@@ -177,8 +179,9 @@ def tokenize_prompts(
     samples: list[dict[str, Any]] = []
     for number, example in enumerate(examples, start=1):
         messages = [dict(m) for m in example.messages]
+        answer = None
         if messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
+            answer = messages.pop()["content"]
         with _about(example):
             input_ids = template.encode_prompt(tokenizer, messages, example.system)
         if len(input_ids) > cutoff_len:
@@ -190,6 +193,6 @@ def tokenize_prompts(
             stats.dropped_too_long += 1
             continue
         stats.kept += 1
-        samples.append({"input_ids": input_ids, "messages": messages, "system": example.system})
+        samples.append({"input_ids": input_ids, "messages": messages, "system": example.system, "answer": answer})
     _finish(stats, len(examples), "prompts")
     return samples, stats

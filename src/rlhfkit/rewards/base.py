@@ -29,6 +29,8 @@ class ScoringBatch:
     """``(b, P + R)`` attention mask of sequence_ids."""
     texts: list[str] | None = None
     """Each templated prompt plus response as decoded text, special tokens kept, padding removed."""
+    answers: list[str | None] | None = None
+    """Each prompt row's reference answer (its final assistant reply in the data), None where it has none."""
 
 
 class RewardSource(Protocol):
@@ -67,4 +69,5 @@ def build_scoring_batch(tokenizer, items: list[dict], query_ids: torch.Tensor, q
         prompts=[item["messages"][-1]["content"] for item in items], responses=responses,
         messages=[item["messages"] for item in items], systems=[item.get("system") for item in items],
         sequence_ids=ids, sequence_mask=mask,
-        texts=[tokenizer.decode(row[row_mask.bool()]) for row, row_mask in zip(ids, mask)])
+        texts=[tokenizer.decode(row[row_mask.bool()]) for row, row_mask in zip(ids, mask)],
+        answers=[item.get("answer") for item in items])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Callable
@@ -39,16 +40,31 @@ def import_callable(spec: str) -> Callable:
     return function
 
 
+def takes_answers(function: Callable) -> bool:
+    """Whether `function` accepts an ``answers`` keyword (a parameter of that name, or ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature
+        return False
+    return any(p.name == "answers" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 class FunctionReward:
-    """Calls `fn(prompts, responses) -> list[float]`; rule-based and verifiable rewards."""
+    """Calls `fn(prompts, responses) -> list[float]`; rule-based and verifiable rewards.
+
+    A function that accepts ``answers`` also gets each row's reference answer (the prompt row's final
+    assistant reply in the data, None where it has none), as `rlhfkit.rewards.rules.math_answer` needs.
+    """
 
     def __init__(self, spec: str, name: str | None = None) -> None:
         self.name = name or spec.rsplit(":", 1)[-1]
         self.function = import_callable(spec)
+        self.with_answers = takes_answers(self.function)
 
     def score(self, batch: ScoringBatch) -> torch.Tensor:
+        extra = {"answers": list(batch.answers or [None] * len(batch.responses))} if self.with_answers else {}
         try:
-            values = self.function(list(batch.prompts), list(batch.responses))
+            values = self.function(list(batch.prompts), list(batch.responses), **extra)
         except Exception as err:  # a user function may raise anything
             detail = " ".join(str(err).split())  # one line, whatever the function's message
             raise fail(f"reward function '{self.name}' raised {type(err).__name__}: {detail}") from None

@@ -331,8 +331,8 @@ def math_answer(
         prompts: the prompts (unused; kept for the ``fn(prompts, responses)`` interface).
         responses: decoded responses, one per sample.
         answers: gold answers, one per response (each prompt's reference repeated for its G
-            responses). Required: rlhfkit's ``ScoringBatch`` has no reference answer yet, so
-            the loop must pass them.
+            responses). The function reward passes each prompt row's final assistant reply in
+            the data (`ScoringBatch.answers`); called directly, pass them yourself.
 
     Returns:
         ``list[float]`` of 0.0 / 1.0, one per response.
@@ -340,8 +340,7 @@ def math_answer(
     if answers is None:
         raise ValueError(
             "math_answer needs the gold answers: call math_answer(prompts, responses, answers) with one "
-            "reference answer per response; the function-reward loader passes only (prompts, responses), "
-            "and the scoring batch carries no reference answer"
+            "reference answer per response"
         )
     if len(answers) != len(responses):
         raise ValueError(f"math_answer got {len(responses)} responses but {len(answers)} answers; "
