@@ -1,4 +1,4 @@
-"""`rlhfkit demo`: SFT -> preference pairs -> RM -> PPO -> report, on the movie-review task.
+"""`rlhfkit demo`: SFT -> preference pairs -> RM -> PPO (and GRPO) -> report, on the movie-review task.
 
 Each training stage runs through the same configs a user would write (examples/demo/*.yaml),
 with the paths of this run filled in. A stage whose output folder is complete is reused unless
@@ -36,6 +36,8 @@ QUICK = {
         "rm": {"max_steps": 6, "learning_rate": 3e-2},
         "ppo": {"max_steps": 3, "per_device_train_batch_size": 8, "ppo_buffer_size": 1, "max_new_tokens": 12,
                 "learning_rate": 1e-2},
+        "grpo": {"max_steps": 3, "per_device_train_batch_size": 2, "ppo_buffer_size": 1, "max_new_tokens": 12,
+                 "learning_rate": 1e-2},
     },
 }
 
@@ -92,8 +94,10 @@ def _base_model(quick: bool, work_dir: Path) -> Path:
     return materialize_smollm2()
 
 
-def run_demo(output_dir: str | Path = "demo_output", quick: bool = False, fresh: bool = False) -> Path:
-    """Run the whole pipeline; return the path of report.md."""
+def run_demo(output_dir: str | Path = "demo_output", quick: bool = False, fresh: bool = False,
+             algo: str = "ppo") -> Path:
+    """Run the whole pipeline; return the path of report.md. `algo` grpo also trains a GRPO policy
+    (examples/demo/grpo.yaml, as many generated responses as PPO) and compares it in the report."""
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     work = Path(output_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -124,10 +128,15 @@ def run_demo(output_dir: str | Path = "demo_output", quick: bool = False, fresh:
     reward_models = [{"path": str(rm_dir), "type": "lora", "weight": 1.0, "name": "rm"},
                      {"path": GOLD_FUNCTION, "type": "function", "weight": 0.0, "name": "gold"}]
     ppo_extra = {"adapter_name_or_path": str(sft_dir), "reward_models": reward_models, **overrides.get("ppo", {})}
-    ppo_dir = _stage("ppo", model_dir, data_dir, work / "ppo", ppo_extra, fresh or new_pairs)
+    policies = {"PPO": _stage("ppo", model_dir, data_dir, work / "ppo", ppo_extra, fresh or new_pairs)}
     timings["ppo"] = time.time() - tick
+    if algo == "grpo":
+        tick = time.time()
+        grpo_extra = {**ppo_extra, **overrides.get("grpo", {})}
+        policies["GRPO"] = _stage("grpo", model_dir, data_dir, work / "grpo", grpo_extra, fresh or new_pairs)
+        timings["grpo"] = time.time() - tick
     tick = time.time()
-    report = write_report(work, model_dir, sft_dir, rm_dir, ppo_dir, heldout_prompts, sizes["max_new_tokens"],
+    report = write_report(work, model_dir, sft_dir, rm_dir, policies, heldout_prompts, sizes["max_new_tokens"],
                           timings)
     timings["report"] = time.time() - tick
     logger.info("demo finished in %.1f min; report: %s", (time.time() - started) / 60, report)

@@ -1,7 +1,8 @@
-"""The demo's report: SFT vs PPO policy on held-out prompts, judged by the gold judge and the RM."""
+"""The demo's report: SFT vs the trained policies on held-out prompts, judged by the gold judge and the RM."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -53,52 +54,70 @@ def plot_rewards(ppo_dir: Path, path: Path) -> Path | None:
     return path
 
 
-def write_report(work: Path, model_dir: Path, sft_dir: Path, rm_dir: Path, ppo_dir: Path, prompts: list[str],
-                 max_new_tokens: int, timings: dict[str, float]) -> Path:
-    """Sample both policies on `prompts` with the same seed, score, and write report.md + PNG."""
-    logger.info("== report: sampling SFT and PPO policies on %d held-out prompts", len(prompts))
+def _generated_tokens(policy_dir: Path) -> float:
+    """Tokens the policy generated during training: rollout speed x rollout time, summed over the steps."""
+    return sum(r.get("tokens_per_second", 0.0) * r.get("time/rollout", 0.0) for r in read_trainer_log(policy_dir))
+
+
+def _stage_seconds(policy_dir: Path) -> float | None:
+    done = policy_dir / "demo_stage_done.json"
+    return json.loads(done.read_text())["seconds"] if done.is_file() else None
+
+
+def write_report(work: Path, model_dir: Path, sft_dir: Path, rm_dir: Path, policies: dict[str, Path],
+                 prompts: list[str], max_new_tokens: int, timings: dict[str, float]) -> Path:
+    """Sample the SFT policy and each trained policy (`policies`: name -> folder, PPO first) on `prompts`
+    with the same seed, score them, and write report.md + PNG."""
+    logger.info("== report: sampling SFT and %s on %d held-out prompts", ", ".join(policies), len(prompts))
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     sft_policy = load_policy(model_dir, sft_dir)
-    sft = sample(sft_policy, None, tokenizer, prompts, max_new_tokens, 1.0, SAMPLING_SEED, label="report, SFT policy")
-    ppo_policy = load_policy(model_dir, ppo_dir)
-    ppo = sample(ppo_policy, sft_policy, tokenizer, prompts, max_new_tokens, 1.0, SAMPLING_SEED,
-                 label="report, PPO policy")
-    del ppo_policy, sft_policy
-    gold = {"sft": task.gold_score(sft.responses), "ppo": task.gold_score(ppo.responses)}
-    proxy = {"sft": reward_model_scores(model_dir, rm_dir, prompts, sft.responses),
-             "ppo": reward_model_scores(model_dir, rm_dir, prompts, ppo.responses)}
-    difference = [b - a for a, b in zip(gold["sft"], gold["ppo"])]
+    samples = {"SFT": sample(sft_policy, None, tokenizer, prompts, max_new_tokens, 1.0, SAMPLING_SEED,
+                             label="report, SFT policy")}
+    for name, policy_dir in policies.items():
+        policy = load_policy(model_dir, policy_dir)
+        samples[name] = sample(policy, sft_policy, tokenizer, prompts, max_new_tokens, 1.0, SAMPLING_SEED,
+                               label=f"report, {name} policy")
+        del policy
+    del sft_policy
+    gold = {name: task.gold_score(s.responses) for name, s in samples.items()}
+    proxy = {name: reward_model_scores(model_dir, rm_dir, prompts, s.responses) for name, s in samples.items()}
     rows = []
-    for name, samples in (("SFT", sft), ("PPO", ppo)):
-        key = name.lower()
-        low, high = bootstrap_interval(gold[key])
-        rows.append(f"| {name} | {_mean(gold[key]):+.3f} [{low:+.3f}, {high:+.3f}] | {_mean(proxy[key]):+.3f} | "
-                    f"{_mean(samples.kl_to_reference):.2f} | {_mean(samples.lengths):.1f} | "
-                    f"{_mean(samples.ended):.0%} |")
-    diff_low, diff_high = bootstrap_interval(difference)
+    for name, policy_samples in samples.items():
+        low, high = bootstrap_interval(gold[name])
+        rows.append(f"| {name} | {_mean(gold[name]):+.3f} [{low:+.3f}, {high:+.3f}] | {_mean(proxy[name]):+.3f} | "
+                    f"{_mean(policy_samples.kl_to_reference):.2f} | {_mean(policy_samples.lengths):.1f} | "
+                    f"{_mean(policy_samples.ended):.0%} |")
+    differences = {name: [b - a for a, b in zip(gold["SFT"], gold[name])] for name in policies}
+    verdicts = []
+    for name, difference in differences.items():
+        diff_low, diff_high = bootstrap_interval(difference)
+        verdicts.append(f"**{name} − SFT gold score: {_mean(difference):+.3f}** (95% bootstrap CI "
+                        f"[{diff_low:+.3f}, {diff_high:+.3f}]"
+                        f"{', excludes 0' if diff_low > 0 or diff_high < 0 else ', includes 0'}).")
+    training = ["| policy | training wall time | generated tokens | KL to reference (nats) |", "|---|---|---|---|"]
+    for name, policy_dir in policies.items():
+        seconds = _stage_seconds(policy_dir)
+        training.append(f"| {name} | {'' if seconds is None else f'{seconds:.0f} s'} | "
+                        f"{_generated_tokens(policy_dir):,.0f} | {_mean(samples[name].kl_to_reference):.2f} |")
     rm_log = (rm_dir / "demo_stage_done.json")
-    rm_accuracy = None
-    if rm_log.is_file():
-        import json
-
-        rm_accuracy = json.loads(rm_log.read_text()).get("eval_accuracy")
+    rm_accuracy = json.loads(rm_log.read_text()).get("eval_accuracy") if rm_log.is_file() else None
     train_pairs, heldout_pairs = (_count_lines(work / "data" / PAIR_FILES[split]) for split in ("train", "heldout"))
-    plot = plot_rewards(ppo_dir, work / "gold_vs_proxy.png")
+    plot = plot_rewards(next(iter(policies.values())), work / "gold_vs_proxy.png")
     lines = [
         "# rlhfkit demo report",
         "",
         task.TASK_DESCRIPTION,
         "",
-        f"Held-out prompts: {len(prompts)} (never used in training); both policies sampled with seed "
+        f"Held-out prompts: {len(prompts)} (never used in training); every policy sampled with seed "
         f"{SAMPLING_SEED}, temperature 1.0, at most {max_new_tokens} new tokens.",
         "",
         "| policy | gold score (95% CI) | proxy (RM) score | KL to reference (nats) | length (tokens) | ended with EOS |",
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        f"**PPO − SFT gold score: {_mean(difference):+.3f}** (95% bootstrap CI [{diff_low:+.3f}, {diff_high:+.3f}]"
-        f"{', excludes 0' if diff_low > 0 or diff_high < 0 else ', includes 0'}).",
+        *verdicts,
         "",
+        *(training + [""] if len(policies) > 1 else []),
         f"Reward model accuracy on {heldout_pairs} held-out pairs (prompts never trained on): {rm_accuracy:.1%}."
         if rm_accuracy is not None else "",
         f"Preference pairs: {train_pairs} for training, {heldout_pairs} held out (two SFT samples per prompt, "
@@ -112,15 +131,14 @@ def write_report(work: Path, model_dir: Path, sft_dir: Path, rm_dir: Path, ppo_d
         "",
     ]
     for index in range(min(5, len(prompts))):
-        lines += [f"**{prompts[index]}**", "",
-                  f"- SFT ({gold['sft'][index]:+.2f}): {sft.responses[index].strip()}",
-                  f"- PPO ({gold['ppo'][index]:+.2f}): {ppo.responses[index].strip()}", ""]
+        lines += [f"**{prompts[index]}**", ""]
+        lines += [f"- {name} ({gold[name][index]:+.2f}): {s.responses[index].strip()}" for name, s in samples.items()]
+        lines += [""]
     report = work / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    summary = (f"gold SFT {_mean(gold['sft']):+.3f} -> PPO {_mean(gold['ppo']):+.3f} "
-               f"(diff {_mean(difference):+.3f}, CI [{diff_low:+.3f}, {diff_high:+.3f}]); "
-               f"proxy {_mean(proxy['sft']):+.3f} -> {_mean(proxy['ppo']):+.3f}; "
-               f"KL {_mean(ppo.kl_to_reference):.2f}; RM accuracy {rm_accuracy}")
-    logger.info("== report: %s", summary)
+    summary = "; ".join(f"gold SFT {_mean(gold['SFT']):+.3f} -> {name} {_mean(gold[name]):+.3f} "
+                        f"(diff {_mean(differences[name]):+.3f}), KL {_mean(samples[name].kl_to_reference):.2f}"
+                        for name in policies)
+    logger.info("== report: %s; RM accuracy %s", summary, rm_accuracy)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return report
