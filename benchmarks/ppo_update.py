@@ -52,7 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import rlhfkit  # noqa: F401  (first, as in the `rlhfkit` command: it sets PyTorch's allocation switches)
+import rlhfkit  # first, as in the `rlhfkit` command: it sets PyTorch's allocation switches
 import torch
 import yaml
 
