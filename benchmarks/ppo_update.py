@@ -16,15 +16,27 @@ stage's own step functions (nothing of the step is re-implemented here). Reports
                            FLOPs the update needs (forward + backward over the real tokens,
                            see flops.py) / update seconds, and that against matmul_gflops
     step_gflop, step_bound_seconds, step_over_bound
-                           FLOPs the whole step needs (generation, the reference forward,
-                           the update) / matmul_gflops = the fastest this step could be, and
+                           FLOPs the whole step needs (generation, the reward model's and
+                           the reference's forward, the update) / matmul_gflops = the fastest this step could be, and
                            the measured step time over it
+    rows_per_pass          rows per forward pass of each phase (rollout, score, evaluate, update),
+                           as the peers' drivers report theirs
+    rlhfkit_src, rlhfkit_commit
+                           the source tree timed (``PYTHONPATH`` can point at another one)
 
 Benchmark settings (see workloads.py): responses of exactly 32 tokens (`min_new_tokens` =
 `max_new_tokens`, which keeps stop tokens out of the first 32), temperature 1, no top-k/top-p,
-a function reward (the score phase costs ~nothing), one mini-batch of 16 per step.
+one mini-batch of 16 per step. The reward is a reward model of the peer's design, built by
+workloads.py from the workload's base weights: with LoRA the reward adapter + value head on the
+policy's base (`reward_model_type: lora`, as LLaMA-Factory's), for full fine-tuning a separate
+full model + value head (`reward_model_type: full`, as TRL's); `--reward function` scores with
+reward.py instead (a Python function, the score phase then costs ~nothing).
 
-Usage: python benchmarks/ppo_update.py W1 [--lora] [--threads N] [--steps 3] [--micro-batch M] [--out FILE]
+Only configuration keys that older rlhfkit versions know are used, so the same script can time
+another source tree: ``PYTHONPATH=/path/to/src python benchmarks/ppo_update.py W1``.
+
+Usage: python benchmarks/ppo_update.py W1 [--lora] [--threads N] [--steps 3] [--micro-batch M]
+       [--reward model|function] [--out FILE]
 """
 
 from __future__ import annotations
@@ -34,12 +46,13 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import rlhfkit  # noqa: F401  (first, as in the `rlhfkit` command: it sets PyTorch's allocation switches)
+import rlhfkit  # first, as in the `rlhfkit` command: it sets PyTorch's allocation switches
 import torch
 import yaml
 
@@ -83,21 +96,28 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
 
 
 def stage_config(work: dict, lora: bool, steps: int, output_dir: str, micro_batch: int | None = None,
-                 eval_chunk: int | None = None) -> dict:
+                 eval_chunk: int | None = None, reward: str = "model") -> dict:
     """The `ppo` stage configuration of the workload.
 
     One mini-batch of `rollout_batch` rows per step, accumulated over micro-batches of
     `micro_batch` rows (the same gradient: the loss is normalised by the mini-batch's tokens).
+    `reward`: "model" (the workload's LoRA reward model with `lora`, else its full one; scored in
+    chunks of `eval_chunk` rows) or "function" (reward.py).
     """
     micro = micro_batch or work["rollout_batch"]
     if work["rollout_batch"] % micro:
         raise SystemExit(f"--micro-batch {micro} must divide the rollout batch {work['rollout_batch']}")
+    if reward == "function":
+        reward_model, reward_type = f"{REWARD_FILE}:reward", "function"
+    else:
+        reward_type = "lora" if lora else "full"
+        reward_model = work["reward_models"][f"ours-{reward_type}"]
     values = {
         "stage": "ppo", "model_name_or_path": work["model"], "dataset": work["prompts_file"],
         "output_dir": output_dir, "overwrite_output_dir": True,
         "finetuning_type": "lora" if lora else "full",
         "lora_rank": work["lora_rank"], "lora_alpha": work["lora_alpha"], "lora_target": "all",
-        "reward_model": f"{REWARD_FILE}:reward", "reward_model_type": "function",
+        "reward_model": reward_model, "reward_model_type": reward_type,
         "per_device_train_batch_size": micro, "gradient_accumulation_steps": work["rollout_batch"] // micro,
         "per_device_eval_batch_size": eval_chunk or work["rollout_batch"], "ppo_buffer_size": 1,
         "ppo_epochs": work["ppo_epochs"], "learning_rate": work["learning_rate"], "max_steps": steps,
@@ -138,8 +158,12 @@ class TokenCounter:
         stage.ppo_update_minibatch = counted_update
 
 
-def step_flops(shape: flops.ModelShape, step: dict) -> dict[str, int]:
-    """FLOPs each phase of one step needs, from its real token counts."""
+def step_flops(shape: flops.ModelShape, step: dict, reward_model: bool) -> dict[str, int]:
+    """FLOPs each phase of one step needs, from its real token counts.
+
+    `reward_model`: the score phase runs a forward pass of the reward model (the base, with the
+    reward adapter of the same rank under LoRA) over every sequence; it needs no logits.
+    """
     lora = shape.lora_rank > 0
     prompt, response = step["prompt"], step["response"]
     # Generation: the last response token is sampled, never fed back in.
@@ -148,13 +172,27 @@ def step_flops(shape: flops.ModelShape, step: dict) -> dict[str, int]:
     # The reference forward (without LoRA: the base); the policy's old log-probs and values could
     # come from the generation's own forward passes, so they are not counted as necessary.
     reference = flops.forward_flops(shape, sequences, sum(response), lora=False)
+    score = flops.forward_flops(shape, sequences, 0, lora) if reward_model else 0
     update = sum(flops.forward_backward_flops(shape, [p + r for p, r in zip(ps, rs)], sum(rs))
                  for ps, rs in step["updates"])
-    return {"rollout": generated, "evaluate": reference, "update": update}
+    return {"rollout": generated, "score": score, "evaluate": reference, "update": update}
+
+
+def source_tree() -> dict:
+    """Where the rlhfkit being timed comes from (``PYTHONPATH`` may point at another tree)."""
+    src = Path(rlhfkit.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {"rlhfkit_src": str(src), "rlhfkit_commit": commit, "rlhfkit_uncommitted_changes": dirty}
 
 
 def run(name: str, lora: bool, steps: int, threads: int, micro_batch: int | None = None,
-        overrides: dict | None = None, eval_chunk: int | None = None) -> dict:
+        overrides: dict | None = None, eval_chunk: int | None = None, reward: str = "model") -> dict:
     torch.set_num_threads(threads)
     work = workloads.load(name)
     peak_before = matmul_gflops()
@@ -165,8 +203,9 @@ def run(name: str, lora: bool, steps: int, threads: int, micro_batch: int | None
     from rlhfkit.tracking.trainer_log import read_trainer_log
 
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-") as output_dir:
-        values = stage_config(work, lora, 1 + steps, output_dir, micro_batch, eval_chunk)
-        run_stage(build_config({**values, **(overrides or {})}))
+        values = stage_config(work, lora, 1 + steps, output_dir, micro_batch, eval_chunk, reward)
+        values.update(overrides or {})
+        run_stage(build_config(values))
         records = read_trainer_log(output_dir)
     peak = max(peak_before, matmul_gflops())
     measured = [r for r in records if r.get("current_steps", r.get("step", 0)) > 1][-steps:]
@@ -175,15 +214,21 @@ def run(name: str, lora: bool, steps: int, threads: int, micro_batch: int | None
     median = lambda key: statistics.median(float(r[key]) for r in measured)  # noqa: E731
     model_config = json.loads((Path(work["model"]) / "config.json").read_text())
     shape = flops.ModelShape.from_config(model_config, work["lora_rank"] if lora else 0)
-    counted = [step_flops(shape, step) for step in counter.steps[1:]]
+    counted = [step_flops(shape, step, values["reward_model_type"] != "function") for step in counter.steps[1:]]
     update_flop = statistics.median(c["update"] for c in counted)
     step_flop = statistics.median(sum(c.values()) for c in counted)
     seconds = median("seconds_per_step")
     update_seconds = median("time/update")
     tokens = counter.steps[-1]
+    chunk = values["per_device_eval_batch_size"]
     return {
         "side": "rlhfkit", "workload": name, "variant": "lora" if lora else "full", "threads": threads,
-        "micro_batch": micro_batch or work["rollout_batch"], "eval_chunk": (overrides or {}).get("per_device_eval_batch_size", eval_chunk or work["rollout_batch"]),
+        "micro_batch": values["per_device_train_batch_size"], "eval_chunk": chunk,
+        "reward_source": values["reward_model_type"],
+        # The rollout decodes the whole batch at once; reward models score in evaluate-sized chunks.
+        "rows_per_pass": {"rollout": work["rollout_batch"],
+                          "score": work["rollout_batch"] if values["reward_model_type"] == "function" else chunk,
+                          "evaluate": chunk, "update": values["per_device_train_batch_size"]},
         "steps_measured": len(measured), "seconds_per_update": round(seconds, 3),
         "seconds_per_update_all": [round(float(r["seconds_per_step"]), 3) for r in measured],
         "warmup_seconds": round(float(records[0]["seconds_per_step"]), 3),  # includes torch_compile's compilation
@@ -201,6 +246,7 @@ def run(name: str, lora: bool, steps: int, threads: int, micro_batch: int | None
         "response_tokens_mean": round(statistics.mean(tokens["response"]), 1),
         "reward": round(float(measured[-1].get("reward", float("nan"))), 4),
         "overrides": overrides or {},
+        **source_tree(),
     }
 
 
@@ -212,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     parser.add_argument("--micro-batch", type=int, help="rows per forward/backward pass of the update "
                         "(default: MICRO_BATCH); the gradient is the same")
+    parser.add_argument("--reward", choices=("model", "function"), default="model",
+                        help="score with the workload's reward model of the peer's design (default) or reward.py")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a stage setting, e.g. --set logprobs_from_rollout=false (YAML value)")
     parser.add_argument("--out", help="also write the JSON line to this file")
@@ -224,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides["torch_compile_memory_budget"] = MEMORY_BUDGET[variant]
     overrides.update({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)})
     result = run(args.workload, args.lora, args.steps, args.threads, args.micro_batch or MICRO_BATCH[variant],
-                 overrides, EVAL_CHUNK[variant])
+                 overrides, EVAL_CHUNK[variant], args.reward)
     line = json.dumps(result)
     if args.out:
         Path(args.out).write_text(line + "\n")

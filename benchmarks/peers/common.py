@@ -15,15 +15,20 @@ import time
 from pathlib import Path
 
 
-def driver_setup(description: str, lora_flag: bool = False) -> tuple[argparse.Namespace, dict]:
-    """Parse a driver's command line (WORKLOAD_FOLDER [--lora] [--threads N] [--steps N] [--out FILE]),
-    set torch's thread count, and load the workload. Returns (arguments, workload)."""
+def driver_setup(description: str, lora_flag: bool = False,
+                 micro_batch_flag: bool = False) -> tuple[argparse.Namespace, dict]:
+    """Parse a driver's command line (WORKLOAD_FOLDER [--lora] [--micro-batch M] [--threads N]
+    [--steps N] [--out FILE]), set torch's thread count, and load the workload.
+    Returns (arguments, workload)."""
     import torch
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("workload", help="a workload folder written by benchmarks/workloads.py")
     if lora_flag:
         parser.add_argument("--lora", action="store_true")
+    if micro_batch_flag:
+        parser.add_argument("--micro-batch", type=int, help="rows per forward/backward pass of the update "
+                            "(default: the whole rollout batch)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
     parser.add_argument("--out", help="also write the JSON line to this file")
@@ -35,6 +40,15 @@ def driver_setup(description: str, lora_flag: bool = False) -> tuple[argparse.Na
 def load_workload(folder: str) -> dict:
     """The workload description written by benchmarks/workloads.py."""
     return json.loads((Path(folder) / "workload.json").read_text())
+
+
+def reward_folder(work: dict, side: str) -> str:
+    """The reward model folder workloads.py built for `side` (e.g. "trl-full")."""
+    folder = work.get("reward_models", {}).get(side)
+    if not folder or not Path(folder).is_dir():
+        raise SystemExit(f"workload {work['name']} has no reward model for {side}: build it with our venv, "
+                         f"`python benchmarks/workloads.py {work['name']}` (run_all.sh does)")
+    return folder
 
 
 def prompts(work: dict) -> list[str]:

@@ -1,11 +1,16 @@
 """Run LLaMA-Factory 0.9.5's `stage: ppo` on a benchmark workload; print one JSON line.
 
 Runs inside .venv-llamafactory. Its PPO takes a LoRA reward model (an adapter plus a value head
-on the policy's base), so the policy trains LoRA (rank 8 on every linear layer) and the reward
-is a fresh LoRA adapter with a random value head written here; critic = its value head on the
-policy. Settings match ours: rollout batch 16 = one mini-batch, 4 PPO epochs, temperature 1, no
-top-k/top-p, fp32, responses of exactly 32 tokens (`min_new_tokens` set on its generation config,
-as we do), template smollm2 (the same tokens as the tokenizer's chat template).
+on the policy's base), so the policy trains LoRA (rank 8 on every linear layer) and the reward is
+workloads.py's `rewards/lora-llamafactory`: the adapter and head of our LoRA side's reward model
+in its format; critic = its value head on the policy. Settings match ours: rollout batch 16 = one
+mini-batch, 4 PPO epochs, temperature 1, no top-k/top-p, fp32, responses of exactly 32 tokens
+(`min_new_tokens` set on its generation config, as we do), template smollm2 (the same tokens as
+the tokenizer's chat template).
+
+Rows per pass: its trainer generates, scores and runs every forward pass (no-grad and update) in
+slices of `per_device_train_batch_size` rows, so smaller update passes would also cut the rollout
+and the reward into slices; it runs all 16 rows per pass, recorded in `rows_per_pass` beside ours.
 
 Phases are timed by wrapping its own methods: rollout = get_inputs; score = get_rewards; evaluate
 = the no-grad batched_forward_pass calls (old log-probs, values, reference); update = the rest.
@@ -38,23 +43,7 @@ except ImportError:
     stub = types.ModuleType("torchaudio")
     stub.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
     sys.modules["torchaudio"] = stub
-from common import StepClock, driver_setup, emit, prompts  # noqa: E402
-
-
-def write_lora_reward_model(work: dict, folder: Path) -> None:
-    """A LoRA reward model in LLaMA-Factory's layout: adapter files + value_head.safetensors."""
-    from peft import LoraConfig, get_peft_model
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(work["seed"])
-    base = AutoModelForCausalLM.from_pretrained(work["model"], torch_dtype=torch.float32)
-    config = LoraConfig(r=work["lora_rank"], lora_alpha=work["lora_alpha"], target_modules="all-linear",
-                        lora_dropout=0.0, task_type="CAUSAL_LM")
-    get_peft_model(base, config).save_pretrained(folder)
-    hidden = base.config.hidden_size
-    save_file({"v_head.summary.weight": torch.randn(1, hidden) / hidden ** 0.5,
-               "v_head.summary.bias": torch.zeros(1)}, str(folder / "value_head.safetensors"))
+from common import StepClock, driver_setup, emit, prompts, reward_folder  # noqa: E402
 
 
 def main() -> None:
@@ -96,10 +85,9 @@ def main() -> None:
         rows = [{"instruction": text, "input": "", "output": ""} for text in prompts(work)]
         (scratch / "prompts.json").write_text(json.dumps(rows))
         (scratch / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "prompts.json"}}))
-        write_lora_reward_model(work, scratch / "reward")
         run_ppo(*get_train_args({
             "stage": "ppo", "do_train": True, "model_name_or_path": work["model"],
-            "reward_model": str(scratch / "reward"), "reward_model_type": "lora",
+            "reward_model": reward_folder(work, "llamafactory-lora"), "reward_model_type": "lora",
             "finetuning_type": "lora", "lora_rank": work["lora_rank"], "lora_alpha": work["lora_alpha"],
             "lora_target": "all", "template": "smollm2", "dataset": "bench", "dataset_dir": str(scratch),
             "cutoff_len": 1024, "output_dir": str(scratch / "out"), "overwrite_output_dir": True,
@@ -109,7 +97,10 @@ def main() -> None:
             "temperature": work["temperature"], "top_k": 0, "top_p": 1.0, "seed": work["seed"],
             "logging_steps": 1, "save_steps": 100000, "report_to": "none", "plot_loss": False,
         }), callbacks=[Steps()])  # what `llamafactory-cli train` runs for stage ppo, minus its other stages
-    result = clock.result("llamafactory-0.9.5", work, "lora", args.threads, args.steps)
+    rows = work["rollout_batch"]  # per_device_train_batch_size above: every slice of its trainer
+    result = clock.result("llamafactory-0.9.5", work, "lora", args.threads, args.steps, micro_batch=rows,
+                          reward_source="lora",
+                          rows_per_pass={"rollout": rows, "score": rows, "evaluate": rows, "update": rows})
     other = sum(result["phases"].get(name, 0.0) for name in ("rollout", "evaluate", "score"))
     result["phases"]["update"] = round(result["seconds_per_update"] - other, 3)
     emit(result, args.out)
