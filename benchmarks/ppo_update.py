@@ -96,17 +96,19 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
 
 
 def stage_config(work: dict, lora: bool, steps: int, output_dir: str, micro_batch: int | None = None,
-                 eval_chunk: int | None = None, reward: str = "model") -> dict:
+                 eval_chunk: int | None = None, reward: str = "model", generations: int = 1) -> dict:
     """The `ppo` stage configuration of the workload.
 
     One mini-batch of `rollout_batch` rows per step, accumulated over micro-batches of
     `micro_batch` rows (the same gradient: the loss is normalised by the mini-batch's tokens).
     `reward`: "model" (the workload's LoRA reward model with `lora`, else its full one; scored in
-    chunks of `eval_chunk` rows) or "function" (reward.py).
+    chunks of `eval_chunk` rows) or "function" (reward.py). `generations`: responses per prompt;
+    the rows (responses) per step and per pass stay the same, the prompts are that many fewer.
     """
     micro = micro_batch or work["rollout_batch"]
-    if work["rollout_batch"] % micro:
-        raise SystemExit(f"--micro-batch {micro} must divide the rollout batch {work['rollout_batch']}")
+    if work["rollout_batch"] % micro or micro % generations:
+        raise SystemExit(f"--micro-batch {micro} must divide the rollout batch {work['rollout_batch']} and be a "
+                         f"multiple of --generations {generations}")
     if reward == "function":
         reward_model, reward_type = f"{REWARD_FILE}:reward", "function"
     else:
@@ -118,7 +120,9 @@ def stage_config(work: dict, lora: bool, steps: int, output_dir: str, micro_batc
         "finetuning_type": "lora" if lora else "full",
         "lora_rank": work["lora_rank"], "lora_alpha": work["lora_alpha"], "lora_target": "all",
         "reward_model": reward_model, "reward_model_type": reward_type,
-        "per_device_train_batch_size": micro, "gradient_accumulation_steps": work["rollout_batch"] // micro,
+        "per_device_train_batch_size": micro // generations,
+        "gradient_accumulation_steps": work["rollout_batch"] // micro,
+        **({"num_generations": generations} if generations > 1 else {}),  # a key older trees do not know
         "per_device_eval_batch_size": eval_chunk or work["rollout_batch"], "ppo_buffer_size": 1,
         "ppo_epochs": work["ppo_epochs"], "learning_rate": work["learning_rate"], "max_steps": steps,
         "max_new_tokens": work["response_tokens"], "min_new_tokens": work["response_tokens"],
@@ -136,10 +140,11 @@ class TokenCounter:
 
     def install(self) -> None:
         import rlhfkit.stages.ppo as stage
+        import rlhfkit.stages.ppo_steps as steps
         from rlhfkit.rollout.generation import HFGenerator
 
         counter = self
-        generate, update = HFGenerator.generate, stage.ppo_update_minibatch
+        generate, update = HFGenerator.generate, steps.ppo_update_minibatch
 
         def counted_generate(generator, model, input_ids, attention_mask, **kwargs):
             batch = generate(generator, model, input_ids, attention_mask, **kwargs)
@@ -155,7 +160,8 @@ class TokenCounter:
             return update(accelerator, policy, value_head, loss_fn, minibatch, *args, **kwargs)
 
         HFGenerator.generate = counted_generate
-        stage.ppo_update_minibatch = counted_update
+        # The update loop calls it from ppo_steps (or, in older trees, from the stage module): patch both.
+        steps.ppo_update_minibatch = stage.ppo_update_minibatch = counted_update
 
 
 def step_flops(shape: flops.ModelShape, step: dict, reward_model: bool) -> dict[str, int]:
@@ -192,7 +198,8 @@ def source_tree() -> dict:
 
 
 def run(name: str, lora: bool, steps: int, threads: int, micro_batch: int | None = None,
-        overrides: dict | None = None, eval_chunk: int | None = None, reward: str = "model") -> dict:
+        overrides: dict | None = None, eval_chunk: int | None = None, reward: str = "model",
+        generations: int = 1) -> dict:
     torch.set_num_threads(threads)
     work = workloads.load(name)
     peak_before = matmul_gflops()
@@ -203,7 +210,7 @@ def run(name: str, lora: bool, steps: int, threads: int, micro_batch: int | None
     from rlhfkit.tracking.trainer_log import read_trainer_log
 
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-") as output_dir:
-        values = stage_config(work, lora, 1 + steps, output_dir, micro_batch, eval_chunk, reward)
+        values = stage_config(work, lora, 1 + steps, output_dir, micro_batch, eval_chunk, reward, generations)
         values.update(overrides or {})
         run_stage(build_config(values))
         records = read_trainer_log(output_dir)
@@ -221,14 +228,16 @@ def run(name: str, lora: bool, steps: int, threads: int, micro_batch: int | None
     update_seconds = median("time/update")
     tokens = counter.steps[-1]
     chunk = values["per_device_eval_batch_size"]
+    micro_rows = values["per_device_train_batch_size"] * generations
     return {
         "side": "rlhfkit", "workload": name, "variant": "lora" if lora else "full", "threads": threads,
-        "micro_batch": values["per_device_train_batch_size"], "eval_chunk": chunk,
+        "micro_batch": micro_rows, "eval_chunk": chunk,
+        "advantage_estimator": values.get("advantage_estimator", "gae"), "num_generations": generations,
         "reward_source": values["reward_model_type"],
         # The rollout decodes the whole batch at once; reward models score in evaluate-sized chunks.
         "rows_per_pass": {"rollout": work["rollout_batch"],
                           "score": work["rollout_batch"] if values["reward_model_type"] == "function" else chunk,
-                          "evaluate": chunk, "update": values["per_device_train_batch_size"]},
+                          "evaluate": chunk, "update": micro_rows},
         "steps_measured": len(measured), "seconds_per_update": round(seconds, 3),
         "seconds_per_update_all": [round(float(r["seconds_per_step"]), 3) for r in measured],
         "warmup_seconds": round(float(records[0]["seconds_per_step"]), 3),  # includes torch_compile's compilation
@@ -262,6 +271,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="score with the workload's reward model of the peer's design (default) or reward.py")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a stage setting, e.g. --set logprobs_from_rollout=false (YAML value)")
+    parser.add_argument("--estimator", default="gae", help="advantage_estimator (e.g. grpo); with --generations")
+    parser.add_argument("--generations", type=int, default=1,
+                        help="responses per prompt: the same responses per step from that many fewer prompts")
     parser.add_argument("--out", help="also write the JSON line to this file")
     args = parser.parse_args(argv)
     import logging
@@ -270,9 +282,11 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {"torch_compile": TORCH_COMPILE[variant]}
     if variant in MEMORY_BUDGET:
         overrides["torch_compile_memory_budget"] = MEMORY_BUDGET[variant]
+    if args.estimator != "gae":
+        overrides["advantage_estimator"] = args.estimator
     overrides.update({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)})
     result = run(args.workload, args.lora, args.steps, args.threads, args.micro_batch or MICRO_BATCH[variant],
-                 overrides, EVAL_CHUNK[variant], args.reward)
+                 overrides, EVAL_CHUNK[variant], args.reward, args.generations)
     line = json.dumps(result)
     if args.out:
         Path(args.out).write_text(line + "\n")
