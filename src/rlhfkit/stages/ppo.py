@@ -222,6 +222,7 @@ def attach_models(run: Training, models: PPOModels):
     """Route the reference and the shared-base reward sources through the prepared module (which
     DDP/FSDP/DeepSpeed watch), install the CPU's head buffers; returns the reference to run."""
     frozen = [] if models.reference is models.policy else [models.reference]
+    run.model.eval()  # outside the update (`ppo_update` trains with checkpointing): the same mode everywhere
     run.speedups.head_buffers(models.policy, *frozen)
     for source, _ in models.rewards:
         if isinstance(source, SharedBaseReward):

@@ -213,6 +213,7 @@ def build_ppo_models(config: Config, tokenizer, device: torch.device) -> PPOMode
         models.rewards.append((source, spec.weight))
     if critic is not None:
         _init_value_head(config, models, specs)
+    disable_dropout(policy)  # again: the reference and reward adapters loaded since bring their own dropout
     return models
 
 

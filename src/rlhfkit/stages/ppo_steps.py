@@ -246,6 +246,11 @@ def ppo_update(run: "Training", loss_fn: PPOLoss, rollout: Rollout, mini_size: i
     shuffle = torch.Generator().manual_seed(t.seed * 7919 + step - 1)
     sums: dict[str, float] = {}
     updates = 0
+    # transformers checkpoints only layers in training mode; dropout is off throughout, so the mode
+    # changes nothing else. Without checkpointing the policy stays in eval mode, as in the other
+    # phases (compiled blocks would otherwise compile a variant for each mode).
+    checkpointing = t.gradient_checkpointing
+    run.model.train(checkpointing)
     for _ in range(epochs):
         order = group_rows(torch.randperm(rows // group_size, generator=shuffle), group_size)
         for begin in range(0, rows, mini_size):
@@ -259,6 +264,7 @@ def ppo_update(run: "Training", loss_fn: PPOLoss, rollout: Rollout, mini_size: i
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
             updates += 1
+    run.model.eval()
     return {key: value / max(updates, 1) for key, value in sums.items()}
 
 
