@@ -53,10 +53,10 @@ def label_pairs(model_dir: Path, sft_dir: Path, prompts: dict[str, list[str]], d
     for split_index, (split, split_prompts) in enumerate(prompts.items()):
         logger.info("== pairs: sampling 2 responses for %d %s prompts from the SFT policy", len(split_prompts), split)
         seed = 1 + 2 * split_index
-        first = sample(policy, None, tokenizer, split_prompts, max_new_tokens, 1.0, seed=seed,
-                       label=f"{split} pairs, first samples")
-        second = sample(policy, None, tokenizer, split_prompts, max_new_tokens, 1.0, seed=seed + 1,
-                        label=f"{split} pairs, second samples")
+        first, second = (sample(policy, reference=None, tokenizer=tokenizer, prompts=split_prompts,
+                                max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + offset,
+                                label=f"{split} pairs, {which} samples")
+                         for offset, which in ((0, "first"), (1, "second")))
         rows = pairs_from(first, second)
         if len(rows) < 8:
             raise fail(f"only {len(rows)} {split} preference pairs survived the tie rule; "

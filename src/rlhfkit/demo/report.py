@@ -71,7 +71,8 @@ def write_report(work: Path, model_dir: Path, sft_dir: Path, rm_dir: Path, polic
     logger.info("== report: sampling SFT and %s on %d held-out prompts", ", ".join(policies), len(prompts))
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     sft_policy = load_policy(model_dir, sft_dir)
-    samples = {"SFT": sample(sft_policy, None, tokenizer, prompts, max_new_tokens, 1.0, SAMPLING_SEED,
+    samples = {"SFT": sample(sft_policy, reference=None, tokenizer=tokenizer, prompts=prompts,
+                             max_new_tokens=max_new_tokens, temperature=1.0, seed=SAMPLING_SEED,
                              label="report, SFT policy")}
     for name, policy_dir in policies.items():
         policy = load_policy(model_dir, policy_dir)

@@ -67,9 +67,10 @@ def sample(model, reference, tokenizer, prompts: list[str], max_new_tokens: int,
         if reference is None:  # the policy is its own reference
             kl = torch.zeros(len(chunk))
         else:
-            logprobs, _, _ = response_forward(model, None, ids, full_mask, response_ids, temperature,
-                                              with_values=False)
-            ref_logprobs, _, _ = response_forward(reference, None, ids, full_mask, response_ids, temperature,
+            logprobs, _, _ = response_forward(model, value_head=None, ids=ids, mask=full_mask,
+                                              response_ids=response_ids, temperature=temperature, with_values=False)
+            ref_logprobs, _, _ = response_forward(reference, value_head=None, ids=ids, mask=full_mask,
+                                                  response_ids=response_ids, temperature=temperature,
                                                   with_values=False)
             kl = ((logprobs - ref_logprobs) * mask).sum(-1)
         out.prompts += chunk

@@ -8,10 +8,11 @@ count that normalises the loss, logged means -- are taken over all processes):
 2. score       reward sources on the truncated text; EOS penalty, normalisation, clipping
 3. evaluate    old log-probs, values and reference log-probs (logits / temperature)
 4. shape       per-token reward = -beta * KL, plus the score on the last real token
-5. advantages  GAE(gamma, lambda) -> returns; whitened advantages
+5. advantages  GAE(gamma, lambda) -> returns; whitened advantages (or a critic-free estimator:
+               advantage_estimator, over num_generations responses per prompt; no value head)
 6. update      ppo_epochs x shuffled mini-batches x micro-batches; clipped losses; clip; step
 7. control     KL controller; statistics; log
-Then save the policy (adapter or full model) with its value head beside it.
+Then save the policy (adapter or full model) with its value head, if any, beside it.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def run_ppo(config: Config) -> dict[str, float]:
     data = load_stage_data(config, tokenizer)
     sizes = rollout_sizes(config, world, len(data.train))
     models = build_ppo_models(config, tokenizer, device)
-    modules = {"policy": models.policy, **({"value_head": models.value_head} if models.value_head else {})}
+    critic = {"value_head": models.value_head} if models.value_head is not None else {}
+    modules = {"policy": models.policy, **critic}
     group = p.num_generations
     # The policy and its value head are one module for accelerate (DeepSpeed and FSDP2 take one model).
     with prepare_training(config, accelerator, output_dir, ModelWithValueHead(models.policy, models.value_head),
@@ -180,9 +182,10 @@ def run_ppo(config: Config) -> dict[str, float]:
                 scores = scores.to(device)
             # 3. evaluate
             with timed(timings, "evaluate"):
-                evaluated = evaluate_rollout(policy, None, reference, models.reference_context, scoring.sequence_ids,
-                                             scoring.sequence_mask, generated.response_ids, g.temperature,
-                                             t.per_device_eval_batch_size,
+                evaluated = evaluate_rollout(policy, value_head=None, reference=reference,
+                                             reference_context=models.reference_context, ids=scoring.sequence_ids,
+                                             mask=scoring.sequence_mask, response_ids=generated.response_ids,
+                                             temperature=g.temperature, chunk_size=t.per_device_eval_batch_size,
                                              recorded=generated if p.logprobs_from_rollout else None,
                                              with_values=models.value_head is not None)
             # 4. shape and 5. advantages

@@ -155,7 +155,8 @@ def build_reward_source(spec: RewardSpec, config: Config, models: PPOModels, tok
             models.policy.base_model.set_adapter("default")
             return SharedBaseReward(models.policy, head, spec.name, chunk, adapter)
         model = _load_frozen(config.model.model_name_or_path, config, dtype, device, tokenizer, [spec.path])
-        return SeparateModelReward(model, head, tokenizer, None, True, spec.name, chunk)
+        return SeparateModelReward(model, head, tokenizer, template=None, same_tokenizer=True, name=spec.name,
+                                   chunk_size=chunk)
     # full: its own model folder with value_head.safetensors
     if not Path(spec.path).is_dir():
         raise fail(f"reward model folder {spec.path} does not exist; set reward_model to an RM folder")

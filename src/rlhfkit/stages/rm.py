@@ -29,7 +29,7 @@ from rlhfkit.training.optim import total_optimizer_steps
 logger = logging.getLogger(__name__)
 
 
-def pair_scores(model, value_head, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_scores(model, batch: dict[str, torch.Tensor], value_head=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of the chosen and rejected halves of a pairwise batch. ``(n,)`` each.
 
     `value_head` None: `model` is a `ModelWithValueHead`.
@@ -40,13 +40,13 @@ def pair_scores(model, value_head, batch: dict[str, torch.Tensor]) -> tuple[torc
 
 
 @torch.no_grad()
-def evaluate_rm(model, value_head, items: list[dict], batch_size: int, pad_token_id: int, device) -> dict:
+def evaluate_rm(model, items: list[dict], batch_size: int, pad_token_id: int, device, value_head=None) -> dict:
     """Mean pairwise loss and accuracy (chosen scored strictly higher) over `items`."""
     model.eval()
     losses, correct = [], []
     for begin in range(0, len(items), batch_size):
         batch = collate_pairwise(items[begin:begin + batch_size], pad_token_id)
-        chosen, rejected = pair_scores(model, value_head, {k: v.to(device) for k, v in batch.items()})
+        chosen, rejected = pair_scores(model, {k: v.to(device) for k, v in batch.items()}, value_head)
         losses.append(-F.logsigmoid(chosen - rejected).float())
         correct.append((chosen > rejected).float())
     model.train()
@@ -85,7 +85,7 @@ def run_rm(config: Config) -> dict[str, float]:
                      "lr": run.scheduler.get_last_lr()[0], "epoch": round(batch_plan.epoch, 4),
                      "skipped_steps": run.guard.total}
             if data.eval and t.eval_steps and step % t.eval_steps == 0 and step < total_steps:
-                stats.update(evaluate_rm(run.model, None, data.eval, t.per_device_eval_batch_size,
+                stats.update(evaluate_rm(run.model, data.eval, t.per_device_eval_batch_size,
                                          tokenizer.pad_token_id, accelerator.device))
             run.log.advance(step)
             if step % config.output.logging_steps == 0 or step in (1, total_steps) or "eval_loss" in stats:
@@ -95,7 +95,7 @@ def run_rm(config: Config) -> dict[str, float]:
         run.log.close()  # progress bar, TensorBoard, plots
         final = {"train_loss": run.log.history[-1]["loss"] if run.log.history else float("nan")}
         if data.eval:
-            final.update(evaluate_rm(run.model, None, data.eval, t.per_device_eval_batch_size,
+            final.update(evaluate_rm(run.model, data.eval, t.per_device_eval_batch_size,
                                      tokenizer.pad_token_id, accelerator.device))
             logger.info("eval_loss=%.4f eval_accuracy=%.4f", final["eval_loss"], final["eval_accuracy"])
         save_trained(accelerator, run.model, modules, tokenizer, output_dir)
@@ -121,7 +121,7 @@ def rm_step(run: Training, items: list[dict], indices: list[int], pad_token_id: 
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         weight = weights[micro[0]:micro[-1] + 1]
         with micro_batch_context(accelerator, run.model, index == len(micros) - 1), accelerator.autocast():
-            chosen, rejected = pair_scores(run.model, None, batch)
+            chosen, rejected = pair_scores(run.model, batch)
             pair_loss = (-F.logsigmoid(chosen - rejected) * weight).sum()
             accelerator.backward(pair_loss * world / step_pairs)  # DDP averages over processes
         loss_sum += float(pair_loss.detach())
