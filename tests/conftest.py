@@ -1,16 +1,86 @@
-"""Shared fixtures: a tiny character-level Llama built once per session, and data-file helpers."""
+"""Shared fixtures and stand-ins: a tiny character-level Llama built once per session, data and config
+writers, a one-process accelerator, random adapters and heads, and the float tolerances.
+
+Choosing a tolerance
+--------------------
+A tolerance is derived from the arithmetic, so the comparison passes on any CPU or GPU and still
+fails on a real error:
+
+1. Exact numbers compare exactly. Small integers, binary fractions (0.25, 1.5) and their sums and
+   products are exact in float32, so ``torch.equal`` / ``atol=0`` (or a hand value computed the
+   same way, e.g. ``1 / sqrt(1 + 1e-8)``, not rounded to ``1``).
+2. Two computations of the same algebra in another order (padding, chunking, batching, gradient
+   accumulation, another kernel) run in float64 wherever the code path takes float64 (raw
+   transformers / peft models and rlhfkit's functions on them: ``model.double()``), and compare with
+   `float64_tolerance`. Results rlhfkit returns as float32 by design (log-probs, entropies, rollout
+   tensors) are then rounded once to float32 and compare with `float32_tolerance` of that rounding.
+3. Where float32 is the only path (a stage run, `build_ppo_models`, a merged export), the
+   tolerance is `float32_tolerance(magnitude, terms)`::
+
+       atol = safety * eps32 * sqrt(terms) * magnitude,   eps32 = 2**-23 ~= 1.19e-7, safety = 4
+
+   ``terms`` is the length of the longest sum that produced the compared values (the hidden size
+   for a linear map of hidden states, the vocabulary for a softmax) and ``magnitude`` the size of
+   what was summed, taken from the actual tensors: ``sum_i |w_i h_i|`` for a dot product ``w . h``
+   (rounding is relative to the summands, not to a result that cancels), ``max |z|`` of the logits
+   for a log-softmax. Rounding errors of n terms add like a random walk, so ``sqrt(terms)``; the
+   safety factor 4 covers both sides of the comparison rounding independently and the tail.
+   An upstream network's rounding reaches a value through that last sum, each summand carrying a
+   relative error of a few eps32: the same formula covers it.
+4. Every tolerance is checked against the effect the test guards against: next to it the test
+   asserts (or its docstring shows) that the real difference (an adapter switched on, another
+   temperature, padding attended to) is many times larger.
+5. Statistical checks (sampling frequencies, bootstrap intervals) allow a few standard errors,
+   derived in a comment.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rlhfkit.models.tiny import build_tiny_model
 
 torch.set_num_threads(1)  # tiny models: thread start-up costs more than it saves
+
+EPS32 = torch.finfo(torch.float32).eps  # 2**-23
+EPS64 = torch.finfo(torch.float64).eps  # 2**-52
+SAFETY = 4.0
+
+CPU = torch.device("cpu")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------- tolerances
+
+
+def _largest(magnitude) -> float:
+    if torch.is_tensor(magnitude):
+        return float(magnitude.detach().abs().max())
+    return abs(float(magnitude))
+
+
+def float32_tolerance(magnitude, terms: int = 1, safety: float = SAFETY) -> float:
+    """Absolute tolerance between two float32 computations of the same values (rule 3 above).
+
+    `magnitude`: the size of what was summed (a number, or a tensor whose largest |entry| is used);
+    `terms`: the length of the longest sum. Returns ``safety * eps32 * sqrt(terms) * magnitude``.
+    """
+    return safety * EPS32 * math.sqrt(terms) * _largest(magnitude)
+
+
+def float64_tolerance(magnitude, terms: int = 1, safety: float = SAFETY) -> float:
+    """`float32_tolerance` for two float64 computations: ``safety * eps64 * sqrt(terms) * magnitude``."""
+    return safety * EPS64 * math.sqrt(terms) * _largest(magnitude)
+
+
+# ------------------------------------------------------------------------------- tiny models
 
 
 @pytest.fixture(scope="session")
@@ -19,13 +89,193 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    """Write `rows` as JSON lines."""
+def tiny_llama(vocab_size: int, seed: int, tied: bool = True):
+    """A 1-layer Llama (hidden 16) built in memory on the CPU, for kernel-level tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied, pad_token_id=0)
+    return LlamaForCausalLM(config).to(CPU)
+
+
+def random_lora(model, seed: int, targets=("q_proj", "v_proj", "up_proj"), std: float = 0.3):
+    """`model` with a rank-4 LoRA adapter whose B is drawn from N(0, std), so it is not the identity."""
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=std)
+    return peft
+
+
+def random_value_head(hidden: int, seed: int, std: float, bias: float):
+    """A value head with weights from N(0, std) and a constant bias."""
+    from rlhfkit.models.value_head import ValueHead
+
+    torch.manual_seed(seed)
+    head = ValueHead(hidden, zero_init=False)
+    with torch.no_grad():
+        head.summary.weight.normal_(std=std)
+        head.summary.bias.fill_(bias)
+    return head
+
+
+# ------------------------------------------------------------------ sequences and raw models
+
+
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    """The chat prompt of one user message, rendered by the tokenizer's own chat template."""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def pad_prompts_and_responses(prompts: list[list[int]], responses: list[list[int]], pad: int = 0):
+    """Left-padded prompts and right-padded responses, as the rollout builds them.
+
+    Returns query ``(b, P)``, query_mask ``(b, P)``, response ``(b, R)``, response_mask ``(b, R)``
+    bool, and their concatenations ids ``(b, P + R)`` and mask ``(b, P + R)``.
+    """
+    width_p, width_r = max(map(len, prompts)), max(map(len, responses))
+    query = torch.full((len(prompts), width_p), pad)
+    query_mask = torch.zeros_like(query)
+    response = torch.full((len(responses), width_r), pad)
+    response_mask = torch.zeros_like(response, dtype=torch.bool)
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        query[row, width_p - len(p):] = torch.tensor(p)
+        query_mask[row, width_p - len(p):] = 1
+        response[row, :len(r)] = torch.tensor(r)
+        response_mask[row, :len(r)] = True
+    ids = torch.cat([query, response], dim=1)
+    mask = torch.cat([query_mask, response_mask.long()], dim=1)
+    return query, query_mask, response, response_mask, ids, mask
+
+
+@torch.no_grad()
+def raw_response_stats(model, head, prompt: list[int], response: list[int], temperature: float):
+    """Log-probs, values and entropies ``(len(response),)`` of one unpadded prompt + response, by
+    definition from a plain forward pass of the raw model, in float64; and the logits' largest |entry|
+    (after the temperature) for the tolerance. `head` None: no values."""
+    ids = torch.tensor([prompt + response])
+    out = model(input_ids=ids, output_hidden_states=head is not None, use_cache=False)
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
+    logits = out.logits[0, positions].double() / temperature  # (n, v)
+    logp = F.log_softmax(logits, dim=-1)
+    logprobs = logp.gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    values = None
+    if head is not None:
+        hidden = out.hidden_states[-1][0, positions].double()  # (n, h)
+        values = hidden @ head.summary.weight[0].double() + head.summary.bias[0].double()
+    return logprobs, values, entropy, float(logits.abs().max())
+
+
+@torch.no_grad()
+def raw_scores(model, head, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head on the last hidden state of each unpadded sequence, from the raw model, in float64;
+    and each score's summand magnitude ``sum_i |w_i h_i| + |b|`` (for `float32_tolerance`)."""
+    weight, bias = head.summary.weight[0].double(), head.summary.bias[0].double()
+    scores, magnitudes = [], []
+    for sequence in sequences:
+        out = model(input_ids=torch.tensor([sequence]), output_hidden_states=True, use_cache=False)
+        last = out.hidden_states[-1][0, -1].double()  # (h,)
+        scores.append(float(last @ weight + bias))
+        magnitudes.append(float((last * weight).abs().sum() + bias.abs()))
+    return torch.tensor(scores, dtype=torch.float64), torch.tensor(magnitudes, dtype=torch.float64)
+
+
+# -------------------------------------------------------------------------- one-process runs
+
+
+class OneProcessAccelerator:
+    """The parts of accelerate.Accelerator the PPO steps use, on one process on the CPU."""
+
+    device = CPU
+    distributed_type = None
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor
+
+    def unwrap_model(self, model):
+        return model
+
+    def no_sync(self, model):
+        return contextlib.nullcontext()
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def cpu_config(values: dict, check: bool = True):
+    """`build_config(values)` with the run pinned to the CPU (``device: cpu``) unless `values` names a
+    device: tests compare runs with each other and with CPU computations, which another device's
+    kernels (and their non-deterministic reductions) would change."""
+    from rlhfkit.config import build_config
+
+    return build_config({"device": "cpu", **values}, check=check)
+
+
+# --------------------------------------------------------------------------------- files
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Write `rows` as JSON lines (UTF-8), creating the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
 
 
 @pytest.fixture
 def jsonl():
     return write_jsonl
+
+
+def write_config(path: Path, values: dict) -> Path:
+    """A YAML config with one ``key: value`` line per item (values written as JSON, which YAML reads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in values.items()))
+    return path
+
+
+def write_cpu_config(path: Path, values: dict) -> Path:
+    """`write_config` with the run pinned to the CPU (see `cpu_config`)."""
+    return write_config(path, {"device": "cpu", **values})
+
+
+# Reward functions for `reward_model_type: function`, as `<file>:<name>`.
+REWARD_FUNCTIONS = """
+def letters(prompts, responses):
+    \"\"\"Share of the letters a-m in each response (0 for an empty one).\"\"\"
+    return [sum(c in 'abcdefghijklm' for c in r) / max(len(r), 1) for r in responses]
+
+def length(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+def prompt_number(prompts, responses):
+    \"\"\"The number that ends each prompt ("rate 3" -> 3.0).\"\"\"
+    return [float(p.split()[-1]) for p in prompts]
+"""
+
+
+@pytest.fixture(scope="session")
+def reward_functions(tmp_path_factory) -> Path:
+    """A module of reward functions (`REWARD_FUNCTIONS`): use ``f"{reward_functions}:letters"``."""
+    path = tmp_path_factory.mktemp("rewards") / "rewards.py"
+    path.write_text(REWARD_FUNCTIONS)
+    return path
+
+
+def read_events(log_dir: Path):
+    """TensorBoard's own reader over the event files in `log_dir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir))
+    accumulator.Reload()
+    return accumulator
