@@ -40,6 +40,7 @@ import contextlib
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -155,11 +156,24 @@ def pad_prompts_and_responses(prompts: list[list[int]], responses: list[list[int
     return query, query_mask, response, response_mask, ids, mask
 
 
+class RawStats(NamedTuple):
+    """What `raw_response_stats` computes for one response, all float64 ``(n,)``, and the magnitudes
+    its tolerances are derived from."""
+
+    logprobs: torch.Tensor
+    values: torch.Tensor | None
+    entropy: torch.Tensor
+    logit_scale: float
+    """Largest |logit / temperature| at the response's positions (a log-softmax's summands)."""
+    value_scale: float
+    """Largest ``sum_i |w_i h_i| + |b|`` over the response's positions (the value head's summands)."""
+
+
 @torch.no_grad()
-def raw_response_stats(model, head, prompt: list[int], response: list[int], temperature: float):
-    """Log-probs, values and entropies ``(len(response),)`` of one unpadded prompt + response, by
-    definition from a plain forward pass of the raw model, in float64; and the logits' largest |entry|
-    (after the temperature) for the tolerance. `head` None: no values."""
+def raw_response_stats(model, head, prompt: list[int], response: list[int], temperature: float) -> RawStats:
+    """Log-probs, values and entropies of one unpadded prompt + response, by definition from a plain
+    forward pass of the raw model (`log_softmax` of its logits, the head's linear map of its last
+    hidden states), in float64. `head` None: no values."""
     ids = torch.tensor([prompt + response])
     out = model(input_ids=ids, output_hidden_states=head is not None, use_cache=False)
     positions = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
@@ -167,11 +181,13 @@ def raw_response_stats(model, head, prompt: list[int], response: list[int], temp
     logp = F.log_softmax(logits, dim=-1)
     logprobs = logp.gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1)
-    values = None
+    values, value_scale = None, 0.0
     if head is not None:
         hidden = out.hidden_states[-1][0, positions].double()  # (n, h)
-        values = hidden @ head.summary.weight[0].double() + head.summary.bias[0].double()
-    return logprobs, values, entropy, float(logits.abs().max())
+        weight, bias = head.summary.weight[0].double(), head.summary.bias[0].double()
+        values = hidden @ weight + bias
+        value_scale = float(((hidden * weight).abs().sum(-1) + bias.abs()).max())
+    return RawStats(logprobs, values, entropy, float(logits.abs().max()), value_scale)
 
 
 @torch.no_grad()
