@@ -81,6 +81,20 @@ def float64_tolerance(magnitude, terms: int = 1, safety: float = SAFETY) -> floa
     return safety * EPS64 * math.sqrt(terms) * _largest(magnitude)
 
 
+def gradient_tolerances(grads, terms: int, tolerance=float32_tolerance) -> tuple[float, float]:
+    """(rtol, atol) between two computations of the same gradients, `grads` (tensors, or a dict of them).
+
+    A gradient element is a sum of products over the batch's positions, each carried back through
+    layers that sum up to the widest layer's size: `terms` = positions x widest layer. It is rounded
+    relative to its own size (rtol) and, where it cancels to near zero, relative to the largest
+    gradient of the pass, whose magnitudes it was summed from (atol). `tolerance`: `float32_tolerance`
+    or `float64_tolerance`, by the arithmetic's precision.
+    """
+    tensors = grads.values() if isinstance(grads, dict) else grads
+    largest = max(float(g.detach().abs().max()) for g in tensors)
+    return tolerance(1.0, terms), tolerance(largest, terms)
+
+
 # ------------------------------------------------------------------------------- tiny models
 
 

@@ -20,6 +20,7 @@ from conftest import (
     OneProcessAccelerator,
     float32_tolerance,
     float64_tolerance,
+    gradient_tolerances,
     pad_prompts_and_responses,
     random_lora,
     random_value_head,
@@ -263,17 +264,9 @@ WIDEST = 128  # the tiny model's intermediate size: its longest sum within a lay
 
 
 def _gradient_tolerances(grads: dict[str, torch.Tensor], positions: int) -> tuple[float, float]:
-    """(rtol, atol) between two computations of one backward pass over `positions` tokens.
-
-    The log-probs go through rlhfkit's float32 log-softmax (by design, also for a float64 model), so
-    gradients are exact only to float32 rounding. A weight's gradient sums products over the
-    batch's positions, each carried back through layers that sum up to `WIDEST` terms: n = positions
-    x WIDEST. Each element is rounded relative to its own size (rtol) and, where it cancels to near
-    zero, relative to the largest gradient of the pass, whose magnitudes it was summed from (atol).
-    """
-    largest = max(float(g.abs().max()) for g in grads.values())
-    terms = positions * WIDEST
-    return float32_tolerance(1.0, terms), float32_tolerance(largest, terms)
+    """The log-probs go through rlhfkit's float32 log-softmax (by design, also for a float64 model), so
+    the update's gradients are exact only to float32 rounding, over positions x `WIDEST` terms."""
+    return gradient_tolerances(grads, positions * WIDEST, float32_tolerance)
 
 
 def _stat_tolerances(stats: dict[str, float], positions: int) -> tuple[float, float]:
