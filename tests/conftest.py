@@ -23,7 +23,8 @@ fails on a real error:
    for a linear map of hidden states, the vocabulary for a softmax) and ``magnitude`` the size of
    what was summed, taken from the actual tensors: ``sum_i |w_i h_i|`` for a dot product ``w . h``
    (rounding is relative to the summands, not to a result that cancels), ``max |z|`` of the logits
-   for a log-softmax. Rounding errors of n terms add like a random walk, so ``sqrt(terms)``; the
+   for a log-softmax (`log_softmax_tolerance`), the largest gradient of the pass for gradients
+   (`gradient_tolerances`). Rounding errors of n terms add like a random walk, so ``sqrt(terms)``; the
    safety factor 4 covers both sides of the comparison rounding independently and the tail.
    An upstream network's rounding reaches a value through that last sum, each summand carrying a
    relative error of a few eps32: the same formula covers it.
@@ -79,6 +80,17 @@ def float32_tolerance(magnitude, terms: int = 1, safety: float = SAFETY) -> floa
 def float64_tolerance(magnitude, terms: int = 1, safety: float = SAFETY) -> float:
     """`float32_tolerance` for two float64 computations: ``safety * eps64 * sqrt(terms) * magnitude``."""
     return safety * EPS64 * math.sqrt(terms) * _largest(magnitude)
+
+
+def log_softmax_tolerance(logits, vocab: int | None = None, temperature: float = 1.0) -> float:
+    """`float32_tolerance` of a float32 log-softmax over `vocab` entries (rlhfkit's log-probs, entropies).
+
+    `logits`: the logits (a tensor, the last dimension the vocabulary) or their largest |entry|. The
+    summands' size is the larger of ``max |z / temperature|`` (the shifted logits) and ``log vocab``
+    (the log of the sum of exponentials).
+    """
+    vocab = vocab if vocab is not None else logits.shape[-1]
+    return float32_tolerance(max(_largest(logits) / temperature, math.log(vocab)), vocab)
 
 
 def gradient_tolerances(grads, terms: int, tolerance=float32_tolerance) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from accelerate.utils import DistributedType
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
-from conftest import OneProcessAccelerator, float32_tolerance, float64_tolerance, random_lora
+from conftest import OneProcessAccelerator, float64_tolerance, log_softmax_tolerance, random_lora
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.value_head import ModelWithValueHead, ValueHead
 from rlhfkit.rewards.model import active_adapter
@@ -140,7 +140,7 @@ def test_model_with_value_head_gives_what_the_separate_head_gives(tiny_model_dir
         inside = response_forward(combined, None, ids, mask, response, 0.8, with_values=True, with_entropy=True)
         lm_only = response_forward(combined, None, ids, mask, response, 0.8, with_values=False)
         raw = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    lp_atol = float32_tolerance(raw.logits / 0.8, raw.logits.shape[-1])
+    lp_atol = log_softmax_tolerance(raw.logits, temperature=0.8)
     hidden = raw.hidden_states[-1]
     value_atol = float64_tolerance((hidden * head.summary.weight[0]).abs().sum(-1) + head.summary.bias.abs(),
                                    hidden.shape[-1])

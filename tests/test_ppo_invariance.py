@@ -21,6 +21,7 @@ from conftest import (
     float32_tolerance,
     float64_tolerance,
     gradient_tolerances,
+    log_softmax_tolerance,
     pad_prompts_and_responses,
     random_lora,
     random_value_head,
@@ -52,7 +53,7 @@ def _lora(model, seed: int = 1):
 
 def _logprob_atol(*stats) -> float:
     """float32 log-softmax over the vocabulary of logits as large as the raw passes' (rule 2)."""
-    return float32_tolerance(max(s.logit_scale for s in stats), VOCAB)
+    return log_softmax_tolerance(max(s.logit_scale for s in stats), VOCAB)
 
 
 def _value_atol(*stats, hidden: int = 64, dtype=torch.float64) -> float:
@@ -163,7 +164,7 @@ def test_response_forward_uses_temperature_scaled_logprobs(tiny_model_dir):
     expected = torch.tensor([float(F.log_softmax(raw[p] / 0.7, -1)[t]) for p, t in zip(positions, response)],
                             dtype=torch.float64)
     scaled_logits = raw[len(prompt) - 1:len(prompt) + len(response) - 1] / 0.7  # (n, v)
-    atol = float32_tolerance(scaled_logits, VOCAB)  # one float32 log-softmax of these logits
+    atol = log_softmax_tolerance(scaled_logits)  # one float32 log-softmax of these logits
     torch.testing.assert_close(logprobs[0].double(), expected, atol=atol, rtol=0)
     at_one = torch.tensor([float(F.log_softmax(raw[p], -1)[t]) for p, t in zip(positions, response)],
                           dtype=torch.float64)
@@ -365,7 +366,7 @@ def test_compiled_blocks_give_the_eager_update_and_eager_decoding(tiny_model_dir
     # the head's sum over the hidden size of these summands (values).
     hidden = raw.hidden_states[-1]
     value_summands = (hidden * head.summary.weight[0]).abs().sum(-1) + head.summary.bias.abs()
-    lp_atol = float32_tolerance(raw.logits / 0.9, VOCAB)
+    lp_atol = log_softmax_tolerance(raw.logits, temperature=0.9)
     for e, g, atol in zip(expected, got, (lp_atol, float32_tolerance(value_summands, hidden.shape[-1]), lp_atol)):
         torch.testing.assert_close(g, e, atol=atol, rtol=0)
     eager_stats, eager_grads = _update_grads(eager, head, rollout, 3, OneProcessAccelerator())

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import float32_tolerance, float64_tolerance, raw_response_stats
+from conftest import float32_tolerance, float64_tolerance, log_softmax_tolerance, raw_response_stats
 from rlhfkit.config import GenerationArguments
 from rlhfkit.models.value_head import ValueHead
 from rlhfkit.rollout import HFGenerator
@@ -76,7 +76,7 @@ def test_recorded_logprobs_values_entropy_equal_a_full_forward_pass(tiny_model_d
                                                     batch.response_mask, temperature=0.7)
     mask = batch.response_mask
     assert mask.sum() > 10
-    lp_atol = float32_tolerance(logit_scale, VOCAB)
+    lp_atol = log_softmax_tolerance(logit_scale, VOCAB)
     # Log-probs are of the raw logits at the temperature (top-k/top-p only choose the tokens).
     torch.testing.assert_close(batch.logprobs[mask].double(), logprobs[mask], atol=lp_atol, rtol=0)
     torch.testing.assert_close(batch.values[mask].double(), values[mask], atol=float32_tolerance(values[mask]), rtol=0)
