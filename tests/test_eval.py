@@ -13,29 +13,21 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import cpu_config, float32_tolerance, raw_scores, write_cpu_config, write_jsonl
 from rlhfkit.commands.evaluate import RESULTS_FILE, SAMPLES_FILE, run_eval
-from rlhfkit.config import build_config
 from rlhfkit.data import get_template
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.value_head import ValueHead
 from rlhfkit.tracking.summary import bootstrap_interval, summarize
 
-REWARDS = """
-def number(prompts, responses):
-    return [float(p.split()[-1]) for p in prompts]
-
-def length(prompts, responses):
-    return [float(len(r)) for r in responses]
-"""
-
-
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory, tiny_model_dir):
+def assets(tmp_path_factory, tiny_model_dir, reward_functions):
+    """Prompts, reward functions, and a LoRA policy and a LoRA RM with random (non-zero) weights."""
     root = tmp_path_factory.mktemp("eval")
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"instruction": f"rate {n}"}) + "\n" for n in (1, 2, 3, 4)))
-    (root / "rew.py").write_text(REWARDS)
+    write_jsonl(root / "prompts.jsonl", [{"instruction": f"rate {n}"} for n in (1, 2, 3, 4)])
+    (root / "rew.py").write_text(reward_functions.read_text())
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora)
@@ -47,14 +39,14 @@ def assets(tmp_path_factory, tiny_model_dir):
 
 
 def _config(tiny_model_dir, assets, out, **keys):
-    values = dict(model_name_or_path=str(tiny_model_dir), dataset=str(assets / "prompts.jsonl"), output_dir=str(out), max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0,
-                  per_device_eval_batch_size=3, seed=7,
-                  reward_models=[{"path": f"{assets / 'rew.py'}:number", "type": "function", "weight": 0.5,
+    values = dict(model_name_or_path=str(tiny_model_dir), dataset=str(assets / "prompts.jsonl"), output_dir=str(out),
+                  max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, per_device_eval_batch_size=3, seed=7,
+                  reward_models=[{"path": f"{assets / 'rew.py'}:prompt_number", "type": "function", "weight": 0.5,
                                   "name": "number"},
                                  {"path": f"{assets / 'rew.py'}:length", "type": "function", "weight": 2.0,
                                   "name": "length"}])
     values.update(keys)
-    return build_config(values, check=False)
+    return cpu_config(values, check=False)
 
 
 def _rows(output_dir):
@@ -139,20 +131,22 @@ def test_lora_reward_model_scores(tiny_model_dir, assets, tmp_path):
     # Rows whose text holds every response token (a sampled special token other than EOS is not decoded).
     complete = [r for r in rows if r["response_length"] == len(r["response"]) + int(r["ended_with_eos"])]
     assert len(complete) >= 2
-    for row in complete:
-        ids = template.encode_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])
-        ids += tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [2] * row["ended_with_eos"]
-        with torch.no_grad():
-            hidden = rm(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1]
-        assert row["scores"]["lora"] == pytest.approx(float(head(hidden[0, -1])), abs=1e-4)
+    sequences = [template.encode_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])
+                 + tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [2] * row["ended_with_eos"]
+                 for row in complete]
+    expected, magnitudes = raw_scores(rm, head, sequences)
+    # The eval's float32 scores (the adapter merged, padded batches) against the raw model's: float32
+    # rounding of the head's sum over the hidden size, relative to its summands (see conftest).
+    scores = torch.tensor([row["scores"]["lora"] for row in complete], dtype=torch.float64)
+    torch.testing.assert_close(scores, expected, atol=float32_tolerance(magnitudes, 64), rtol=0)
     assert set(results["summary"]) == {"reward", "score/lora", "response_length", "ended_with_eos"}
 
 
 def test_cli_eval(tiny_model_dir, assets, tmp_path):
-    config = tmp_path / "eval.yaml"
-    config.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset: {assets / 'prompts.jsonl'}\n"
-                      f"reward_model: {assets / 'rew.py'}:number\nreward_model_type: function\n"
-                      f"output_dir: {tmp_path / 'out'}\nmax_new_tokens: 4\n")
+    config = write_cpu_config(tmp_path / "eval.yaml", {
+        "model_name_or_path": str(tiny_model_dir), "dataset": str(assets / "prompts.jsonl"),
+        "reward_model": f"{assets / 'rew.py'}:prompt_number", "reward_model_type": "function",
+        "output_dir": str(tmp_path / "out"), "max_new_tokens": 4})
     command = [sys.executable, "-m", "rlhfkit.cli", "eval", str(config), "max_samples=2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
