@@ -19,15 +19,16 @@ fails on a real error:
 
        atol = safety * eps32 * sqrt(terms) * magnitude,   eps32 = 2**-23 ~= 1.19e-7, safety = 4
 
-   ``terms`` is the length of the longest sum that produced the compared values (the hidden size
-   for a linear map of hidden states, the vocabulary for a softmax) and ``magnitude`` the size of
+   ``terms`` is the length of the longest sum that produced the compared values (a network's widest
+   layer, e.g. the MLP's intermediate size; the vocabulary for a softmax) and ``magnitude`` the size of
    what was summed, taken from the actual tensors: ``sum_i |w_i h_i|`` for a dot product ``w . h``
    (rounding is relative to the summands, not to a result that cancels), ``max |z|`` of the logits
    for a log-softmax (`log_softmax_tolerance`), the largest gradient of the pass for gradients
    (`gradient_tolerances`). Rounding errors of n terms add like a random walk, so ``sqrt(terms)``; the
    safety factor 4 covers both sides of the comparison rounding independently and the tail.
-   An upstream network's rounding reaches a value through that last sum, each summand carrying a
-   relative error of a few eps32: the same formula covers it.
+   An upstream network's rounding reaches a value through its last sum (the head's, over the
+   hidden size), each summand carrying a relative error of a few eps32 from the layers beneath:
+   the same formula, with the widest layer's length, covers it.
 4. Every tolerance is checked against the effect the test guards against: next to it the test
    asserts (or its docstring shows) that the real difference (an adapter switched on, another
    temperature, padding attended to) is many times larger.

@@ -143,7 +143,7 @@ def test_model_with_value_head_gives_what_the_separate_head_gives(tiny_model_dir
     lp_atol = log_softmax_tolerance(raw.logits, temperature=0.8)
     hidden = raw.hidden_states[-1]
     value_atol = float64_tolerance((hidden * head.summary.weight[0]).abs().sum(-1) + head.summary.bias.abs(),
-                                   hidden.shape[-1])
+                                   model.config.intermediate_size)
     for a, b, atol in zip(separate, inside, (lp_atol, value_atol, lp_atol)):
         torch.testing.assert_close(b, a, atol=atol, rtol=0)
     torch.testing.assert_close(lm_only[0], separate[0], atol=lp_atol, rtol=0)

@@ -136,9 +136,9 @@ def test_lora_reward_model_scores(tiny_model_dir, assets, tmp_path):
                  for row in complete]
     expected, magnitudes = raw_scores(rm, head, sequences)
     # The eval's float32 scores (the adapter merged, padded batches) against the raw model's: float32
-    # rounding of the head's sum over the hidden size, relative to its summands (see conftest).
+    # rounding relative to the head's summands, over the widest layer (128; see conftest).
     scores = torch.tensor([row["scores"]["lora"] for row in complete], dtype=torch.float64)
-    torch.testing.assert_close(scores, expected, atol=float32_tolerance(magnitudes, 64), rtol=0)
+    torch.testing.assert_close(scores, expected, atol=float32_tolerance(magnitudes, 128), rtol=0)
     assert set(results["summary"]) == {"reward", "score/lora", "response_length", "ended_with_eos"}
 
 

@@ -32,6 +32,7 @@ from rlhfkit.stages.ppo_steps import Rollout, evaluate_rollout, ppo_update_minib
 
 PAD = 0
 VOCAB = 100  # the tiny model's vocabulary: the length of each log-softmax's sum
+WIDEST = 128  # the tiny model's intermediate size: its longest sum within a layer
 
 
 def _model(model_dir, attn="sdpa", dtype=torch.float64):
@@ -56,10 +57,11 @@ def _logprob_atol(*stats) -> float:
     return log_softmax_tolerance(max(s.logit_scale for s in stats), VOCAB)
 
 
-def _value_atol(*stats, hidden: int = 64, dtype=torch.float64) -> float:
-    """The value head in `dtype` over `hidden` summands as large as the raw passes' (rules 2 and 3)."""
+def _value_atol(*stats, dtype=torch.float64) -> float:
+    """Values in `dtype`: the head's summands as large as the raw passes', over the widest layer
+    (rules 2 and 3)."""
     tolerance = float64_tolerance if dtype == torch.float64 else float32_tolerance
-    return tolerance(max(s.value_scale for s in stats), hidden)
+    return tolerance(max(s.value_scale for s in stats), WIDEST)
 
 
 PROMPTS = [[5, 17, 40, 33, 8, 61], [70, 12], [9, 9, 9, 44, 81, 23, 50, 3, 27], [66, 31, 15, 88]]
@@ -125,10 +127,9 @@ def test_values_read_from_the_head_input_equal_the_last_hidden_states(tiny_model
         _, all_values = forward_with_values(runner, runner_head, ids, mask, logits_to_keep)
         hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
     assert values.shape == (len(PROMPTS), len(positions)) == output.logits.shape[:2]
-    # The same float64 hidden states through the head on another shape: float64 rounding of its sum.
+    # The same float64 network through the head on another shape: float64 rounding (see conftest).
     summands = (hidden[:, positions] * head.summary.weight[0]).abs().sum(-1) + head.summary.bias.abs()
-    torch.testing.assert_close(values, all_values[:, positions], atol=float64_tolerance(summands, hidden.shape[-1]),
-                               rtol=0)
+    torch.testing.assert_close(values, all_values[:, positions], atol=float64_tolerance(summands, WIDEST), rtol=0)
     assert not model.get_output_embeddings()._forward_pre_hooks
 
 
@@ -261,9 +262,6 @@ def _update_grads(policy, head, rollout, micro, accelerator):
     return stats, grads
 
 
-WIDEST = 128  # the tiny model's intermediate size: its longest sum within a layer
-
-
 def _gradient_tolerances(grads: dict[str, torch.Tensor], positions: int) -> tuple[float, float]:
     """The log-probs go through rlhfkit's float32 log-softmax (by design, also for a float64 model), so
     the update's gradients are exact only to float32 rounding, over positions x `WIDEST` terms."""
@@ -367,7 +365,7 @@ def test_compiled_blocks_give_the_eager_update_and_eager_decoding(tiny_model_dir
     hidden = raw.hidden_states[-1]
     value_summands = (hidden * head.summary.weight[0]).abs().sum(-1) + head.summary.bias.abs()
     lp_atol = log_softmax_tolerance(raw.logits, temperature=0.9)
-    for e, g, atol in zip(expected, got, (lp_atol, float32_tolerance(value_summands, hidden.shape[-1]), lp_atol)):
+    for e, g, atol in zip(expected, got, (lp_atol, float32_tolerance(value_summands, WIDEST), lp_atol)):
         torch.testing.assert_close(g, e, atol=atol, rtol=0)
     eager_stats, eager_grads = _update_grads(eager, head, rollout, 3, OneProcessAccelerator())
     compiled_stats, compiled_grads = _update_grads(compiled, head, rollout, 3, OneProcessAccelerator())

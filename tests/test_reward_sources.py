@@ -39,7 +39,7 @@ from rlhfkit.tracking.trainer_log import read_trainer_log
 
 EOS_ID = 2
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-HIDDEN = 64  # the tiny model's hidden size
+HIDDEN, WIDEST = 64, 128  # the tiny model's hidden and intermediate sizes
 
 
 @pytest.fixture(autouse=True)
@@ -266,15 +266,16 @@ def _policy_batch(tokenizer, with_eos=(True, False, True)):
                         systems=[None] * len(CONVERSATIONS), sequence_ids=ids, sequence_mask=mask), prompts, responses
 
 
-def _assert_scores_match(scores: torch.Tensor, expected: torch.Tensor, magnitudes: torch.Tensor, hidden: int,
+def _assert_scores_match(scores: torch.Tensor, expected: torch.Tensor, magnitudes: torch.Tensor, widest: int,
                          msg=None) -> None:
     """rlhfkit's float32 scores (padded batch, its own head) against the raw model's float64 ones.
 
-    Each score is the head's sum over `hidden` products w_i * h_i of the float32 network's last hidden
-    state: `float32_tolerance` of those summands' magnitude (about 40 here, so ~1e-4, while switching
-    the RM adapter off moves scores by more than 1e-1, asserted below)."""
+    Each score is the head's sum of products w_i * h_i of the float32 network's last hidden state,
+    whose layers sum up to `widest` terms: `float32_tolerance` of those summands' magnitude (about 45
+    here, so ~2.5e-4, while switching the RM adapter off moves scores by more than 1e-1, asserted
+    below)."""
     assert scores.dtype == torch.float32
-    torch.testing.assert_close(scores.double(), expected, rtol=0, atol=float32_tolerance(magnitudes, hidden), msg=msg)
+    torch.testing.assert_close(scores.double(), expected, rtol=0, atol=float32_tolerance(magnitudes, widest), msg=msg)
 
 
 def _ppo_config(tiny_model_dir, tmp_path, **keys):
@@ -306,7 +307,7 @@ def test_lora_reward_model_scores_match_the_rm_alone(tiny_model_dir, tmp_path, m
     expected, magnitudes = raw_scores(rm_model, head, sequences)
     # Merging the adapter into the weights (full policy) rounds each weight once more: the same
     # relative error as the product's own rounding, so the same tolerance.
-    _assert_scores_match(scores, expected, magnitudes, HIDDEN)
+    _assert_scores_match(scores, expected, magnitudes, WIDEST)
     base_only, _ = raw_scores(AutoModelForCausalLM.from_pretrained(tiny_model_dir), head, sequences)
     assert (base_only - expected).abs().max() > 1e-1  # the RM adapter matters for these scores
 
@@ -358,7 +359,7 @@ def test_full_reward_model_with_its_own_tokenizer(tiny_model_dir, tmp_path, mode
                  + [EOS_ID] for prompt, reply in CONVERSATIONS]
     rm_model = AutoModelForCausalLM.from_pretrained(folder).eval()
     expected, magnitudes = raw_scores(rm_model, ValueHead.load(folder, 32), sequences)
-    _assert_scores_match(scores, expected, magnitudes, 32)
+    _assert_scores_match(scores, expected, magnitudes, 64)  # this RM: hidden 32, intermediate 64
     # A head of another size cannot seed the critic: it starts at zero.
     assert float(models.value_head.summary.weight.detach().abs().max()) == 0.0
 
@@ -389,7 +390,7 @@ def test_two_lora_reward_models_each_score_with_their_own_adapter(tiny_model_dir
     for (source, _), folder in zip(models.rewards, (first, second)):
         rm_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder).eval()
         expected[source.name], magnitudes = raw_scores(rm_model, ValueHead.load(folder, HIDDEN), sequences)
-        _assert_scores_match(source.score(batch), expected[source.name], magnitudes, HIDDEN, msg=source.name)
+        _assert_scores_match(source.score(batch), expected[source.name], magnitudes, WIDEST, msg=source.name)
     assert (expected["one"] - expected["two"]).abs().max() > 1e-1  # each adapter (and head) matters
     # The policy is still the trainable default adapter, alone.
     trainable = {n for n, p in models.policy.named_parameters() if p.requires_grad}
