@@ -108,6 +108,31 @@ def gradient_tolerances(grads, terms: int, tolerance=float32_tolerance) -> tuple
     return tolerance(1.0, terms), tolerance(largest, terms)
 
 
+# AdamW epsilon for tests that compare weights after training steps (see `adamw_weight_tolerance`).
+COMPARABLE_ADAM_EPSILON = 0.1
+
+
+def adamw_weight_tolerance(learning_rate: float, steps: int, terms: int, adam_epsilon: float = COMPARABLE_ADAM_EPSILON,
+                           max_gradient: float = 1.0) -> float:
+    """Absolute tolerance between weights after `steps` AdamW steps whose gradients differ by float32
+    rounding (another batching, another process count).
+
+    Clipping (max_grad_norm, `max_gradient`) keeps every gradient element below `max_gradient`, so the
+    gradients' rounding over `terms` summands (positions x widest layer) is at most
+    ``float32_tolerance(max_gradient, terms)``. AdamW's step ``m / (sqrt(v) + adam_epsilon)`` changes by
+    at most about ``2 / adam_epsilon`` times a change of the gradients (its slope is steepest at a zero
+    gradient), and each step is scaled by the learning rate::
+
+        atol = steps * learning_rate * (2 / adam_epsilon) * float32_tolerance(max_gradient, terms)
+
+    With the default adam_epsilon (1e-8) that exceeds a whole step: a gradient that cancels to ~0 turns
+    its rounding into a step of either sign. Tests that compare weights therefore train with
+    `COMPARABLE_ADAM_EPSILON` (0.1, the gradients' own size), where the step still moves each weight by
+    a good fraction of the learning rate and the bound is a few percent of it.
+    """
+    return steps * learning_rate * (2.0 / adam_epsilon) * float32_tolerance(max_gradient, terms)
+
+
 # ------------------------------------------------------------------------------- tiny models
 
 
@@ -160,6 +185,18 @@ def chat_prompt_ids(tokenizer, text: str) -> list[int]:
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def greedy_reply(model, tokenizer, messages: list[dict], max_new_tokens: int) -> str:
+    """The reply by definition: the tokenizer's chat template, transformers' greedy `generate`, cut at
+    EOS, special tokens not decoded."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def pad_prompts_and_responses(prompts: list[list[int]], responses: list[list[int]], pad: int = 0):

@@ -13,20 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import greedy_reply
 from rlhfkit.commands.chat import ChatSession, TextPrinter, chat_loop, generation_config
 from rlhfkit.data import get_template
 
 MAX_NEW_TOKENS = 6
-
-
-@torch.no_grad()
-def _greedy_reply(model, tokenizer, messages: list[dict]) -> str:
-    """The reply by definition: HF's chat template, greedy decoding, cut at EOS."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                         max_new_tokens=MAX_NEW_TOKENS, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def _read_until(fd: int, marker: str, count: int, timeout: float = 120.0) -> str:
@@ -61,10 +52,10 @@ def session(tiny_model_dir):
 def test_two_turns_in_a_pseudo_terminal(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    first = _greedy_reply(model, tokenizer, [{"role": "user", "content": "hello"}])
-    second = _greedy_reply(model, tokenizer, [{"role": "user", "content": "hello"},
-                                              {"role": "assistant", "content": first},
-                                              {"role": "user", "content": "again"}])
+    first = greedy_reply(model, tokenizer, [{"role": "user", "content": "hello"}], MAX_NEW_TOKENS)
+    second = greedy_reply(model, tokenizer, [{"role": "user", "content": "hello"},
+                                             {"role": "assistant", "content": first},
+                                             {"role": "user", "content": "again"}], MAX_NEW_TOKENS)
     main_fd, child_fd = os.openpty()
     process = subprocess.Popen(
         [sys.executable, "-m", "rlhfkit.cli", "chat", str(tiny_model_dir), "--greedy",
