@@ -108,6 +108,13 @@ def gradient_tolerances(grads, terms: int, tolerance=float32_tolerance) -> tuple
     return tolerance(1.0, terms), tolerance(largest, terms)
 
 
+def statistic_tolerances(stats: dict[str, float], terms: int) -> tuple[float, float]:
+    """(rel, abs) for logged statistics of two computations of one training step (float32 sums over
+    `terms`): each relative to its own size and, where terms cancel (a loss made of several parts),
+    relative to the largest statistic."""
+    return float32_tolerance(1.0, terms), float32_tolerance(max(abs(v) for v in stats.values()), terms)
+
+
 # AdamW epsilon for tests that compare weights after training steps (see `adamw_weight_tolerance`).
 COMPARABLE_ADAM_EPSILON = 0.1
 

@@ -26,6 +26,7 @@ from conftest import (
     random_lora,
     random_value_head,
     raw_response_stats,
+    statistic_tolerances,
 )
 from rlhfkit.rl import PPOLoss
 from rlhfkit.stages.ppo_steps import Rollout, evaluate_rollout, ppo_update_minibatch, response_forward
@@ -268,12 +269,6 @@ def _gradient_tolerances(grads: dict[str, torch.Tensor], positions: int) -> tupl
     return gradient_tolerances(grads, positions * WIDEST, float32_tolerance)
 
 
-def _stat_tolerances(stats: dict[str, float], positions: int) -> tuple[float, float]:
-    """(rel, abs) for the update's statistics: token-weighted means of float32 per-token terms, each to
-    its own size and, where terms cancel (the loss), to the largest statistic."""
-    return float32_tolerance(1.0, positions), float32_tolerance(max(abs(v) for v in stats.values()), positions)
-
-
 @pytest.mark.parametrize("policy_kind", ["full", "lora"])
 @pytest.mark.parametrize("accelerator_kind", ["stand_in", "accelerate"])
 def test_micro_batches_accumulate_to_one_large_batch(tiny_model_dir, policy_kind, accelerator_kind):
@@ -299,7 +294,7 @@ def test_micro_batches_accumulate_to_one_large_batch(tiny_model_dir, policy_kind
     assert large_stats["policy_clipfrac"] > 0  # the clipped branch is exercised
     positions = rollout.sequences()[0].numel()
     grad_rtol, grad_atol = _gradient_tolerances(large, positions)
-    stat_rel, stat_abs = _stat_tolerances(large_stats, positions)
+    stat_rel, stat_abs = statistic_tolerances(large_stats, positions)  # token-weighted means of float32 terms
     total = 0.0
     for name, grad in large.items():
         total += float(grad.abs().max())
@@ -374,7 +369,7 @@ def test_compiled_blocks_give_the_eager_update_and_eager_decoding(tiny_model_dir
     assert not counters["graph_break"], dict(counters["graph_break"])  # one graph per block: values come
     # from the head's input, not from transformers' per-layer output hooks
     grad_rtol, grad_atol = _gradient_tolerances(eager_grads, ids.numel())
-    stat_rel, stat_abs = _stat_tolerances(eager_stats, ids.numel())
+    stat_rel, stat_abs = statistic_tolerances(eager_stats, ids.numel())
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=grad_rtol, atol=grad_atol, msg=name)
     for key, value in eager_stats.items():
