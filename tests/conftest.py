@@ -41,6 +41,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import select
+import subprocess
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -357,6 +361,47 @@ def reward_functions(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("rewards") / "rewards.py"
     path.write_text(REWARD_FUNCTIONS)
     return path
+
+
+@contextlib.contextmanager
+def pseudo_terminal(command: list[str], interactive: bool = True):
+    """Run `command` with its output (and, if `interactive`, its input) on a new pseudo-terminal.
+
+    Yields ``(process, fd)``, `fd` the terminal's other end; afterwards a process still running is
+    killed and the terminal closed.
+    """
+    main_fd, child_fd = os.openpty()
+    process = subprocess.Popen(command, stdin=child_fd if interactive else subprocess.DEVNULL, stdout=child_fd,
+                               stderr=child_fd, close_fds=True)
+    os.close(child_fd)
+    try:
+        yield process, main_fd
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(main_fd)
+
+
+def read_terminal(fd: int, marker: str | None = None, count: int = 1, process=None, timeout: float = 120.0) -> str:
+    """Read a pseudo-terminal until `marker` has appeared `count` times in what was read; with `marker`
+    None, until the terminal closes or `process` has ended and nothing is left to read."""
+    data = b""
+    deadline = time.time() + timeout
+    while marker is None or data.decode(errors="replace").count(marker) < count:
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {marker!r}; got {data.decode(errors='replace')!r}")
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            data += chunk
+        elif marker is None and process is not None and process.poll() is not None:
+            break
+    return data.decode(errors="replace")
 
 
 def read_events(log_dir: Path):

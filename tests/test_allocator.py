@@ -73,5 +73,7 @@ THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 @pytest.mark.skipif(not THP_MODE.is_file() or "[madvise]" not in THP_MODE.read_text(),
                     reason="transparent huge pages on request (madvise mode) only")
 def test_importing_rlhfkit_first_gives_large_tensors_huge_pages():
-    assert huge_page_mb() >= 32
-    assert huge_page_mb(THP_MEM_ALLOC_ENABLE="0") == 0  # the user's setting wins
+    default = huge_page_mb()
+    assert default >= 32
+    disabled = huge_page_mb(THP_MEM_ALLOC_ENABLE="0")
+    assert disabled == 0  # the user's setting wins

@@ -4,39 +4,17 @@ streaming, /reset and /exit, and the context limit."""
 from __future__ import annotations
 
 import os
-import select
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import greedy_reply
+from conftest import greedy_reply, pseudo_terminal, read_terminal
 from rlhfkit.commands.chat import ChatSession, TextPrinter, chat_loop, generation_config
 from rlhfkit.data import get_template
 
 MAX_NEW_TOKENS = 6
-
-
-def _read_until(fd: int, marker: str, count: int, timeout: float = 120.0) -> str:
-    """Read the pseudo-terminal until `marker` has appeared `count` times in all output so far."""
-    data = b""
-    deadline = time.time() + timeout
-    while data.decode(errors="replace").count(marker) < count:
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {marker!r}; got {data.decode(errors='replace')!r}")
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            data += chunk
-    return data.decode(errors="replace")
 
 
 @pytest.fixture
@@ -56,24 +34,17 @@ def test_two_turns_in_a_pseudo_terminal(tiny_model_dir):
     second = greedy_reply(model, tokenizer, [{"role": "user", "content": "hello"},
                                              {"role": "assistant", "content": first},
                                              {"role": "user", "content": "again"}], MAX_NEW_TOKENS)
-    main_fd, child_fd = os.openpty()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "rlhfkit.cli", "chat", str(tiny_model_dir), "--greedy",
-         "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu"],
-        stdin=child_fd, stdout=child_fd, stderr=child_fd, close_fds=True)
-    os.close(child_fd)
-    try:
-        transcript = _read_until(main_fd, "User: ", 1)
-        os.write(main_fd, b"hello\n")
-        transcript += _read_until(main_fd, "User: ", 1)
-        os.write(main_fd, b"again\n")
-        transcript += _read_until(main_fd, "User: ", 1)
-        os.write(main_fd, b"/exit\n")
-        assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        os.close(main_fd)
+    command = [sys.executable, "-m", "rlhfkit.cli", "chat", str(tiny_model_dir), "--greedy",
+               "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu"]
+    with pseudo_terminal(command) as (process, terminal):
+        transcript = read_terminal(terminal, "User: ")
+        os.write(terminal, b"hello\n")
+        transcript += read_terminal(terminal, "User: ")
+        os.write(terminal, b"again\n")
+        transcript += read_terminal(terminal, "User: ")
+        os.write(terminal, b"/exit\n")
+        code = process.wait(timeout=60)
+        assert code == 0
     transcript = transcript.replace("\r\n", "\n")
     assert "Chatting with" in transcript and "/reset" in transcript
     assert f"hello\nAssistant: {first}\nUser: " in transcript
@@ -120,7 +91,8 @@ def test_loop_commands(session):
     def end_of_input(prompt):
         raise EOFError
 
-    assert chat_loop(session, read=end_of_input, write=written.append) == 0
+    turns = chat_loop(session, read=end_of_input, write=written.append)
+    assert turns == 0
 
 
 def test_printer_holds_back_incomplete_characters():

@@ -37,9 +37,11 @@ def test_head_in_place_gradients_equal_nn_linear_tied_and_untied():
         plain, reused = tiny_lm(tied, torch.float64), tiny_lm(tied, torch.float64)
         accelerator = Accelerator(cpu=True)
         for model in (plain, reused):
-            assert allocate_gradients(accelerator, list(model.parameters()))
+            allocated = allocate_gradients(accelerator, list(model.parameters()))
+            assert allocated
         sparse_embedding_gradients(accelerator, reused)
-        assert reuse_head_output(reused, accumulate=True, output=KeptBuffer(minimum_bytes=0))
+        installed = reuse_head_output(reused, accumulate=True, output=KeptBuffer(minimum_bytes=0))
+        assert installed
         weight = reused.lm_head.weight
         pointer = weight.grad.data_ptr()
         delivered = []  # what autograd still hands the head's weight: the embedding's sparse rows, or nothing
@@ -54,7 +56,8 @@ def test_head_in_place_gradients_equal_nn_linear_tied_and_untied():
 
 def test_gradient_returned_to_autograd_without_accumulate():
     plain, reused = tiny_lm(dtype=torch.float64), tiny_lm(dtype=torch.float64)
-    assert reuse_head_output(reused, accumulate=False, output=KeptBuffer(minimum_bytes=0))
+    installed = reuse_head_output(reused, accumulate=False, output=KeptBuffer(minimum_bytes=0))
+    assert installed
     ids = torch.randint(0, 48, (2, 7), generator=torch.Generator().manual_seed(3))
     expected, got = gradients(plain, [ids]), gradients(reused, [ids])  # gradients created by autograd
     rtol, atol = _tolerances(expected, [ids])
@@ -66,7 +69,8 @@ def test_logits_buffer_is_reused_only_when_nothing_refers_to_it():
     """The buffer is kept on the CPU (other devices' allocators cache blocks themselves): pinned there."""
     model = tiny_lm(dtype=torch.float64)
     output = KeptBuffer(minimum_bytes=0)
-    assert reuse_head_output(model, accumulate=False, output=output)
+    installed = reuse_head_output(model, accumulate=False, output=output)
+    assert installed
     ids = torch.randint(0, 48, (2, 6), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         hidden = model.model(input_ids=ids).last_hidden_state  # (b, T, H)
@@ -89,10 +93,13 @@ def test_logits_buffer_is_reused_only_when_nothing_refers_to_it():
 def test_heads_outside_the_plain_case_keep_their_forward():
     with_bias = tiny_lm(tied=False)
     with_bias.lm_head = nn.Linear(16, 48, bias=True)
-    assert not reuse_head_output(with_bias, accumulate=True)
+    installed = reuse_head_output(with_bias, accumulate=True)
+    assert not installed
     model = tiny_lm()
-    assert reuse_head_output(model, accumulate=False, output=KeptBuffer(minimum_bytes=0))
-    assert not reuse_head_output(model, accumulate=False)  # installed once
+    installed = reuse_head_output(model, accumulate=False, output=KeptBuffer(minimum_bytes=0))
+    assert installed
+    installed_again = reuse_head_output(model, accumulate=False)
+    assert not installed_again  # installed once
     ids = torch.randint(0, 48, (2, 5), generator=torch.Generator().manual_seed(6))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the plain forward
         logits = model(input_ids=ids).logits
@@ -105,6 +112,7 @@ def test_small_or_non_cpu_requests_are_plain_allocations():
     assert buffer.buffer is None and small.shape == (4, 8)
     large = buffer.take((16, 16), torch.float32, torch.device("cpu"))  # 1 KB: kept
     assert buffer.buffer is not None and large.data_ptr() == buffer.buffer.data_ptr()
-    assert buffer.take((4, 16), torch.float32, torch.device("meta")).device.type == "meta"
+    elsewhere = buffer.take((4, 16), torch.float32, torch.device("meta"))  # off the CPU: a plain allocation
+    assert elsewhere.device.type == "meta" and buffer.buffer.data_ptr() == large.data_ptr()
     buffer.release()
     assert buffer.buffer is None

@@ -58,7 +58,8 @@ def train(net: nn.Module, keep: bool, steps: int = 3) -> list[float]:
 def test_gradients_are_zeroed_views_of_one_buffer_that_survive_each_step():
     net = tiny_net(0)
     params = [p for p in net.parameters() if p.requires_grad]
-    assert allocate_gradients(SimpleNamespace(distributed_type=DistributedType.NO), params)
+    allocated = allocate_gradients(SimpleNamespace(distributed_type=DistributedType.NO), params)
+    assert allocated
     assert net[0].bias.grad is None
     storage = {p.grad.untyped_storage().data_ptr() for p in params}
     assert len(storage) == 1
@@ -88,7 +89,8 @@ def test_sharded_training_keeps_its_own_gradient_storage():
     net = tiny_net(2)
     params = [p for p in net.parameters() if p.requires_grad]
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        assert not allocate_gradients(SimpleNamespace(distributed_type=kind), params)
+        allocated = allocate_gradients(SimpleNamespace(distributed_type=kind), params)
+        assert not allocated
     assert all(p.grad is None for p in params)
 
 
@@ -100,9 +102,14 @@ def train_lm(model: LlamaForCausalLM, sparse: bool, steps: int = 3) -> list[floa
     """AdamW steps over two accumulated micro-batches (pad tokens included), gradients kept in one buffer."""
     accelerator = Accelerator(cpu=True)
     args, optimizer, scheduler, params = training_setup(model, 1.0, steps)
-    assert allocate_gradients(accelerator, params)
+    allocated = allocate_gradients(accelerator, params)
+    assert allocated
     embedding = model.get_input_embeddings()
-    assert sparse_embedding_gradients(accelerator, model) == 1 if sparse else not embedding.sparse
+    if sparse:
+        switched = sparse_embedding_gradients(accelerator, model)
+        assert switched == 1
+    else:
+        assert not embedding.sparse
     pointer = embedding.weight.grad.data_ptr()
     data = torch.Generator().manual_seed(11)
     norms = []
@@ -141,11 +148,15 @@ def test_sparse_embedding_gradients_only_into_dense_buffers_on_one_process():
     model = tiny_tied_lm()
     embedding = model.get_input_embeddings()
     one = Accelerator(cpu=True)
-    assert sparse_embedding_gradients(one, model) == 0  # no buffer allocated: the gradient would stay sparse
+    switched = sparse_embedding_gradients(one, model)
+    assert switched == 0  # no buffer allocated: the gradient would stay sparse
     params = [p for p in model.parameters() if p.requires_grad]
-    assert allocate_gradients(one, params)
+    allocated = allocate_gradients(one, params)
+    assert allocated
     for accelerator in (SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU),
                         SimpleNamespace(num_processes=1, distributed_type=DistributedType.DEEPSPEED)):
-        assert sparse_embedding_gradients(accelerator, model) == 0
+        switched = sparse_embedding_gradients(accelerator, model)
+        assert switched == 0
     embedding.weight.requires_grad_(False)  # frozen (LoRA): nothing to switch
-    assert sparse_embedding_gradients(one, model) == 0 and not embedding.sparse
+    switched = sparse_embedding_gradients(one, model)
+    assert switched == 0 and not embedding.sparse

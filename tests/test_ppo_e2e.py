@@ -6,7 +6,6 @@ models come from real `sft` / `rm` stage runs built once per module.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 
@@ -16,7 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhfkit.config import build_config
+from conftest import REWARD_FUNCTIONS, chat_prompt_ids, cpu_config, write_jsonl
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.value_head import VALUE_HEAD_FILE
 from rlhfkit.stages import run_stage
@@ -26,11 +25,10 @@ STAT_KEYS = ("reward", "kl", "kl_k3", "kl_coef", "policy_loss", "value_loss", "p
              "approx_kl", "explained_variance", "response_length", "ended_with_eos", "time/rollout", "time/score",
              "time/evaluate", "time/update", "tokens_per_second", "lr", "loss")
 
-REWARD_CODE = """
+# The shared reward functions (`letters`: the share of a-m, learnable in a dozen steps) and ones
+# that misbehave.
+REWARD_CODE = REWARD_FUNCTIONS + """
 import math
-
-def reward(prompts, responses):
-    return [sum(c in 'abcdefghijklm' for c in r) / max(len(r), 1) for r in responses]
 
 def constant(prompts, responses):
     return [5.0] * len(responses)
@@ -52,23 +50,16 @@ def words(prompts, responses):
 """
 
 
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tiny_model_dir):
     """Prompt file, reward functions, and an SFT adapter plus LoRA and full RMs from real stage runs."""
     root = tmp_path_factory.mktemp("ppo_assets")
-    prompts = _write_jsonl(root / "prompts.jsonl", [{"instruction": f"write {w}{i}"} for w in "abcdefgh"
-                                                    for i in range(4)])
+    prompts = write_jsonl(root / "prompts.jsonl", [{"instruction": f"write {w}{i}"} for w in "abcdefgh"
+                                                   for i in range(4)])
     (root / "rew.py").write_text(REWARD_CODE)
     base = {"model_name_or_path": str(tiny_model_dir), "logging_steps": 5}
-    sft_data = _write_jsonl(root / "sft.jsonl", [{"instruction": f"write {w}", "output": w * 3} for w in "abcdefgh"])
-    run_stage(build_config({**base, "stage": "sft", "finetuning_type": "lora", "dataset": str(sft_data),
+    sft_data = write_jsonl(root / "sft.jsonl", [{"instruction": f"write {w}", "output": w * 3} for w in "abcdefgh"])
+    run_stage(cpu_config({**base, "stage": "sft", "finetuning_type": "lora", "dataset": str(sft_data),
                             "output_dir": str(root / "sft"), "learning_rate": 3e-2,
                             "per_device_train_batch_size": 8, "max_steps": 10}))
     rng = random.Random(0)
@@ -76,11 +67,11 @@ def assets(tmp_path_factory, tiny_model_dir):
     def word(alphabet):
         return "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 8)))
 
-    pairs = _write_jsonl(root / "pairs.jsonl", [{"instruction": f"write {rng.choice('abcdefgh')}",
-                                                 "chosen": word("abcdefghijklm"), "rejected": word("nopqrstuvwxyz")}
-                                                for _ in range(64)])
+    pairs = write_jsonl(root / "pairs.jsonl", [{"instruction": f"write {rng.choice('abcdefgh')}",
+                                                "chosen": word("abcdefghijklm"), "rejected": word("nopqrstuvwxyz")}
+                                               for _ in range(64)])
     for kind, lr in (("lora", 1e-2), ("full", 1e-3)):
-        run_stage(build_config({**base, "stage": "rm", "finetuning_type": kind, "dataset": str(pairs),
+        run_stage(cpu_config({**base, "stage": "rm", "finetuning_type": kind, "dataset": str(pairs),
                                 "output_dir": str(root / f"rm_{kind}"), "learning_rate": lr,
                                 "per_device_train_batch_size": 16, "max_steps": 8}))
     return {"root": root, "prompts": prompts, "rew": root / "rew.py", "sft": root / "sft",
@@ -93,9 +84,9 @@ def _ppo(model_dir, assets, output_dir, **keys):
                   per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=2, logging_steps=1,
                   max_new_tokens=8, top_k=0, top_p=1.0, temperature=1.0, kl_coef=0.01)
     if "reward_models" not in keys and "reward_model" not in keys:
-        values.update(reward_model=f"{assets['rew']}:reward", reward_model_type="function")
+        values.update(reward_model=f"{assets['rew']}:letters", reward_model_type="function")
     values.update(keys)
-    return run_stage(build_config(values))
+    return run_stage(cpu_config(values))
 
 
 # ------------------------------------------------------------------------------ learning
@@ -132,9 +123,7 @@ def test_function_reward_rises(tiny_model_dir, assets, tmp_path, finetuning_type
     # The saved policy samples the learned behaviour: mostly letters a-m.
     tokenizer = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(0)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "write c1"}], tokenize=False,
-                                         add_generation_prompt=True)
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]] * 16)
+    ids = torch.tensor([chat_prompt_ids(tokenizer, "write c1")] * 16)
     with torch.no_grad():
         sampled = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
                                  max_new_tokens=8, pad_token_id=0, eos_token_id=2)
@@ -180,9 +169,7 @@ def test_lora_reward_model_with_sft_adapter(tiny_model_dir, assets, tmp_path):
     # It reloads on the base and generates.
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "write a"}], tokenize=False,
-                                         add_generation_prompt=True)
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor([chat_prompt_ids(tokenizer, "write a")])
     with torch.no_grad():
         generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                    max_new_tokens=4, pad_token_id=0, eos_token_id=2)
@@ -216,7 +203,7 @@ def test_several_reward_sources_weighted(tiny_model_dir, assets, tmp_path):
     out = tmp_path / "out"
     rew = assets["rew"]
     _ppo(tiny_model_dir, assets, out, max_steps=3,
-         reward_models=[{"path": f"{rew}:reward", "type": "function", "weight": 1.0, "name": "a"},
+         reward_models=[{"path": f"{rew}:letters", "type": "function", "weight": 1.0, "name": "a"},
                         {"path": f"{rew}:constant", "type": "function", "weight": 0.0, "name": "b"}])
     log = read_trainer_log(out)
     assert len(log) == 3
@@ -245,7 +232,7 @@ def _assert_fails_cleanly(out, pattern, run):
 
 def test_no_reward_model_is_refused(tiny_model_dir, assets, tmp_path):
     out = tmp_path / "out"
-    _assert_fails_cleanly(out, "reward_model", lambda: run_stage(build_config(dict(
+    _assert_fails_cleanly(out, "reward_model", lambda: run_stage(cpu_config(dict(
         stage="ppo", model_name_or_path=str(tiny_model_dir), dataset=str(assets["prompts"]),
         output_dir=str(out)))))
 
@@ -275,6 +262,6 @@ def test_bad_reward_function(tiny_model_dir, assets, tmp_path, function, pattern
 
 def test_dataset_smaller_than_rollout_batch(tiny_model_dir, assets, tmp_path):
     out = tmp_path / "out"
-    small = _write_jsonl(tmp_path / "few.jsonl", [{"instruction": f"write {w}"} for w in "abcd"])
+    small = write_jsonl(tmp_path / "few.jsonl", [{"instruction": f"write {w}"} for w in "abcd"])
     _assert_fails_cleanly(out, "4 prompts, fewer than one rollout batch \\(16", lambda: _ppo(
         tiny_model_dir, assets, out, dataset=str(small)))

@@ -347,7 +347,8 @@ def test_compiled_blocks_give_the_eager_update_and_eager_decoding(tiny_model_dir
         policies.append(policy)
     eager, compiled = policies
     compiled.load_state_dict(eager.state_dict())  # the same adapter (LoRA A is drawn at random)
-    assert compile_blocks(compiled) == compiled.config.num_hidden_layers
+    compiled_blocks = compile_blocks(compiled)
+    assert compiled_blocks == compiled.config.num_hidden_layers
     head = _head(eager.config.hidden_size, dtype=torch.float32)
     rollout = _fixed_rollout(eager, head)
     ids, mask = rollout.sequences()
