@@ -98,6 +98,27 @@ def log_softmax_tolerance(logits, vocab: int | None = None, temperature: float =
     return float32_tolerance(max(_largest(logits) / temperature, math.log(vocab)), vocab)
 
 
+@torch.no_grad()
+def logit_bound(model) -> float:
+    """A bound on every |logit| of a Llama-style `model`, from its weights alone: the final RMSNorm's
+    output h has ||h|| <= max |norm weight| * sqrt(hidden), so |h . e_k| <= that times max_k ||e_k||."""
+    norm = model.get_decoder().norm.weight
+    head = model.get_output_embeddings().weight  # (v, H)
+    return float(norm.abs().max()) * math.sqrt(head.shape[-1]) * float(head.norm(dim=-1).max())
+
+
+def untrained_kl_tolerance(model_dir, max_new_tokens: int) -> float:
+    """The KL a PPO run logs while its policy still is its reference (before the first update): each
+    response token's log-prob comes from the sampling pass (KV cache, lean LoRA) and from the
+    reference pass, two float32 log-softmaxes of the same logits; a response sums up to
+    `max_new_tokens` of them. (LoRA adapters leave the final norm and the LM head alone.)"""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return max_new_tokens * log_softmax_tolerance(logit_bound(model), vocab)
+
+
 def gradient_tolerances(grads, terms: int, tolerance=float32_tolerance) -> tuple[float, float]:
     """(rtol, atol) between two computations of the same gradients, `grads` (tensors, or a dict of them).
 

@@ -6,6 +6,7 @@ models come from real `sft` / `rm` stage runs built once per module.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 
@@ -15,7 +16,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REWARD_FUNCTIONS, chat_prompt_ids, cpu_config, write_jsonl
+from conftest import EPS32, REWARD_FUNCTIONS, chat_prompt_ids, cpu_config, untrained_kl_tolerance, write_jsonl
+from rlhfkit.config import PPOArguments, TrainingArguments
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.value_head import VALUE_HEAD_FILE
 from rlhfkit.stages import run_stage
@@ -108,8 +110,9 @@ def test_function_reward_rises(tiny_model_dir, assets, tmp_path, finetuning_type
         assert 0.0 <= record["ended_with_eos"] <= 1.0
     rewards = [r["reward"] for r in log]
     assert sum(rewards[-3:]) / 3 >= rewards[0] + 0.3, rewards
-    # Before the first update the policy is the reference: no KL.
-    assert abs(log[0]["kl"]) < 1e-5 and abs(log[0]["kl_k3"]) < 1e-5
+    # Before the first update the policy is the reference: no KL beyond float32 rounding.
+    kl_atol = untrained_kl_tolerance(tiny_model_dir, 8)
+    assert abs(log[0]["kl"]) <= kl_atol and abs(log[0]["kl_k3"]) <= kl_atol
     assert log[-1]["kl"] > 0.1
     assert final["reward"] == pytest.approx(log[-1]["reward"])
     assert (out / VALUE_HEAD_FILE).is_file()
@@ -140,9 +143,11 @@ def test_gradient_checkpointing_does_not_change_the_run(tiny_model_dir, assets, 
         _ppo(tiny_model_dir, assets, out, finetuning_type=finetuning_type, gradient_checkpointing=checkpointing,
              per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2 if finetuning_type == "lora" else 1e-3)
         runs[checkpointing] = read_trainer_log(out)
+    # Recomputing a block's forward pass in the backward runs the same kernels on the same inputs (on
+    # the CPU, which the run is pinned to): every logged number is equal to the bit.
     for key in ("reward", "kl", "loss", "policy_loss", "value_loss", "grad_norm", "response_length"):
         plain = [r[key] for r in runs[False]]
-        assert [r[key] for r in runs[True]] == pytest.approx(plain, rel=1e-4, abs=1e-6), key
+        assert [r[key] for r in runs[True]] == plain, key
     assert runs[False][-1]["kl"] > 0  # the policy moved, so the comparison covers updates
 
 
@@ -156,7 +161,7 @@ def test_lora_reward_model_with_sft_adapter(tiny_model_dir, assets, tmp_path):
     log = read_trainer_log(out)
     assert len(log) == 3 and all("score/lora" in r for r in log)
     # The reference is the frozen SFT adapter, which the policy starts from: no KL before the first update.
-    assert abs(log[0]["kl"]) < 1e-5
+    assert abs(log[0]["kl"]) <= untrained_kl_tolerance(tiny_model_dir, 8)
     assert log[-1]["kl"] != 0.0
     assert (out / VALUE_HEAD_FILE).is_file()
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
@@ -179,15 +184,22 @@ def test_lora_reward_model_with_sft_adapter(tiny_model_dir, assets, tmp_path):
 @pytest.mark.parametrize("init", ["auto", "zero"])
 def test_value_head_initialised_from_lora_reward_model(tiny_model_dir, assets, tmp_path, init):
     out = tmp_path / "out"
+    learning_rate = 1e-9
     _ppo(tiny_model_dir, assets, out, reward_model=str(assets["rm_lora"]), reward_model_type="lora",
-         adapter_name_or_path=str(assets["sft"]), max_steps=1, learning_rate=1e-9, value_head_init=init)
+         adapter_name_or_path=str(assets["sft"]), max_steps=1, learning_rate=learning_rate, value_head_init=init)
     rm_head = load_file(str(assets["rm_lora"] / VALUE_HEAD_FILE))
     head = load_file(str(out / VALUE_HEAD_FILE))
     assert set(head) == set(rm_head)
     assert rm_head["summary.weight"].abs().max() > 1e-3  # a trained, non-zero head
     for name, tensor in rm_head.items():
         expected = tensor if init == "auto" else torch.zeros_like(tensor)
-        torch.testing.assert_close(head[name], expected, atol=1e-6, rtol=0, msg=name)
+        # One PPO step is ppo_epochs AdamW steps (one mini-batch each), each moving a weight by at most
+        # lr (1 - beta1) / sqrt(1 - beta2) (Kingma & Ba, section 2.1); the saved float32 value is then
+        # rounded (half an ulp).
+        t = TrainingArguments()
+        step_bound = learning_rate * (1 - t.adam_beta1) / math.sqrt(1 - t.adam_beta2)
+        atol = PPOArguments().ppo_epochs * step_bound + EPS32 * float(expected.abs().max())
+        torch.testing.assert_close(head[name], expected, atol=atol, rtol=0, msg=name)
 
 
 def test_full_reward_model(tiny_model_dir, assets, tmp_path):
@@ -208,13 +220,12 @@ def test_several_reward_sources_weighted(tiny_model_dir, assets, tmp_path):
     log = read_trainer_log(out)
     assert len(log) == 3
     for record in log:
-        assert record["score/b"] == pytest.approx(5.0)
-        assert record["score_std/b"] == pytest.approx(0.0)
-        assert record["reward"] == pytest.approx(record["score/a"], abs=1e-6)  # b's weight 0 adds nothing
-    # The same run with only source a (same seed) follows the same trajectory.
+        assert record["score/b"] == 5.0 and record["score_std/b"] == 0.0  # exact in binary floating point
+        assert record["reward"] == record["score/a"]  # 1.0 * a + 0.0 * 5.0 is a, to the bit
+    # The same run with only source a (same seed) is the same computation: the same trajectory.
     single = tmp_path / "single"
     _ppo(tiny_model_dir, assets, single, max_steps=3)
-    assert [r["reward"] for r in read_trainer_log(single)] == pytest.approx([r["reward"] for r in log], abs=1e-6)
+    assert [r["reward"] for r in read_trainer_log(single)] == [r["reward"] for r in log]
 
 
 # ------------------------------------------------------------------------------ bad input

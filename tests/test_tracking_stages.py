@@ -9,11 +9,13 @@ import sys
 import pytest
 
 from conftest import (
+    EPS32,
     PNG_MAGIC,
     cpu_config,
     pseudo_terminal,
     read_events,
     read_terminal,
+    untrained_kl_tolerance,
     write_cpu_config,
     write_jsonl,
 )
@@ -54,8 +56,9 @@ def test_ppo_writes_events_samples_and_plots(tiny_model_dir, tmp_path, reward_fu
         assert row["prompt"].startswith("write ")
         assert row["scores"] == {"len": float(len(row["response"])), "digit": float(row["prompt"][-1])}
         assert row["reward"] == pytest.approx(0.5 * len(row["response"]) + 2.0 * float(row["prompt"][-1]))
-    assert all(abs(row["kl"]) < 1e-4 for row in samples if row["step"] == 1)  # the policy is the reference
-    assert any(abs(row["kl"]) > 1e-4 for row in samples if row["step"] == 3)
+    kl_atol = untrained_kl_tolerance(tiny_model_dir, 6)
+    assert all(abs(row["kl"]) <= kl_atol for row in samples if row["step"] == 1)  # the policy is the reference
+    assert any(abs(row["kl"]) > 100 * kl_atol for row in samples if row["step"] == 3)
     # TensorBoard: every statistic as a scalar at the logged steps; the sample table as text.
     events = _events(out)
     scalars = set(events.Tags()["scalars"])
@@ -64,7 +67,8 @@ def test_ppo_writes_events_samples_and_plots(tiny_model_dir, tmp_path, reward_fu
         assert f"train/{key}" in scalars, key
     assert [e.step for e in events.Scalars("train/reward")] == [1, 2, 3]
     logged = read_trainer_log(out)
-    assert [e.value for e in events.Scalars("train/kl")] == pytest.approx([r["kl"] for r in logged], abs=1e-6)
+    # TensorBoard keeps float32: one rounding, at most half an ulp of each value.
+    assert [e.value for e in events.Scalars("train/kl")] == pytest.approx([r["kl"] for r in logged], rel=EPS32, abs=0)
     texts = events.Tensors("samples/text_summary")
     assert [t.step for t in texts] == [1, 2, 3]
     table = texts[0].tensor_proto.string_val[0].decode()
