@@ -9,7 +9,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from conftest import float64_tolerance, tiny_llama
+from conftest import CPU, float64_tolerance, tiny_llama
 from rlhfkit.config import TrainingArguments
 from rlhfkit.training.optim import (
     allocate_gradients,
@@ -22,7 +22,7 @@ from rlhfkit.training.optim import (
 
 def tiny_net(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    net = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).to(CPU)  # kept CPU buffers
     net[0].bias.requires_grad_(False)  # a frozen parameter gets no buffer
     return net
 
