@@ -349,6 +349,24 @@ def jsonl():
     return write_jsonl
 
 
+def write_dataset_info(folder: Path, info: dict) -> Path:
+    """`folder`/dataset_info.json holding `info` (dataset name -> entry)."""
+    path = folder / "dataset_info.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info), encoding="utf-8")
+    return path
+
+
+def user(text: str) -> dict[str, str]:
+    """A user message."""
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict[str, str]:
+    """An assistant message."""
+    return {"role": "assistant", "content": text}
+
+
 def write_config(path: Path, values: dict) -> Path:
     """A YAML config with one ``key: value`` line per item (values written as JSON, which YAML reads)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import write_cpu_config, write_jsonl
+from conftest import write_cpu_config, write_dataset_info, write_jsonl
 from rlhfkit.cli import main
 from rlhfkit.models.tiny import build_char_tokenizer
 
@@ -68,8 +68,7 @@ def _bad_json_line(tmp_path, model_dir):
 def _missing_column(tmp_path, model_dir):
     folder = tmp_path / "info"
     write_jsonl(folder / "rows.jsonl", [{"question": "a", "output": "b"}])
-    (folder / "dataset_info.json").write_text(json.dumps({"qa": {"file_name": "rows.jsonl",
-                                                                 "columns": {"prompt": "instruction"}}}))
+    write_dataset_info(folder, {"qa": {"file_name": "rows.jsonl", "columns": {"prompt": "instruction"}}})
     return {"dataset": "qa", "dataset_dir": str(folder)}
 
 

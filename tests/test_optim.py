@@ -38,21 +38,32 @@ def training_setup(model: nn.Module, max_grad_norm: float, steps: int):
     return args, optimizer, build_scheduler(optimizer, args, steps), [p for _, p in named]
 
 
-def train(net: nn.Module, keep: bool, steps: int = 3) -> list[float]:
-    """`steps` AdamW steps, each over two accumulated micro-batches, clipped; returns the norms."""
-    accelerator = Accelerator(cpu=True)
-    args, optimizer, scheduler, params = training_setup(net, 0.5, steps)
-    kept = allocate_gradients(accelerator, params) if keep else False
-    assert kept == keep
-    data = torch.Generator().manual_seed(7)
+def run_steps(accelerator, model: nn.Module, setup, steps: int, micro_batch, keep_gradients: bool) -> list[float]:
+    """`steps` clipped AdamW steps (`setup` from `training_setup`), each accumulating two calls of
+    `micro_batch()` (a forward and backward pass); returns the norms."""
+    args, optimizer, scheduler, params = setup
     norms = []
     for _ in range(steps):
         for _ in range(2):
-            x, y = torch.randn(5, 6, generator=data), torch.randn(5, 3, generator=data)
-            ((net(x) - y) ** 2).mean().backward()
-        norms.append(clip_and_step(accelerator, net, optimizer, scheduler, args.max_grad_norm, params,
-                                   keep_gradients=kept))
+            micro_batch()
+        norms.append(clip_and_step(accelerator, model, optimizer, scheduler, args.max_grad_norm, params,
+                                   keep_gradients=keep_gradients))
     return norms
+
+
+def train(net: nn.Module, keep: bool, steps: int = 3) -> list[float]:
+    """`steps` AdamW steps, each over two accumulated micro-batches, clipped; returns the norms."""
+    accelerator = Accelerator(cpu=True)
+    setup = training_setup(net, 0.5, steps)
+    kept = allocate_gradients(accelerator, setup[3]) if keep else False
+    assert kept == keep
+    data = torch.Generator().manual_seed(7)
+
+    def micro_batch():
+        x, y = torch.randn(5, 6, generator=data), torch.randn(5, 3, generator=data)
+        ((net(x) - y) ** 2).mean().backward()
+
+    return run_steps(accelerator, net, setup, steps, micro_batch, kept)
 
 
 def test_gradients_are_zeroed_views_of_one_buffer_that_survive_each_step():
@@ -101,8 +112,8 @@ def tiny_tied_lm(dtype=torch.float32) -> LlamaForCausalLM:
 def train_lm(model: LlamaForCausalLM, sparse: bool, steps: int = 3) -> list[float]:
     """AdamW steps over two accumulated micro-batches (pad tokens included), gradients kept in one buffer."""
     accelerator = Accelerator(cpu=True)
-    args, optimizer, scheduler, params = training_setup(model, 1.0, steps)
-    allocated = allocate_gradients(accelerator, params)
+    setup = training_setup(model, 1.0, steps)
+    allocated = allocate_gradients(accelerator, setup[3])
     assert allocated
     embedding = model.get_input_embeddings()
     if sparse:
@@ -112,16 +123,14 @@ def train_lm(model: LlamaForCausalLM, sparse: bool, steps: int = 3) -> list[floa
         assert not embedding.sparse
     pointer = embedding.weight.grad.data_ptr()
     data = torch.Generator().manual_seed(11)
-    norms = []
-    for _ in range(steps):
-        for _ in range(2):
-            ids = torch.randint(0, 40, (3, 7), generator=data)  # repeated tokens and pad (0) rows
-            model(input_ids=ids, labels=ids).loss.backward()
-            grad = embedding.weight.grad
-            assert not grad.is_sparse and grad.data_ptr() == pointer  # added into the dense buffer
-        norms.append(clip_and_step(accelerator, model, optimizer, scheduler, args.max_grad_norm, params,
-                                   keep_gradients=True))
-    return norms
+
+    def micro_batch():
+        ids = torch.randint(0, 40, (3, 7), generator=data)  # repeated tokens and pad (0) rows
+        model(input_ids=ids, labels=ids).loss.backward()
+        grad = embedding.weight.grad
+        assert not grad.is_sparse and grad.data_ptr() == pointer  # added into the dense buffer
+
+    return run_steps(accelerator, model, setup, steps, micro_batch, keep_gradients=True)
 
 
 def test_sparse_embedding_gradients_train_like_dense_ones_in_the_same_buffer():
