@@ -63,6 +63,12 @@ SAFETY = 4.0
 CPU = torch.device("cpu")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+# The tiny model of `tiny_model_dir` (build_tiny_model's defaults and its character tokenizer).
+TINY_VOCAB = 100  # the length of each log-softmax's sum
+TINY_HIDDEN = 64
+TINY_WIDEST = 128  # the MLP's intermediate size: the longest sum within a layer
+PAD_ID, EOS_ID = 0, 2  # <|endoftext|>, <|im_end|>
+
 
 # --------------------------------------------------------------------------------- tolerances
 

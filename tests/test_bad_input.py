@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import write_cpu_config, write_dataset_info, write_jsonl
+from conftest import TINY_HIDDEN, write_cpu_config, write_dataset_info, write_jsonl
 from rlhfkit.cli import main
 from rlhfkit.models.tiny import build_char_tokenizer
 
@@ -31,7 +31,7 @@ def _fake_reward_dir(tmp_path: Path, model_dir: Path, with_head: bool, extra_tok
     (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(model_dir),
                                                             "peft_type": "LORA"}))
     if with_head:
-        save_file({"summary.weight": torch.zeros(1, 64), "summary.bias": torch.zeros(1)},
+        save_file({"summary.weight": torch.zeros(1, TINY_HIDDEN), "summary.bias": torch.zeros(1)},
                   str(folder / "value_head.safetensors"))
     tokenizer = build_char_tokenizer()
     if extra_token:

@@ -13,7 +13,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import cpu_config, float32_tolerance, raw_scores, write_cpu_config, write_jsonl
+from conftest import (
+    TINY_HIDDEN,
+    TINY_WIDEST,
+    cpu_config,
+    float32_tolerance,
+    raw_scores,
+    write_cpu_config,
+    write_jsonl,
+)
 from rlhfkit.commands.evaluate import RESULTS_FILE, SAMPLES_FILE, run_eval
 from rlhfkit.data import get_template
 from rlhfkit.errors import RlhfkitError
@@ -34,7 +42,7 @@ def assets(tmp_path_factory, tiny_model_dir, reward_functions):
     policy.save_pretrained(root / "policy")
     rm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora)
     rm.save_pretrained(root / "rm")
-    ValueHead(64, zero_init=False).save(root / "rm")
+    ValueHead(TINY_HIDDEN, zero_init=False).save(root / "rm")
     return root
 
 
@@ -129,7 +137,7 @@ def test_lora_reward_model_scores(tiny_model_dir, assets, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     template = get_template(None, tokenizer)
     rm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), assets / "rm").eval()
-    head = ValueHead.load(assets / "rm", 64)
+    head = ValueHead.load(assets / "rm", TINY_HIDDEN)
     rows = _rows(tmp_path / "rm")
     # Rows whose text holds every response token (a sampled special token other than EOS is not decoded).
     complete = [r for r in rows if r["response_length"] == len(r["response"]) + int(r["ended_with_eos"])]
@@ -139,9 +147,9 @@ def test_lora_reward_model_scores(tiny_model_dir, assets, tmp_path):
                  for row in complete]
     expected, magnitudes = raw_scores(rm, head, sequences)
     # The eval's float32 scores (the adapter merged, padded batches) against the raw model's: float32
-    # rounding relative to the head's summands, over the widest layer (128; see conftest).
+    # rounding relative to the head's summands, over the widest layer (see conftest).
     scores = torch.tensor([row["scores"]["lora"] for row in complete], dtype=torch.float64)
-    torch.testing.assert_close(scores, expected, atol=float32_tolerance(magnitudes, 128), rtol=0)
+    torch.testing.assert_close(scores, expected, atol=float32_tolerance(magnitudes, TINY_WIDEST), rtol=0)
     assert set(results["summary"]) == {"reward", "score/lora", "response_length", "ended_with_eos"}
 
 

@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from conftest import cpu_config, float32_tolerance
+from conftest import TINY_HIDDEN, cpu_config, float32_tolerance
 from rlhfkit.commands.export import _check_only_base_tensors, builtin_chat_template, run_export
 from rlhfkit.data import TEMPLATES
 from rlhfkit.errors import RlhfkitError
@@ -149,7 +149,7 @@ def test_value_head_never_enters_the_lm(tiny_model_dir, adapter_dir, tmp_path):
     for path in adapter_dir.iterdir():
         (rm_dir / path.name).parent.mkdir(exist_ok=True)
         (rm_dir / path.name).write_bytes(path.read_bytes())
-    ValueHead(64, zero_init=False).save(rm_dir)
+    ValueHead(TINY_HIDDEN, zero_init=False).save(rm_dir)
     base_names = set(load_file(str(tiny_model_dir / "model.safetensors")))
     # A policy export leaves the (critic) head out entirely.
     policy = _export(tmp_path / "a", tiny_model_dir, rm_dir)
@@ -162,7 +162,7 @@ def test_value_head_never_enters_the_lm(tiny_model_dir, adapter_dir, tmp_path):
     # A model that carries a head as a submodule is refused.
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     expected = set(model.state_dict())
-    model.v_head = ValueHead(64)
+    model.v_head = ValueHead(TINY_HIDDEN)
     with pytest.raises(RlhfkitError, match="refusing to export.*v_head.summary"):
         _check_only_base_tensors(model, expected, [str(rm_dir)])
 

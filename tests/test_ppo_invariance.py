@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from conftest import (
+    PAD_ID,
+    TINY_VOCAB,
+    TINY_WIDEST,
     OneProcessAccelerator,
     float32_tolerance,
     float64_tolerance,
@@ -30,10 +33,6 @@ from conftest import (
 )
 from rlhfkit.rl import PPOLoss
 from rlhfkit.stages.ppo_steps import Rollout, evaluate_rollout, ppo_update_minibatch, response_forward
-
-PAD = 0
-VOCAB = 100  # the tiny model's vocabulary: the length of each log-softmax's sum
-WIDEST = 128  # the tiny model's intermediate size: its longest sum within a layer
 
 
 def _model(model_dir, attn="sdpa", dtype=torch.float64):
@@ -55,14 +54,14 @@ def _lora(model, seed: int = 1):
 
 def _logprob_atol(*stats) -> float:
     """float32 log-softmax over the vocabulary of logits as large as the raw passes' (rule 2)."""
-    return log_softmax_tolerance(max(s.logit_scale for s in stats), VOCAB)
+    return log_softmax_tolerance(max(s.logit_scale for s in stats), TINY_VOCAB)
 
 
 def _value_atol(*stats, dtype=torch.float64) -> float:
     """Values in `dtype`: the head's summands as large as the raw passes', over the widest layer
     (rules 2 and 3)."""
     tolerance = float64_tolerance if dtype == torch.float64 else float32_tolerance
-    return tolerance(max(s.value_scale for s in stats), WIDEST)
+    return tolerance(max(s.value_scale for s in stats), TINY_WIDEST)
 
 
 PROMPTS = [[5, 17, 40, 33, 8, 61], [70, 12], [9, 9, 9, 44, 81, 23, 50, 3, 27], [66, 31, 15, 88]]
@@ -82,7 +81,7 @@ def test_left_padding_does_not_change_logprobs_or_values(tiny_model_dir, attn):
     prompt, response = [5, 17, 40, 33, 8, 61, 72], [21, 34, 55, 2]
 
     def forward(pads: int, attend_to_pads: bool = False):
-        ids = torch.tensor([[PAD] * pads + prompt + response])
+        ids = torch.tensor([[PAD_ID] * pads + prompt + response])
         mask = torch.tensor([[int(attend_to_pads)] * pads + [1] * (len(prompt) + len(response))])
         with torch.no_grad():
             return response_forward(model, head, ids, mask, torch.tensor([response]), 1.0,
@@ -119,7 +118,7 @@ def test_values_read_from_the_head_input_equal_the_last_hidden_states(tiny_model
     if kind == "lora":
         model = _lora(model)
     head = _head(model.config.hidden_size)
-    *_, ids, mask = pad_prompts_and_responses(PROMPTS, RESPONSES, PAD)
+    *_, ids, mask = pad_prompts_and_responses(PROMPTS, RESPONSES, PAD_ID)
     positions = torch.tensor([2, 5, ids.shape[1] - 2]) if keep == "index" else torch.arange(ids.shape[1] - 4, ids.shape[1])
     logits_to_keep = positions if keep == "index" else 4
     runner, runner_head = (ModelWithValueHead(model, head), None) if kind == "with_head" else (model, head)
@@ -130,7 +129,7 @@ def test_values_read_from_the_head_input_equal_the_last_hidden_states(tiny_model
     assert values.shape == (len(PROMPTS), len(positions)) == output.logits.shape[:2]
     # The same float64 network through the head on another shape: float64 rounding (see conftest).
     summands = (hidden[:, positions] * head.summary.weight[0]).abs().sum(-1) + head.summary.bias.abs()
-    torch.testing.assert_close(values, all_values[:, positions], atol=float64_tolerance(summands, WIDEST), rtol=0)
+    torch.testing.assert_close(values, all_values[:, positions], atol=float64_tolerance(summands, TINY_WIDEST), rtol=0)
     assert not model.get_output_embeddings()._forward_pre_hooks
 
 
@@ -192,7 +191,7 @@ def test_chunked_rollout_evaluation_equals_unchunked(tiny_model_dir, kind):
     else:
         plain_base = policy = base
         reference_context = contextlib.nullcontext
-    _, _, response, response_mask, ids, mask = pad_prompts_and_responses(PROMPTS, RESPONSES, PAD)
+    _, _, response, response_mask, ids, mask = pad_prompts_and_responses(PROMPTS, RESPONSES, PAD_ID)
     one = evaluate_rollout(policy, head, policy, reference_context, ids, mask, response, 1.0, chunk_size=1)
     eight = evaluate_rollout(policy, head, policy, reference_context, ids, mask, response, 1.0, chunk_size=8)
     three = evaluate_rollout(policy, head, policy, reference_context, ids, mask, response, 1.0, chunk_size=3)
@@ -232,7 +231,7 @@ def test_chunked_rollout_evaluation_equals_unchunked(tiny_model_dir, kind):
 
 
 def _fixed_rollout(policy, head, seed: int = 0, dtype=torch.float32) -> Rollout:
-    query, query_mask, response, response_mask, ids, mask = pad_prompts_and_responses(PROMPTS, RESPONSES, PAD)
+    query, query_mask, response, response_mask, ids, mask = pad_prompts_and_responses(PROMPTS, RESPONSES, PAD_ID)
     with torch.no_grad():
         logprobs, values, _ = response_forward(policy, head, ids, mask, response, 0.9)
     generator = torch.Generator().manual_seed(seed)
@@ -265,8 +264,8 @@ def _update_grads(policy, head, rollout, micro, accelerator):
 
 def _gradient_tolerances(grads: dict[str, torch.Tensor], positions: int) -> tuple[float, float]:
     """The log-probs go through rlhfkit's float32 log-softmax (by design, also for a float64 model), so
-    the update's gradients are exact only to float32 rounding, over positions x `WIDEST` terms."""
-    return gradient_tolerances(grads, positions * WIDEST, float32_tolerance)
+    the update's gradients are exact only to float32 rounding, over positions x `TINY_WIDEST` terms."""
+    return gradient_tolerances(grads, positions * TINY_WIDEST, float32_tolerance)
 
 
 @pytest.mark.parametrize("policy_kind", ["full", "lora"])
@@ -308,7 +307,7 @@ def test_micro_batches_accumulate_to_one_large_batch(tiny_model_dir, policy_kind
 
 
 def test_trimmed_rollout_drops_only_columns_padded_in_every_row():
-    query, query_mask, response, response_mask, _, _ = pad_prompts_and_responses(PROMPTS, RESPONSES, PAD)  # prompts 6, 2, 9, 4
+    query, query_mask, response, response_mask, _, _ = pad_prompts_and_responses(PROMPTS, RESPONSES, PAD_ID)  # prompts 6, 2, 9, 4
     values = torch.arange(response.numel(), dtype=torch.float32).reshape(response.shape)
     rollout = Rollout(query, query_mask, response, response_mask, torch.arange(4.0), values, values, values,
                       values, values)
@@ -361,7 +360,7 @@ def test_compiled_blocks_give_the_eager_update_and_eager_decoding(tiny_model_dir
     hidden = raw.hidden_states[-1]
     value_summands = (hidden * head.summary.weight[0]).abs().sum(-1) + head.summary.bias.abs()
     lp_atol = log_softmax_tolerance(raw.logits, temperature=0.9)
-    for e, g, atol in zip(expected, got, (lp_atol, float32_tolerance(value_summands, WIDEST), lp_atol)):
+    for e, g, atol in zip(expected, got, (lp_atol, float32_tolerance(value_summands, TINY_WIDEST), lp_atol)):
         torch.testing.assert_close(g, e, atol=atol, rtol=0)
     eager_stats, eager_grads = _update_grads(eager, head, rollout, 3, OneProcessAccelerator())
     compiled_stats, compiled_grads = _update_grads(compiled, head, rollout, 3, OneProcessAccelerator())

@@ -15,6 +15,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import (
+    EOS_ID,
+    TINY_HIDDEN,
+    TINY_WIDEST,
     OneProcessAccelerator,
     chat_prompt_ids,
     cpu_config,
@@ -37,9 +40,7 @@ from rlhfkit.stages import run_stage
 from rlhfkit.stages.ppo_steps import response_forward
 from rlhfkit.tracking.trainer_log import read_trainer_log
 
-EOS_ID = 2
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-HIDDEN, WIDEST = 64, 128  # the tiny model's hidden and intermediate sizes
 
 
 @pytest.fixture(autouse=True)
@@ -238,7 +239,7 @@ def model_folders(tmp_path_factory, tiny_model_dir):
     random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 1, LORA_TARGETS).save_pretrained(sft)
     rm = root / "rm_lora"
     random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 2, ("q_proj", "v_proj")).save_pretrained(rm)
-    random_value_head(HIDDEN, 3, std=1.0, bias=0.25).save(rm)
+    random_value_head(TINY_HIDDEN, 3, std=1.0, bias=0.25).save(rm)
     tokenizer.save_pretrained(rm)
     # A full RM of another size whose tokenizer has one more token: it re-renders the text itself.
     other = build_tiny_model(root / "rm_full", hidden_size=32, num_heads=2, intermediate_size=64, seed=5)
@@ -302,12 +303,12 @@ def test_lora_reward_model_scores_match_the_rm_alone(tiny_model_dir, tmp_path, m
 
     rm_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                          model_folders["rm_lora"]).eval()
-    head = ValueHead.load(model_folders["rm_lora"], HIDDEN)
+    head = ValueHead.load(model_folders["rm_lora"], TINY_HIDDEN)
     sequences = [p + r for p, r in zip(prompts, responses)]
     expected, magnitudes = raw_scores(rm_model, head, sequences)
     # Merging the adapter into the weights (full policy) rounds each weight once more: the same
     # relative error as the product's own rounding, so the same tolerance.
-    _assert_scores_match(scores, expected, magnitudes, WIDEST)
+    _assert_scores_match(scores, expected, magnitudes, TINY_WIDEST)
     base_only, _ = raw_scores(AutoModelForCausalLM.from_pretrained(tiny_model_dir), head, sequences)
     assert (base_only - expected).abs().max() > 1e-1  # the RM adapter matters for these scores
 
@@ -375,7 +376,7 @@ def test_lora_reward_folder_without_value_head_is_refused(tiny_model_dir, tmp_pa
 def test_two_lora_reward_models_each_score_with_their_own_adapter(tiny_model_dir, tmp_path, model_folders):
     second = tmp_path / "rm_lora_2"
     random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 7, ("k_proj", "up_proj")).save_pretrained(second)
-    random_value_head(HIDDEN, 8, std=1.0, bias=0.25).save(second)
+    random_value_head(TINY_HIDDEN, 8, std=1.0, bias=0.25).save(second)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(second)
     first = model_folders["rm_lora"]
     config = _ppo_config(tiny_model_dir, tmp_path, finetuning_type="lora", reward_models=[
@@ -389,8 +390,8 @@ def test_two_lora_reward_models_each_score_with_their_own_adapter(tiny_model_dir
     expected = {}
     for (source, _), folder in zip(models.rewards, (first, second)):
         rm_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder).eval()
-        expected[source.name], magnitudes = raw_scores(rm_model, ValueHead.load(folder, HIDDEN), sequences)
-        _assert_scores_match(source.score(batch), expected[source.name], magnitudes, WIDEST, msg=source.name)
+        expected[source.name], magnitudes = raw_scores(rm_model, ValueHead.load(folder, TINY_HIDDEN), sequences)
+        _assert_scores_match(source.score(batch), expected[source.name], magnitudes, TINY_WIDEST, msg=source.name)
     assert (expected["one"] - expected["two"]).abs().max() > 1e-1  # each adapter (and head) matters
     # The policy is still the trainable default adapter, alone.
     trainable = {n for n, p in models.policy.named_parameters() if p.requires_grad}

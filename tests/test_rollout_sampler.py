@@ -12,14 +12,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import float32_tolerance, float64_tolerance, log_softmax_tolerance, raw_response_stats
+from conftest import (
+    EOS_ID,
+    TINY_VOCAB,
+    float32_tolerance,
+    float64_tolerance,
+    log_softmax_tolerance,
+    raw_response_stats,
+)
 from rlhfkit.config import GenerationArguments
 from rlhfkit.models.value_head import ValueHead
 from rlhfkit.rollout import HFGenerator
 from rlhfkit.rollout.sampler import sample_from_probs
-
-PAD, EOS = 0, 2
-VOCAB = 100  # the tiny model's vocabulary
 
 
 def _prompts(tokenizer):
@@ -67,7 +71,7 @@ def test_recorded_logprobs_values_entropy_equal_a_full_forward_pass(tiny_model_d
     the float64 values rounded once to float32."""
     tokenizer, model, head = _setup(tiny_model_dir, lora, torch.float64)
     args = GenerationArguments(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=12)
-    generator = HFGenerator(tokenizer, args, [EOS])
+    generator = HFGenerator(tokenizer, args, [EOS_ID])
     prompt_ids, prompt_mask = _prompts(tokenizer)
     torch.manual_seed(0)
     batch = generator.generate(model, prompt_ids, prompt_mask, record=True, value_head=head)
@@ -76,7 +80,7 @@ def test_recorded_logprobs_values_entropy_equal_a_full_forward_pass(tiny_model_d
                                                     batch.response_mask, temperature=0.7)
     mask = batch.response_mask
     assert mask.sum() > 10
-    lp_atol = log_softmax_tolerance(logit_scale, VOCAB)
+    lp_atol = log_softmax_tolerance(logit_scale, TINY_VOCAB)
     # Log-probs are of the raw logits at the temperature (top-k/top-p only choose the tokens).
     torch.testing.assert_close(batch.logprobs[mask].double(), logprobs[mask], atol=lp_atol, rtol=0)
     torch.testing.assert_close(batch.values[mask].double(), values[mask], atol=float32_tolerance(values[mask]), rtol=0)
@@ -86,7 +90,7 @@ def test_recorded_logprobs_values_entropy_equal_a_full_forward_pass(tiny_model_d
 def test_greedy_tokens_equal_generate(tiny_model_dir):
     tokenizer, model, head = _setup(tiny_model_dir)
     args = GenerationArguments(do_sample=False, max_new_tokens=10, repetition_penalty=1.3)
-    generator = HFGenerator(tokenizer, args, [EOS])
+    generator = HFGenerator(tokenizer, args, [EOS_ID])
     prompt_ids, prompt_mask = _prompts(tokenizer)
     ours = generator.generate(model, prompt_ids, prompt_mask, record=True, value_head=head)
     theirs = generator.generate(model, prompt_ids, prompt_mask)
@@ -99,15 +103,15 @@ def test_min_new_tokens_keeps_stop_tokens_out(tiny_model_dir):
     tokenizer, model, _ = _setup(tiny_model_dir)
     # Make EOS the likeliest token everywhere: without min_new_tokens every row would stop at once.
     with torch.no_grad():
-        model.lm_head.weight[EOS] = model.lm_head.weight.abs().max() * 10
-        model.model.embed_tokens.weight[EOS] = model.lm_head.weight[EOS]
+        model.lm_head.weight[EOS_ID] = model.lm_head.weight.abs().max() * 10
+        model.model.embed_tokens.weight[EOS_ID] = model.lm_head.weight[EOS_ID]
     args = GenerationArguments(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=6,
                                min_new_tokens=6)
     prompt_ids, prompt_mask = _prompts(tokenizer)
     for record in (True, False):
-        batch = HFGenerator(tokenizer, args, [EOS]).generate(model, prompt_ids, prompt_mask, record=record)
+        batch = HFGenerator(tokenizer, args, [EOS_ID]).generate(model, prompt_ids, prompt_mask, record=record)
         assert batch.response_mask.all() and batch.response_ids.shape == (4, 6)
-        assert not (batch.response_ids == EOS).any()
+        assert not (batch.response_ids == EOS_ID).any()
 
 
 def test_inverse_cdf_sampling_frequencies():

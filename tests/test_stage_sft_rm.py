@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import (
     COMPARABLE_ADAM_EPSILON,
+    EOS_ID,
     EPS32,
     adamw_weight_tolerance,
     chat_prompt_ids,
@@ -31,7 +32,6 @@ from rlhfkit.models.value_head import VALUE_HEAD_FILE, ValueHead
 from rlhfkit.stages import run_stage
 from rlhfkit.tracking.trainer_log import read_trainer_log
 
-EOS_ID = 2  # <|im_end|> of the tiny model's tokenizer
 
 
 
