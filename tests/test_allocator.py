@@ -22,17 +22,22 @@ libc.mallinfo2.restype = MallInfo2
 from rlhfkit.training.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "tuned" else False
 import torch
-x = torch.empty(1 << 22)  # 16 MB
+x = torch.empty(1 << 22, device="cpu")  # 16 MB
 mapped = libc.mallinfo2().hblkhd
 del x
 print(applied, mapped >> 20, libc.mallinfo2().fordblks >> 20)
 """
 
 
+# The probes measure glibc's heap behind CPU tensors: no GPU may be initialised in them (a CUDA
+# context maps and frees host memory of its own), so they run with no GPU visible.
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}
+
+
 def probe(mode: str, **env) -> tuple[str, int, int]:
     """(applied, MB in separately mapped blocks while a 16 MB tensor lives, MB free in the heap after)."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    environment.update(env)
+    environment.update(NO_GPU, **env)
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=environment,
                          check=True).stdout.split()
     return out[0], int(out[1]), int(out[2])
@@ -54,7 +59,7 @@ def test_users_malloc_settings_win(env):
 
 THP_PROBE = """
 import rlhfkit, torch
-x = torch.empty(1 << 24).fill_(1.0)  # 64 MB
+x = torch.empty(1 << 24, device="cpu").fill_(1.0)  # 64 MB
 rollup = open("/proc/self/smaps_rollup").read().splitlines()
 print(next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages")) >> 10)
 """
@@ -62,7 +67,7 @@ print(next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugeP
 
 def huge_page_mb(**env) -> int:
     environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    environment.update(env)
+    environment.update(NO_GPU, **env)
     return int(subprocess.run([sys.executable, "-c", THP_PROBE], capture_output=True, text=True, env=environment,
                               check=True).stdout)
 
@@ -73,5 +78,7 @@ THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 @pytest.mark.skipif(not THP_MODE.is_file() or "[madvise]" not in THP_MODE.read_text(),
                     reason="transparent huge pages on request (madvise mode) only")
 def test_importing_rlhfkit_first_gives_large_tensors_huge_pages():
-    assert huge_page_mb() >= 32
-    assert huge_page_mb(THP_MEM_ALLOC_ENABLE="0") == 0  # the user's setting wins
+    default = huge_page_mb()
+    assert default >= 32
+    disabled = huge_page_mb(THP_MEM_ALLOC_ENABLE="0")
+    assert disabled == 0  # the user's setting wins

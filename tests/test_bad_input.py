@@ -10,16 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import TINY_HIDDEN, write_cpu_config, write_dataset_info, write_jsonl
 from rlhfkit.cli import main
 from rlhfkit.models.tiny import build_char_tokenizer
 
 SFT_ROWS = [{"instruction": f"say {w}", "output": w * 3} for w in "abcd"]
-
-
-def _config(tmp_path: Path, **values) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
-    return path
 
 
 @pytest.fixture
@@ -36,7 +31,7 @@ def _fake_reward_dir(tmp_path: Path, model_dir: Path, with_head: bool, extra_tok
     (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(model_dir),
                                                             "peft_type": "LORA"}))
     if with_head:
-        save_file({"summary.weight": torch.zeros(1, 64), "summary.bias": torch.zeros(1)},
+        save_file({"summary.weight": torch.zeros(1, TINY_HIDDEN), "summary.bias": torch.zeros(1)},
                   str(folder / "value_head.safetensors"))
     tokenizer = build_char_tokenizer()
     if extra_token:
@@ -46,6 +41,8 @@ def _fake_reward_dir(tmp_path: Path, model_dir: Path, with_head: bool, extra_tok
 
 
 def _run_and_check(capsys, config: Path, fragment: str, output_dir: Path) -> None:
+    """`rlhfkit train config` exits 2 with exactly one `error:` line holding `fragment`, no traceback,
+    and leaves `output_dir` as it was."""
     before = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else None
     code = main(["train", str(config)])
     err = capsys.readouterr().err
@@ -57,47 +54,76 @@ def _run_and_check(capsys, config: Path, fragment: str, output_dir: Path) -> Non
     assert after == before, "output_dir changed"
 
 
-def test_matrix(tmp_path: Path, tiny_model_dir: Path, base: dict, jsonl, capsys):
-    out = Path(base["output_dir"])
-    cases = []
-    cases.append(({"dataset": str(tmp_path / "nope.jsonl")}, "nope.jsonl"))
+# Each case: a function of (tmp_path, model_dir) writing what it needs and returning the config keys to
+# change, and a fragment of the expected error message. Fragments come from the message text, never
+# from a file name the message also shows (nor from the case id, which is in tmp_path).
+
+
+def _bad_json_line(tmp_path, model_dir):
     bad_line = tmp_path / "bad.jsonl"
     bad_line.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
-    cases.append(({"dataset": str(bad_line)}, "line 2"))
-    missing_column = tmp_path / "info"
-    missing_column.mkdir()
-    (missing_column / "rows.jsonl").write_text(json.dumps({"question": "a", "output": "b"}) + "\n")
-    (missing_column / "dataset_info.json").write_text(json.dumps({"qa": {"file_name": "rows.jsonl",
-                                                                          "columns": {"prompt": "instruction"}}}))
-    cases.append(({"dataset": "qa", "dataset_dir": str(missing_column)}, "instruction"))
-    cases.append(({"dataset": str(jsonl(tmp_path / "empty_prompt.jsonl", [{"instruction": " ", "output": "x"}]))},
-                  "empty"))
-    cases.append(({"dataset": str(jsonl(tmp_path / "none.jsonl", []))}, "no"))
-    cases.append(({"learnig_rate": 0.1}, "did you mean 'learning_rate'"))
-    cases.append(({"max_steps": "many"}, "'max_steps' must be an integer"))
-    cases.append(({"learning_rate": -1e-4}, "learning_rate must be > 0"))
-    cases.append(({"model_name_or_path": str(tmp_path / "no-model")}, "does not exist"))
-    cases.append(({"output_dir": str(tmp_path / "sft.jsonl" / "out")}, "which is a file"))
-    cases.append(({"output_dir": "/sys/rlhfkit-out"}, "not writable"))
-    ppo = dict(stage="ppo", finetuning_type="lora", dataset=str(jsonl(tmp_path / "p.jsonl", [{"instruction": "hi"}] * 8)))
-    cases.append((dict(ppo, reward_model="r", per_device_train_batch_size=3, rollout_batch_size=8),
-                  "rollout_batch_size 8 is not a positive multiple"))
-    no_head = _fake_reward_dir(tmp_path / "a", tiny_model_dir, with_head=False, extra_token=False)
-    cases.append((dict(ppo, reward_model=str(no_head)), "value_head.safetensors not found"))
-    other_tokenizer = _fake_reward_dir(tmp_path / "b", tiny_model_dir, with_head=True, extra_token=True)
-    cases.append((dict(ppo, reward_model=str(other_tokenizer)), "different tokenizer"))
-    long_prompts = jsonl(tmp_path / "long.jsonl", [{"instruction": "x" * 400}] * 8)
-    cases.append((dict(ppo, reward_model="m:f", reward_model_type="function", dataset=str(long_prompts),
-                       cutoff_len=64, overlong_prompts="error"), "cutoff_len"))
-    cases.append((dict(ppo, reward_model="m:f", reward_model_type="function", dataset=str(long_prompts),
-                       cutoff_len=64), "were dropped"))
-    for change, fragment in cases:
-        _run_and_check(capsys, _config(tmp_path, **{**base, **change}), fragment, out)
+    return {"dataset": str(bad_line)}
+
+
+def _missing_column(tmp_path, model_dir):
+    folder = tmp_path / "info"
+    write_jsonl(folder / "rows.jsonl", [{"question": "a", "output": "b"}])
+    write_dataset_info(folder, {"qa": {"file_name": "rows.jsonl", "columns": {"prompt": "instruction"}}})
+    return {"dataset": "qa", "dataset_dir": str(folder)}
+
+
+def _ppo(tmp_path, **keys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "hi"}] * 8)
+    return {"stage": "ppo", "finetuning_type": "lora", "dataset": str(prompts), **keys}
+
+
+def _long_prompts(tmp_path, **keys):
+    long_prompts = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "x" * 400}] * 8)
+    return _ppo(tmp_path, reward_model="m:f", reward_model_type="function", dataset=str(long_prompts), cutoff_len=64,
+                **keys)
+
+
+MATRIX = [
+    pytest.param(lambda tmp, model: {"dataset": str(tmp / "nope.jsonl")}, "nope.jsonl", id="missing-dataset-file"),
+    pytest.param(_bad_json_line, "line 2", id="malformed-json-line"),
+    pytest.param(_missing_column, "instruction", id="missing-column"),
+    pytest.param(lambda tmp, model: {"dataset": str(write_jsonl(tmp / "blank.jsonl", [{"instruction": " ",
+                                                                                        "output": "x"}]))},
+                 "empty prompt", id="blank-prompt"),
+    pytest.param(lambda tmp, model: {"dataset": str(write_jsonl(tmp / "rows.jsonl", []))}, "has no rows",
+                 id="no-usable-rows"),
+    pytest.param(lambda tmp, model: {"learnig_rate": 0.1}, "did you mean 'learning_rate'", id="misspelt-key"),
+    pytest.param(lambda tmp, model: {"max_steps": "many"}, "'max_steps' must be an integer", id="not-an-integer"),
+    pytest.param(lambda tmp, model: {"learning_rate": -1e-4}, "learning_rate must be > 0", id="negative-lr"),
+    pytest.param(lambda tmp, model: {"model_name_or_path": str(tmp / "no-model")}, "does not exist",
+                 id="missing-model"),
+    pytest.param(lambda tmp, model: {"output_dir": str(tmp / "sft.jsonl" / "out")}, "which is a file",
+                 id="output-inside-a-file"),
+    pytest.param(lambda tmp, model: {"output_dir": "/sys/rlhfkit-out"}, "not writable", id="unwritable-output"),
+    pytest.param(lambda tmp, model: _ppo(tmp, reward_model="r", per_device_train_batch_size=3, rollout_batch_size=8),
+                 "rollout_batch_size 8 is not a positive multiple", id="rollout-batch-not-a-multiple"),
+    pytest.param(lambda tmp, model: _ppo(tmp, reward_model=str(_fake_reward_dir(tmp / "a", model, with_head=False,
+                                                                                extra_token=False))),
+                 "value_head.safetensors not found", id="reward-folder-without-head"),
+    pytest.param(lambda tmp, model: _ppo(tmp, reward_model=str(_fake_reward_dir(tmp / "b", model, with_head=True,
+                                                                                extra_token=True))),
+                 "different tokenizer", id="reward-with-another-tokenizer"),
+    pytest.param(lambda tmp, model: _long_prompts(tmp, overlong_prompts="error"), "cutoff_len",
+                 id="overlong-prompt-refused"),
+    pytest.param(lambda tmp, model: _long_prompts(tmp), "were dropped", id="every-prompt-dropped"),
+]
+
+
+@pytest.mark.parametrize("make_change, fragment", MATRIX)
+def test_matrix(tmp_path: Path, tiny_model_dir: Path, base: dict, capsys, make_change, fragment):
+    change = make_change(tmp_path, tiny_model_dir)
+    _run_and_check(capsys, write_cpu_config(tmp_path / "config.yaml", {**base, **change}), fragment,
+                   Path(base["output_dir"]))
 
 
 def test_non_empty_output_dir_is_kept(tmp_path: Path, base: dict, capsys):
     out = Path(base["output_dir"])
     out.mkdir()
     (out / "adapter_model.safetensors").write_bytes(b"precious")
-    _run_and_check(capsys, _config(tmp_path, **base), "not empty", out)
+    _run_and_check(capsys, write_cpu_config(tmp_path / "config.yaml", base), "not empty", out)
     assert (out / "adapter_model.safetensors").read_bytes() == b"precious"

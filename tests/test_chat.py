@@ -4,48 +4,17 @@ streaming, /reset and /exit, and the context limit."""
 from __future__ import annotations
 
 import os
-import select
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import greedy_reply, pseudo_terminal, read_terminal
 from rlhfkit.commands.chat import ChatSession, TextPrinter, chat_loop, generation_config
 from rlhfkit.data import get_template
 
 MAX_NEW_TOKENS = 6
-
-
-@torch.no_grad()
-def _greedy_reply(model, tokenizer, messages: list[dict]) -> str:
-    """The reply by definition: HF's chat template, greedy decoding, cut at EOS."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                         max_new_tokens=MAX_NEW_TOKENS, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-def _read_until(fd: int, marker: str, count: int, timeout: float = 120.0) -> str:
-    """Read the pseudo-terminal until `marker` has appeared `count` times in all output so far."""
-    data = b""
-    deadline = time.time() + timeout
-    while data.decode(errors="replace").count(marker) < count:
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {marker!r}; got {data.decode(errors='replace')!r}")
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            data += chunk
-    return data.decode(errors="replace")
 
 
 @pytest.fixture
@@ -61,28 +30,21 @@ def session(tiny_model_dir):
 def test_two_turns_in_a_pseudo_terminal(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    first = _greedy_reply(model, tokenizer, [{"role": "user", "content": "hello"}])
-    second = _greedy_reply(model, tokenizer, [{"role": "user", "content": "hello"},
-                                              {"role": "assistant", "content": first},
-                                              {"role": "user", "content": "again"}])
-    main_fd, child_fd = os.openpty()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "rlhfkit.cli", "chat", str(tiny_model_dir), "--greedy",
-         "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu"],
-        stdin=child_fd, stdout=child_fd, stderr=child_fd, close_fds=True)
-    os.close(child_fd)
-    try:
-        transcript = _read_until(main_fd, "User: ", 1)
-        os.write(main_fd, b"hello\n")
-        transcript += _read_until(main_fd, "User: ", 1)
-        os.write(main_fd, b"again\n")
-        transcript += _read_until(main_fd, "User: ", 1)
-        os.write(main_fd, b"/exit\n")
-        assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        os.close(main_fd)
+    first = greedy_reply(model, tokenizer, [{"role": "user", "content": "hello"}], MAX_NEW_TOKENS)
+    second = greedy_reply(model, tokenizer, [{"role": "user", "content": "hello"},
+                                             {"role": "assistant", "content": first},
+                                             {"role": "user", "content": "again"}], MAX_NEW_TOKENS)
+    command = [sys.executable, "-m", "rlhfkit.cli", "chat", str(tiny_model_dir), "--greedy",
+               "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu"]
+    with pseudo_terminal(command) as (process, terminal):
+        transcript = read_terminal(terminal, "User: ")
+        os.write(terminal, b"hello\n")
+        transcript += read_terminal(terminal, "User: ")
+        os.write(terminal, b"again\n")
+        transcript += read_terminal(terminal, "User: ")
+        os.write(terminal, b"/exit\n")
+        code = process.wait(timeout=60)
+        assert code == 0
     transcript = transcript.replace("\r\n", "\n")
     assert "Chatting with" in transcript and "/reset" in transcript
     assert f"hello\nAssistant: {first}\nUser: " in transcript
@@ -129,7 +91,8 @@ def test_loop_commands(session):
     def end_of_input(prompt):
         raise EOFError
 
-    assert chat_loop(session, read=end_of_input, write=written.append) == 0
+    turns = chat_loop(session, read=end_of_input, write=written.append)
+    assert turns == 0
 
 
 def test_printer_holds_back_incomplete_characters():

@@ -9,15 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_cpu_config
+
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rlhfkit.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
-
-
-def write_config(path: Path, **values) -> Path:
-    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
-    return path
 
 
 @pytest.fixture
@@ -46,7 +43,7 @@ def assert_clean_failure(result: subprocess.CompletedProcess, fragment: str, out
 ])
 def test_bad_input_exits_2_with_one_line(sft_setup, change, fragment):
     tmp_path, values = sft_setup
-    config = write_config(tmp_path / "c.yaml", **{**values, **change})
+    config = write_cpu_config(tmp_path / "c.yaml", {**values, **change})
     assert_clean_failure(run_cli("train", str(config), cwd=tmp_path), fragment, Path(values["output_dir"]))
 
 
@@ -54,7 +51,7 @@ def test_malformed_json_line_is_named(sft_setup):
     tmp_path, values = sft_setup
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
-    config = write_config(tmp_path / "c.yaml", **{**values, "dataset": str(bad)})
+    config = write_cpu_config(tmp_path / "c.yaml", {**values, "dataset": str(bad)})
     assert_clean_failure(run_cli("train", str(config), cwd=tmp_path), "line 2", Path(values["output_dir"]))
 
 
@@ -63,14 +60,14 @@ def test_non_empty_output_dir_is_refused_and_kept(sft_setup):
     out = Path(values["output_dir"])
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    result = run_cli("train", str(write_config(tmp_path / "c.yaml", **values)), cwd=tmp_path)
+    result = run_cli("train", str(write_cpu_config(tmp_path / "c.yaml", values)), cwd=tmp_path)
     assert result.returncode == 2 and "overwrite_output_dir" in result.stderr
     assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
 
 
 def test_train_with_override_runs_and_logs(sft_setup):
     tmp_path, values = sft_setup
-    config = write_config(tmp_path / "c.yaml", **values)
+    config = write_cpu_config(tmp_path / "c.yaml", values)
     result = run_cli("train", str(config), "max_steps=3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (Path(values["output_dir"]) / "trainer_log.jsonl").read_text().splitlines()]

@@ -17,6 +17,7 @@ from rlhfkit.data import (
     tokenize_sft,
     train_val_split,
 )
+from conftest import assistant, user
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.tiny import build_char_tokenizer
 
@@ -37,14 +38,6 @@ def enc(tok, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
-def u(text):
-    return {"role": "user", "content": text}
-
-
-def a(text):
-    return {"role": "assistant", "content": text}
-
-
 PROMPT_HI = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 SECOND = "\n<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n"
 
@@ -54,14 +47,14 @@ SECOND = "\n<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n"
 
 def test_long_response_is_truncated_not_dropped(tok, chatml) -> None:
     prompt = enc(tok, PROMPT_HI)
-    samples, stats = tokenize_sft([Example([u("Hi"), a("abcdefghij")])], tok, chatml, cutoff_len=len(prompt) + 4)
+    samples, stats = tokenize_sft([Example([user("Hi"), assistant("abcdefghij")])], tok, chatml, cutoff_len=len(prompt) + 4)
     assert samples == [{"input_ids": prompt + enc(tok, "abcd"), "labels": [IGNORE] * len(prompt) + enc(tok, "abcd")}]
     assert (stats.kept, stats.dropped_too_long, stats.truncated) == (1, 0, 1)
 
 
 def test_prompt_filling_cutoff_is_dropped_and_counted(tok, chatml) -> None:
     prompt = enc(tok, PROMPT_HI)
-    examples = [Example([u("Hi"), a("x")]), Example([u("Hi, a much longer question"), a("y")])]
+    examples = [Example([user("Hi"), assistant("x")]), Example([user("Hi, a much longer question"), assistant("y")])]
     samples, stats = tokenize_sft(examples, tok, chatml, cutoff_len=len(prompt) + 2)
     assert [s["input_ids"] for s in samples] == [prompt + enc(tok, "x<|im_end|>")]
     assert (stats.kept, stats.dropped_too_long, stats.truncated) == (1, 1, 0)
@@ -74,12 +67,12 @@ def test_prompt_filling_cutoff_is_dropped_and_counted(tok, chatml) -> None:
 
 def test_every_example_too_long_is_an_error(tok, chatml) -> None:
     with pytest.raises(RlhfkitError, match="cutoff_len=5") as err:
-        tokenize_sft([Example([u("Hi"), a("x")], source="d.jsonl line 1")], tok, chatml, cutoff_len=5)
+        tokenize_sft([Example([user("Hi"), assistant("x")], source="d.jsonl line 1")], tok, chatml, cutoff_len=5)
     assert "\n" not in str(err.value)
 
 
 def test_multi_turn_truncation_keeps_turns_from_the_start(tok, chatml) -> None:
-    messages = [u("Hi"), a("Yo"), u("Again"), a("Okay")]
+    messages = [user("Hi"), assistant("Yo"), user("Again"), assistant("Okay")]
     first = enc(tok, PROMPT_HI) + enc(tok, "Yo<|im_end|>")
     second_prompt = enc(tok, SECOND)
     # The second reply keeps two tokens.
@@ -93,14 +86,14 @@ def test_multi_turn_truncation_keeps_turns_from_the_start(tok, chatml) -> None:
     with pytest.raises(RlhfkitError):
         tokenize_sft([Example(messages)], tok, chatml, cutoff_len=len(first) + len(second_prompt), mask_history=True)
     samples, stats = tokenize_sft(
-        [Example(messages), Example([u("Hi"), a("Yo")])], tok, chatml,
+        [Example(messages), Example([user("Hi"), assistant("Yo")])], tok, chatml,
         cutoff_len=len(first) + len(second_prompt), mask_history=True,
     )
     assert (stats.kept, stats.dropped_too_long) == (1, 1)
 
 
 def test_labels_align_with_input_ids(tok, chatml) -> None:
-    examples = [Example([u("q" * n), a("r" * (7 - n))]) for n in range(1, 7)]
+    examples = [Example([user("q" * n), assistant("r" * (7 - n))]) for n in range(1, 7)]
     samples, _ = tokenize_sft(examples, tok, chatml, cutoff_len=30)
     for sample in samples:
         assert len(sample["input_ids"]) == len(sample["labels"]) <= 30
@@ -112,7 +105,7 @@ def test_labels_align_with_input_ids(tok, chatml) -> None:
 
 def test_tokenize_pairwise(tok, chatml) -> None:
     prompt = enc(tok, PROMPT_HI)
-    example = Example([u("Hi")], chosen="good", rejected="no")
+    example = Example([user("Hi")], chosen="good", rejected="no")
     [sample], stats = tokenize_pairwise([example], tok, chatml, cutoff_len=100)
     assert sample == {
         "chosen_input_ids": prompt + enc(tok, "good<|im_end|>"),
@@ -124,13 +117,13 @@ def test_tokenize_pairwise(tok, chatml) -> None:
     assert sample["chosen_input_ids"] == prompt + enc(tok, "goo")
     assert sample["rejected_input_ids"] == prompt + enc(tok, "no<|im_end|>")
     assert stats.truncated == 1
-    long_example = Example([u("Hi there, long")], chosen="c", rejected="r")
+    long_example = Example([user("Hi there, long")], chosen="c", rejected="r")
     samples, stats = tokenize_pairwise([example, long_example], tok, chatml, cutoff_len=len(prompt) + 3)
     assert len(samples) == 1 and stats.dropped_too_long == 1
 
 
 def test_tokenize_pairwise_multi_turn_prompt(tok, chatml) -> None:
-    example = Example([u("Hi"), a("Yo"), u("Again")], system=None, chosen="A", rejected="B")
+    example = Example([user("Hi"), assistant("Yo"), user("Again")], system=None, chosen="A", rejected="B")
     [sample], _ = tokenize_pairwise([example], tok, chatml, cutoff_len=200)
     prompt = enc(tok, PROMPT_HI + "Yo<|im_end|>" + SECOND)
     assert sample["prompt_length"] == len(prompt)
@@ -142,17 +135,17 @@ def test_tokenize_pairwise_multi_turn_prompt(tok, chatml) -> None:
 
 def test_tokenize_prompts(tok, chatml) -> None:
     examples = [
-        Example([u("Hi")], system="S", source="p.jsonl line 1"),
-        Example([u("Hi"), a("dropped reply")]),
-        Example([u("x" * 100)], source="p.jsonl line 3"),
+        Example([user("Hi")], system="S", source="p.jsonl line 1"),
+        Example([user("Hi"), assistant("dropped reply")]),
+        Example([user("x" * 100)], source="p.jsonl line 3"),
     ]
     samples, stats = tokenize_prompts(examples, tok, chatml, cutoff_len=60)
     assert samples[0] == {
         "input_ids": enc(tok, "<|im_start|>system\nS<|im_end|>\n" + PROMPT_HI),
-        "messages": [u("Hi")],
+        "messages": [user("Hi")],
         "system": "S",
     }
-    assert samples[1]["input_ids"] == enc(tok, PROMPT_HI) and samples[1]["messages"] == [u("Hi")]
+    assert samples[1]["input_ids"] == enc(tok, PROMPT_HI) and samples[1]["messages"] == [user("Hi")]
     assert (stats.kept, stats.dropped_too_long) == (2, 1)
     with pytest.raises(RlhfkitError, match="p.jsonl line 3") as err:
         tokenize_prompts(examples, tok, chatml, cutoff_len=60, overlong="error")

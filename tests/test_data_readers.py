@@ -10,30 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import assistant, user, write_dataset_info, write_jsonl
 from rlhfkit.data import Example, load_examples, resolve_datasets
 from rlhfkit.errors import RlhfkitError
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 def write_json(path: Path, rows: list[dict]) -> Path:
     path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
     return path
-
-
-def write_info(dataset_dir: Path, info: dict) -> None:
-    (dataset_dir / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
-
-
-def user(text: str) -> dict[str, str]:
-    return {"role": "user", "content": text}
-
-
-def bot(text: str) -> dict[str, str]:
-    return {"role": "assistant", "content": text}
 
 
 # -- alpaca ---------------------------------------------------------------------------------
@@ -53,23 +37,23 @@ def test_alpaca_with_input_history_and_system(tmp_path: Path) -> None:
             {"instruction": "Say yes", "input": "", "output": "yes"},
         ],
     )
-    write_info(tmp_path, {"alp": {"file_name": "alp.json", "columns": {"history": "history", "system": "sys"}}})
+    write_dataset_info(tmp_path, {"alp": {"file_name": "alp.json", "columns": {"history": "history", "system": "sys"}}})
     examples = load_examples(resolve_datasets("alp", str(tmp_path)), "sft")
     first, second = examples
-    assert first.messages == [user("hi"), bot("hey"), user("how are you?"), bot("fine"), user("Translate\nbonjour"), bot("hello")]
+    assert first.messages == [user("hi"), assistant("hey"), user("how are you?"), assistant("fine"), user("Translate\nbonjour"), assistant("hello")]
     assert first.system == "Be brief."
     assert first.source == f"{tmp_path / 'alp.json'} row 1"
-    assert second == Example([user("Say yes"), bot("yes")], source=f"{tmp_path / 'alp.json'} row 2")
+    assert second == Example([user("Say yes"), assistant("yes")], source=f"{tmp_path / 'alp.json'} row 2")
 
 
 def test_alpaca_column_remapping(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "qa.jsonl", [{"question": "2+2?", "ctx": "math", "answer": "4"}])
-    write_info(
+    write_dataset_info(
         tmp_path,
         {"qa": {"file_name": "qa.jsonl", "columns": {"prompt": "question", "query": "ctx", "response": "answer"}}},
     )
     [example] = load_examples(resolve_datasets(["qa"], str(tmp_path)), "sft")
-    assert example.messages == [user("2+2?\nmath"), bot("4")]
+    assert example.messages == [user("2+2?\nmath"), assistant("4")]
     assert example.source == f"{tmp_path / 'qa.jsonl'} line 1"
 
 
@@ -85,7 +69,7 @@ def test_prompt_kind_strips_final_reply(tmp_path: Path) -> None:
         [{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]}],
     )
     [example] = load_examples(resolve_datasets(str(path), str(tmp_path)), "prompt")
-    assert example.messages == [user("a"), bot("b"), user("c")]
+    assert example.messages == [user("a"), assistant("b"), user("c")]
 
 
 # -- sharegpt -------------------------------------------------------------------------------
@@ -105,18 +89,18 @@ def test_sharegpt_custom_tags_and_system_turn(tmp_path: Path) -> None:
     ]
     write_jsonl(tmp_path / "chat.jsonl", rows)
     tags = {"role_tag": "speaker", "content_tag": "text", "user_tag": "me", "assistant_tag": "bot", "system_tag": "sys"}
-    write_info(tmp_path, {"chat": {"file_name": "chat.jsonl", "formatting": "sharegpt", "columns": {"messages": "dialog"}, "tags": tags}})
+    write_dataset_info(tmp_path, {"chat": {"file_name": "chat.jsonl", "formatting": "sharegpt", "columns": {"messages": "dialog"}, "tags": tags}})
     [example] = load_examples(resolve_datasets("chat", str(tmp_path)), "sft")
-    assert example.messages == [user("hello"), bot("hi"), user("bye"), bot("ciao")]
+    assert example.messages == [user("hello"), assistant("hi"), user("bye"), assistant("ciao")]
     assert example.system == "You are terse."
 
 
 def test_sharegpt_default_tags_with_system_column(tmp_path: Path) -> None:
     rows = [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "system": "S"}]
     write_json(tmp_path / "sg.json", rows)
-    write_info(tmp_path, {"sg": {"file_name": "sg.json", "formatting": "sharegpt", "columns": {"system": "system"}}})
+    write_dataset_info(tmp_path, {"sg": {"file_name": "sg.json", "formatting": "sharegpt", "columns": {"system": "system"}}})
     [example] = load_examples(resolve_datasets("sg", str(tmp_path)), "sft")
-    assert example == Example([user("q"), bot("a")], system="S", source=f"{tmp_path / 'sg.json'} row 1")
+    assert example == Example([user("q"), assistant("a")], system="S", source=f"{tmp_path / 'sg.json'} row 1")
 
 
 def test_openai_messages_detected_from_file(tmp_path: Path) -> None:
@@ -125,16 +109,16 @@ def test_openai_messages_detected_from_file(tmp_path: Path) -> None:
     [spec] = resolve_datasets(str(path), str(tmp_path))
     assert spec.formatting == "sharegpt" and spec.tags["role_tag"] == "role" and not spec.ranking
     [example] = load_examples([spec], "sft")
-    assert example.messages == [user("u"), bot("a")] and example.system == "Sys"
+    assert example.messages == [user("u"), assistant("a")] and example.system == "Sys"
 
 
 def test_openai_tags_via_dataset_info(tmp_path: Path) -> None:
     rows = [{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}]
     write_jsonl(tmp_path / "oa.jsonl", rows)
     tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}
-    write_info(tmp_path, {"oa": {"file_name": "oa.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"}, "tags": tags}})
+    write_dataset_info(tmp_path, {"oa": {"file_name": "oa.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"}, "tags": tags}})
     [example] = load_examples(resolve_datasets("oa", str(tmp_path)), "sft")
-    assert example.messages == [user("u"), bot("a")]
+    assert example.messages == [user("u"), assistant("a")]
 
 
 def test_sharegpt_tool_turns_map_to_user_and_assistant(tmp_path: Path) -> None:
@@ -146,7 +130,7 @@ def test_sharegpt_tool_turns_map_to_user_and_assistant(tmp_path: Path) -> None:
     ]
     path = write_jsonl(tmp_path / "tools.jsonl", [{"conversations": turns}])
     [example] = load_examples(resolve_datasets(str(path), str(tmp_path)), "sft")
-    assert example.messages == [user("weather?"), bot('{"name": "w"}'), user("sunny"), bot("It is sunny.")]
+    assert example.messages == [user("weather?"), assistant('{"name": "w"}'), user("sunny"), assistant("It is sunny.")]
 
 
 # -- pairwise -------------------------------------------------------------------------------
@@ -155,7 +139,7 @@ def test_sharegpt_tool_turns_map_to_user_and_assistant(tmp_path: Path) -> None:
 def test_pairwise_alpaca_via_dataset_info_and_detected(tmp_path: Path) -> None:
     rows = [{"instruction": "Pick", "input": "x", "chosen": "good", "rejected": "bad"}]
     write_json(tmp_path / "pref.json", rows)
-    write_info(tmp_path, {"pref": {"file_name": "pref.json", "ranking": True}})
+    write_dataset_info(tmp_path, {"pref": {"file_name": "pref.json", "ranking": True}})
     for name in ("pref", str(tmp_path / "pref.json")):
         [spec] = resolve_datasets(name, str(tmp_path))
         assert spec.ranking
@@ -173,9 +157,9 @@ def test_pairwise_sharegpt_dict_and_string_replies(tmp_path: Path) -> None:
         }
     ]
     write_jsonl(tmp_path / "p.jsonl", rows)
-    write_info(tmp_path, {"p": {"file_name": "p.jsonl", "formatting": "sharegpt", "ranking": True}})
+    write_dataset_info(tmp_path, {"p": {"file_name": "p.jsonl", "formatting": "sharegpt", "ranking": True}})
     [example] = load_examples(resolve_datasets("p", str(tmp_path)), "pairwise")
-    assert example.messages == [user("hi"), bot("hey"), user("joke?")]
+    assert example.messages == [user("hi"), assistant("hey"), user("joke?")]
     assert (example.chosen, example.rejected) == ("funny", "dull")
     # Pairwise data serves as prompts too.
     [prompt] = load_examples(resolve_datasets("p", str(tmp_path)), "prompt")
@@ -193,8 +177,8 @@ def test_csv_alpaca_with_json_history_cell(tmp_path: Path) -> None:
         writer.writerow({"instruction": "Add, please", "input": "1,2", "output": "3", "history": '[["a", "b"]]'})
         writer.writerow({"instruction": "Multi\nline", "input": "", "output": "ok", "history": ""})
     examples = load_examples(resolve_datasets(str(path), str(tmp_path)), "sft")
-    assert examples[0].messages == [user("a"), bot("b"), user("Add, please\n1,2"), bot("3")]
-    assert examples[1].messages == [user("Multi\nline"), bot("ok")]
+    assert examples[0].messages == [user("a"), assistant("b"), user("Add, please\n1,2"), assistant("3")]
+    assert examples[1].messages == [user("Multi\nline"), assistant("ok")]
     assert examples[1].source == f"{path} row 2"
 
 
@@ -208,7 +192,7 @@ def test_parquet_sharegpt(tmp_path: Path) -> None:
     )
     pq.write_table(table, path)
     examples = load_examples(resolve_datasets(str(path), str(tmp_path)), "sft")
-    assert [e.messages for e in examples] == [[user("p1"), bot("r1")], [user("p2"), bot("r2")]]
+    assert [e.messages for e in examples] == [[user("p1"), assistant("r1")], [user("p2"), assistant("r2")]]
     assert examples[1].source == f"{path} row 2"
 
 
@@ -231,7 +215,7 @@ def test_folder_of_files(tmp_path: Path) -> None:
     write_jsonl(folder / "a.jsonl", [{"instruction": "1", "output": "x"}])
     write_json(folder / "b.json", [{"instruction": "2", "output": "y"}])
     (folder / "README.md").write_text("ignored")
-    write_info(tmp_path, {"parts": {"file_name": "parts"}})
+    write_dataset_info(tmp_path, {"parts": {"file_name": "parts"}})
     examples = load_examples(resolve_datasets("parts", str(tmp_path)), "sft")
     assert [e.messages[0]["content"] for e in examples] == ["1", "2"]
 
@@ -245,7 +229,7 @@ def test_comma_separated_names_and_paths(tmp_path: Path, monkeypatch: pytest.Mon
     write_jsonl(data / "a.jsonl", [{"instruction": "a", "output": "1"}])
     write_jsonl(data / "b.jsonl", [{"instruction": "b", "output": "2"}])
     write_jsonl(tmp_path / "c.jsonl", [{"instruction": "c", "output": "3"}])
-    write_info(data, {"a": {"file_name": "a.jsonl"}})
+    write_dataset_info(data, {"a": {"file_name": "a.jsonl"}})
     monkeypatch.chdir(tmp_path)
     # a: dataset_info key; b.jsonl: relative to dataset_dir; c.jsonl: relative to cwd.
     specs = resolve_datasets(" a, b.jsonl ,c.jsonl", "data")
@@ -262,7 +246,7 @@ def test_direct_path_without_dataset_info(tmp_path: Path) -> None:
 def test_max_samples_and_num_samples_per_dataset(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"a{i}", "output": "x"} for i in range(5)])
     write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"b{i}", "output": "x"} for i in range(5)])
-    write_info(tmp_path, {"a": {"file_name": "a.jsonl"}, "b": {"file_name": "b.jsonl", "num_samples": 1}})
+    write_dataset_info(tmp_path, {"a": {"file_name": "a.jsonl"}, "b": {"file_name": "b.jsonl", "num_samples": 1}})
     specs = resolve_datasets("a,b", str(tmp_path))
     assert [e.messages[0]["content"] for e in load_examples(specs, "sft", max_samples=2)] == ["a0", "a1", "b0"]
     assert len(load_examples(specs, "sft")) == 6
@@ -270,7 +254,7 @@ def test_max_samples_and_num_samples_per_dataset(tmp_path: Path) -> None:
 
 def test_hub_entry_with_local_file_uses_the_file(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "local.jsonl", [{"instruction": "a", "output": "b"}])
-    write_info(tmp_path, {"h": {"hf_hub_url": "org/data", "file_name": "local.jsonl"}})
+    write_dataset_info(tmp_path, {"h": {"hf_hub_url": "org/data", "file_name": "local.jsonl"}})
     assert len(load_examples(resolve_datasets("h", str(tmp_path)), "sft")) == 1
 
 

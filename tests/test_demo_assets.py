@@ -165,5 +165,6 @@ def test_materialize_smollm2(tmp_path):
     assert "paris" in info["verify_sample"].lower()
     # A second call reuses the folder instead of converting again.
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    assert materialize_smollm2(tmp_path) == folder
+    again = materialize_smollm2(tmp_path)
+    assert again == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp

@@ -12,7 +12,8 @@ from rlhfkit.cli import main
 
 @pytest.mark.slow
 def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path: Path):
-    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    code = main(["demo", "--quick", "--output-dir", str(tmp_path)])
+    assert code == 0
     report = (tmp_path / "report.md").read_text()
     assert "PPO − SFT gold score" in report and "## Samples" in report
     for stage in ("sft", "rm", "ppo"):
@@ -33,10 +34,12 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path: Path):
 
 @pytest.mark.slow
 def test_demo_second_run_reuses_every_stage(tmp_path: Path, capfd):
-    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    code = main(["demo", "--quick", "--output-dir", str(tmp_path)])
+    assert code == 0
     done = {stage: (tmp_path / stage / "demo_stage_done.json").read_text() for stage in ("sft", "rm", "ppo")}
     capfd.readouterr()
-    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    code = main(["demo", "--quick", "--output-dir", str(tmp_path)])
+    assert code == 0
     console = "".join(capfd.readouterr())
     for stage in ("sft", "pairs", "rm", "ppo"):
         assert f"== {stage}: reusing" in console, stage

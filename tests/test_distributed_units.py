@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
+from conftest import OneProcessAccelerator, float64_tolerance, log_softmax_tolerance, random_lora
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.value_head import ModelWithValueHead, ValueHead
 from rlhfkit.rewards.model import active_adapter
@@ -21,19 +22,6 @@ from rlhfkit.rollout import check_generation_supported, full_weights_for_generat
 from rlhfkit.stages.ppo_steps import response_forward
 from rlhfkit.training.batches import rank_share, step_batches
 from rlhfkit.training.distributed import global_masked_whiten, global_sums, micro_batch_context
-
-
-class OneProcess:
-    """The parts of accelerate.Accelerator used here, on one process."""
-
-    device = torch.device("cpu")
-    distributed_type = None
-
-    def reduce(self, tensor, reduction="sum"):
-        return tensor
-
-    def unwrap_model(self, model):
-        return model
 
 
 # ------------------------------------------------------------------------------- data shares
@@ -70,35 +58,36 @@ def test_step_batches_fill_last_tops_up_from_the_same_epoch():
 
 
 def test_global_sums_and_whitening_on_one_process_match_the_definitions():
-    accelerator = OneProcess()
+    accelerator = OneProcessAccelerator()
     assert global_sums(accelerator, 2, torch.tensor(3.5), 0.25) == [2.0, 3.5, 0.25]
-    values = torch.tensor([[1.0, 2.0, 6.0, 9.0], [3.0, -1.0, 5.0, 0.0]])
+    values = torch.tensor([[1.0, 2.0, 6.0, 9.0], [3.0, -1.0, 5.0, 0.0]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     # Masked elements 1, 2, 6, 3, -1: mean 2.2, unbiased variance (1.44+0.04+14.44+0.64+10.24)/4 = 6.7.
     expected = (values - 2.2) / (6.7 + 1e-8) ** 0.5 * mask
+    atol = float64_tolerance(values, 5)  # float64 sums of the 5 masked elements
     whitened = global_masked_whiten(accelerator, values, mask)
-    torch.testing.assert_close(whitened, expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(whitened, masked_whiten(values, mask), atol=1e-6, rtol=0)
+    torch.testing.assert_close(whitened, expected, atol=atol, rtol=0)
+    torch.testing.assert_close(whitened, masked_whiten(values, mask), atol=atol, rtol=0)
     kept = global_masked_whiten(accelerator, values, mask, keep_mean=True)
-    torch.testing.assert_close(kept, (expected + 2.2) * mask, atol=1e-6, rtol=0)
+    torch.testing.assert_close(kept, (expected + 2.2) * mask, atol=atol, rtol=0)
 
 
 # ------------------------------------------------------------------------- adapter switching
 
 
 def _two_adapter_model(model_dir):
+    """A float64 peft model with a trainable `default` adapter and a frozen `reward` one, both non-zero."""
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    model = random_lora(AutoModelForCausalLM.from_pretrained(model_dir), 0, ("q_proj", "v_proj"))
     model.add_adapter("reward", LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"], lora_dropout=0.0))
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B.reward" in name:
                 param.normal_(std=0.3)
     model.base_model.set_adapter("default")  # `default` trainable, `reward` frozen
     for name, param in model.named_parameters():
         param.requires_grad_(".default." in name)
-    return model.eval()
+    return model.double().eval()
 
 
 def test_active_adapter_routes_like_peft_and_leaves_requires_grad_alone(tiny_model_dir):
@@ -111,6 +100,7 @@ def test_active_adapter_routes_like_peft_and_leaves_requires_grad_alone(tiny_mod
             return model(input_ids=ids).logits
 
     policy = logits()
+    atol = float64_tolerance(policy, model.config.hidden_size)  # the same float64 forward, rerouted
     with model.disable_adapter():
         base = logits()
     model.base_model.set_adapter("reward")
@@ -122,23 +112,25 @@ def test_active_adapter_routes_like_peft_and_leaves_requires_grad_alone(tiny_mod
 
     for name, expected in ((None, base), ("reward", reward)):
         with active_adapter(model, name):
-            torch.testing.assert_close(logits(), expected, atol=1e-6, rtol=0)
+            torch.testing.assert_close(logits(), expected, atol=atol, rtol=0)
             assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
-        torch.testing.assert_close(logits(), policy, atol=1e-6, rtol=0)
+        torch.testing.assert_close(logits(), policy, atol=atol, rtol=0)
         assert model.active_adapter == "default"
     with pytest.raises(RuntimeError):  # restored on errors too
         with active_adapter(model, "reward"):
             raise RuntimeError("boom")
-    torch.testing.assert_close(logits(), policy, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(), policy, atol=atol, rtol=0)
 
 
 # --------------------------------------------------------------------- the policy + head module
 
 
 def test_model_with_value_head_gives_what_the_separate_head_gives(tiny_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    """Float64 model and head: the same algebra on both routes, so values agree to float64 rounding and
+    rlhfkit's float32 log-probs and entropies to one float32 log-softmax of these logits."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).double().eval()
     torch.manual_seed(0)
-    head = ValueHead(model.config.hidden_size, zero_init=False)
+    head = ValueHead(model.config.hidden_size, zero_init=False).double()
     combined = ModelWithValueHead(model, head)
     ids = torch.tensor([[0, 0, 5, 17, 40, 33, 8, 61], [9, 9, 44, 81, 23, 50, 3, 27]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
@@ -147,16 +139,21 @@ def test_model_with_value_head_gives_what_the_separate_head_gives(tiny_model_dir
         separate = response_forward(model, head, ids, mask, response, 0.8, with_values=True, with_entropy=True)
         inside = response_forward(combined, None, ids, mask, response, 0.8, with_values=True, with_entropy=True)
         lm_only = response_forward(combined, None, ids, mask, response, 0.8, with_values=False)
-    for a, b in zip(separate, inside):
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
-    torch.testing.assert_close(lm_only[0], separate[0], atol=1e-6, rtol=0)
+        raw = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    lp_atol = log_softmax_tolerance(raw.logits, temperature=0.8)
+    hidden = raw.hidden_states[-1]
+    value_atol = float64_tolerance((hidden * head.summary.weight[0]).abs().sum(-1) + head.summary.bias.abs(),
+                                   model.config.intermediate_size)
+    for a, b, atol in zip(separate, inside, (lp_atol, value_atol, lp_atol)):
+        torch.testing.assert_close(b, a, atol=atol, rtol=0)
+    torch.testing.assert_close(lm_only[0], separate[0], atol=lp_atol, rtol=0)
     assert lm_only[1] is None
     assert combined._no_split_modules == model._no_split_modules
 
 
 def test_generation_weights_on_one_process_are_the_model_itself():
     model = torch.nn.Linear(2, 2)
-    with full_weights_for_generation(OneProcess(), model) as unwrapped:
+    with full_weights_for_generation(OneProcessAccelerator(), model) as unwrapped:
         assert unwrapped is model
 
 
@@ -184,4 +181,4 @@ def test_ppo_refuses_fsdp1_with_a_one_line_message():
         check_generation_supported(accelerator(1))
     assert "\n" not in str(error.value)
     check_generation_supported(accelerator(2))
-    check_generation_supported(OneProcess())
+    check_generation_supported(OneProcessAccelerator())

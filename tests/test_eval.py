@@ -13,48 +13,48 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import (
+    TINY_HIDDEN,
+    TINY_WIDEST,
+    cpu_config,
+    float32_tolerance,
+    raw_scores,
+    write_cpu_config,
+    write_jsonl,
+)
 from rlhfkit.commands.evaluate import RESULTS_FILE, SAMPLES_FILE, run_eval
-from rlhfkit.config import build_config
 from rlhfkit.data import get_template
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.value_head import ValueHead
 from rlhfkit.tracking.summary import bootstrap_interval, summarize
 
-REWARDS = """
-def number(prompts, responses):
-    return [float(p.split()[-1]) for p in prompts]
-
-def length(prompts, responses):
-    return [float(len(r)) for r in responses]
-"""
-
-
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory, tiny_model_dir):
+def assets(tmp_path_factory, tiny_model_dir, reward_functions):
+    """Prompts, reward functions, and a LoRA policy and a LoRA RM with random (non-zero) weights."""
     root = tmp_path_factory.mktemp("eval")
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"instruction": f"rate {n}"}) + "\n" for n in (1, 2, 3, 4)))
-    (root / "rew.py").write_text(REWARDS)
+    write_jsonl(root / "prompts.jsonl", [{"instruction": f"rate {n}"} for n in (1, 2, 3, 4)])
+    (root / "rew.py").write_text(reward_functions.read_text())
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora)
     policy.save_pretrained(root / "policy")
     rm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora)
     rm.save_pretrained(root / "rm")
-    ValueHead(64, zero_init=False).save(root / "rm")
+    ValueHead(TINY_HIDDEN, zero_init=False).save(root / "rm")
     return root
 
 
 def _config(tiny_model_dir, assets, out, **keys):
-    values = dict(model_name_or_path=str(tiny_model_dir), dataset=str(assets / "prompts.jsonl"), output_dir=str(out), max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0,
-                  per_device_eval_batch_size=3, seed=7,
-                  reward_models=[{"path": f"{assets / 'rew.py'}:number", "type": "function", "weight": 0.5,
+    values = dict(model_name_or_path=str(tiny_model_dir), dataset=str(assets / "prompts.jsonl"), output_dir=str(out),
+                  max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, per_device_eval_batch_size=3, seed=7,
+                  reward_models=[{"path": f"{assets / 'rew.py'}:prompt_number", "type": "function", "weight": 0.5,
                                   "name": "number"},
                                  {"path": f"{assets / 'rew.py'}:length", "type": "function", "weight": 2.0,
                                   "name": "length"}])
     values.update(keys)
-    return build_config(values, check=False)
+    return cpu_config(values, check=False)
 
 
 def _rows(output_dir):
@@ -71,6 +71,8 @@ def test_bootstrap_interval_by_hand():
     # 97.5% order statistics of 2000 resamples are 0 and 1.
     assert bootstrap_interval([0.0, 1.0]) == (0.0, 1.0)
     # Fifty 0s and fifty 1s: the mean's standard error is sqrt(0.25 / 100) = 0.05, the interval about 0.5 +- 0.098.
+    # Allowed: 4 standard errors of a 2.5% quantile of 2000 resampled means, sqrt(0.025 * 0.975 / 2000)
+    # / (phi(1.96) / 0.05) = 0.003, plus the means' grid of 0.01: 0.012 + 0.01 ~= 0.02.
     low, high = bootstrap_interval([0.0, 1.0] * 50)
     assert low == pytest.approx(0.5 - 1.96 * 0.05, abs=0.02) and high == pytest.approx(0.5 + 1.96 * 0.05, abs=0.02)
     assert bootstrap_interval([0.0, 1.0] * 50, seed=3) == bootstrap_interval([0.0, 1.0] * 50, seed=3)
@@ -93,15 +95,16 @@ def test_eval_numbers_on_fixed_function_rewards(tiny_model_dir, assets, tmp_path
     assert [r["prompt"] for r in rows] == ["rate 1", "rate 2", "rate 3", "rate 4"]
     for row in rows:
         assert row["scores"] == {"number": float(row["prompt"][-1]), "length": float(len(row["response"]))}
-        assert row["reward"] == pytest.approx(0.5 * float(row["prompt"][-1]) + 2.0 * len(row["response"]))
+        # Halves and small integers: exact in binary floating point.
+        assert row["reward"] == 0.5 * float(row["prompt"][-1]) + 2.0 * len(row["response"])
         # One token per character (special tokens are not decoded), plus the stop token if it ended by itself.
         assert len(row["response"]) + int(row["ended_with_eos"]) <= row["response_length"] <= 6
     summary = results["summary"]
     assert summary["score/number"]["mean"] == 2.5
     assert summary["score/number"]["std"] == pytest.approx(math.sqrt(5.0 / 3.0))
     lengths = [len(r["response"]) for r in rows]
-    assert summary["score/length"]["mean"] == pytest.approx(sum(lengths) / 4)
-    assert summary["reward"]["mean"] == pytest.approx(0.5 * 2.5 + 2.0 * sum(lengths) / 4)
+    assert summary["score/length"]["mean"] == sum(lengths) / 4  # quarters: exact
+    assert summary["reward"]["mean"] == 0.5 * 2.5 + 2.0 * sum(lengths) / 4
     for stats in summary.values():
         assert stats["n"] == 4 and stats["ci_low"] <= stats["mean"] <= stats["ci_high"]
     saved = json.loads((tmp_path / "base" / RESULTS_FILE).read_text())
@@ -123,7 +126,7 @@ def test_compare_two_policies(tiny_model_dir, assets, tmp_path, capsys):
     # The prompt-only reward is the same for both: a zero difference with a zero-width interval.
     assert difference["score/number"] == {"n": 4, "mean": 0.0, "std": 0.0, "ci_low": 0.0, "ci_high": 0.0}
     expected = sum(len(a["response"]) - len(b["response"]) for a, b in zip(policy_rows, base_rows)) / 4
-    assert difference["score/length"]["mean"] == pytest.approx(expected)
+    assert difference["score/length"]["mean"] == expected  # quarters: exact
     printed = capsys.readouterr().out
     assert "score/number" in printed and "difference to" in printed and "95% CI" in printed
 
@@ -134,25 +137,27 @@ def test_lora_reward_model_scores(tiny_model_dir, assets, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     template = get_template(None, tokenizer)
     rm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), assets / "rm").eval()
-    head = ValueHead.load(assets / "rm", 64)
+    head = ValueHead.load(assets / "rm", TINY_HIDDEN)
     rows = _rows(tmp_path / "rm")
     # Rows whose text holds every response token (a sampled special token other than EOS is not decoded).
     complete = [r for r in rows if r["response_length"] == len(r["response"]) + int(r["ended_with_eos"])]
     assert len(complete) >= 2
-    for row in complete:
-        ids = template.encode_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])
-        ids += tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [2] * row["ended_with_eos"]
-        with torch.no_grad():
-            hidden = rm(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1]
-        assert row["scores"]["lora"] == pytest.approx(float(head(hidden[0, -1])), abs=1e-4)
+    sequences = [template.encode_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}])
+                 + tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [2] * row["ended_with_eos"]
+                 for row in complete]
+    expected, magnitudes = raw_scores(rm, head, sequences)
+    # The eval's float32 scores (the adapter merged, padded batches) against the raw model's: float32
+    # rounding relative to the head's summands, over the widest layer (see conftest).
+    scores = torch.tensor([row["scores"]["lora"] for row in complete], dtype=torch.float64)
+    torch.testing.assert_close(scores, expected, atol=float32_tolerance(magnitudes, TINY_WIDEST), rtol=0)
     assert set(results["summary"]) == {"reward", "score/lora", "response_length", "ended_with_eos"}
 
 
 def test_cli_eval(tiny_model_dir, assets, tmp_path):
-    config = tmp_path / "eval.yaml"
-    config.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset: {assets / 'prompts.jsonl'}\n"
-                      f"reward_model: {assets / 'rew.py'}:number\nreward_model_type: function\n"
-                      f"output_dir: {tmp_path / 'out'}\nmax_new_tokens: 4\n")
+    config = write_cpu_config(tmp_path / "eval.yaml", {
+        "model_name_or_path": str(tiny_model_dir), "dataset": str(assets / "prompts.jsonl"),
+        "reward_model": f"{assets / 'rew.py'}:prompt_number", "reward_model_type": "function",
+        "output_dir": str(tmp_path / "out"), "max_new_tokens": 4})
     command = [sys.executable, "-m", "rlhfkit.cli", "eval", str(config), "max_samples=2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

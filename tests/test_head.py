@@ -3,18 +3,21 @@
 import torch
 from accelerate import Accelerator
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from conftest import float64_tolerance, gradient_tolerances, tiny_llama
 from rlhfkit.models.head import reuse_head_output
 from rlhfkit.training.buffers import KeptBuffer
 from rlhfkit.training.optim import allocate_gradients, sparse_embedding_gradients
 
 
-def tiny_lm(tied: bool = True) -> LlamaForCausalLM:
-    torch.manual_seed(5)
-    config = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied, pad_token_id=0)
-    return LlamaForCausalLM(config)
+def tiny_lm(tied: bool = True, dtype=torch.float32) -> LlamaForCausalLM:
+    return tiny_llama(48, seed=5, tied=tied).to(dtype)
+
+
+def _tolerances(grads: dict[str, torch.Tensor], batches: list[torch.Tensor]) -> tuple[float, float]:
+    """Float64 gradients summed over the batches' positions, carried back through the widest layer (32)."""
+    return gradient_tolerances(grads, sum(ids.numel() for ids in batches) * 32, float64_tolerance)
 
 
 def gradients(model: LlamaForCausalLM, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -27,15 +30,18 @@ def gradients(model: LlamaForCausalLM, batches: list[torch.Tensor]) -> dict[str,
 
 
 def test_head_in_place_gradients_equal_nn_linear_tied_and_untied():
+    """Float64: the in-place addmm_ and autograd's nn.Linear sum the same products in other orders."""
     data = torch.Generator().manual_seed(2)
     batches = [torch.randint(0, 48, (3, 9), generator=data) for _ in range(2)]
     for tied in (True, False):
-        plain, reused = tiny_lm(tied), tiny_lm(tied)
+        plain, reused = tiny_lm(tied, torch.float64), tiny_lm(tied, torch.float64)
         accelerator = Accelerator(cpu=True)
         for model in (plain, reused):
-            assert allocate_gradients(accelerator, list(model.parameters()))
+            allocated = allocate_gradients(accelerator, list(model.parameters()))
+            assert allocated
         sparse_embedding_gradients(accelerator, reused)
-        assert reuse_head_output(reused, accumulate=True, output=KeptBuffer(minimum_bytes=0))
+        installed = reuse_head_output(reused, accumulate=True, output=KeptBuffer(minimum_bytes=0))
+        assert installed
         weight = reused.lm_head.weight
         pointer = weight.grad.data_ptr()
         delivered = []  # what autograd still hands the head's weight: the embedding's sparse rows, or nothing
@@ -43,45 +49,57 @@ def test_head_in_place_gradients_equal_nn_linear_tied_and_untied():
         expected, got = gradients(plain, batches), gradients(reused, batches)
         assert weight.grad.data_ptr() == pointer and weight.grad.abs().sum() > 0  # added into the kept buffer
         assert delivered == [True if tied else None] * len(batches)  # no dense gradient through autograd
+        rtol, atol = _tolerances(expected, batches)
         for name in expected:
-            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(got[name], expected[name], rtol=rtol, atol=atol, msg=name)
 
 
 def test_gradient_returned_to_autograd_without_accumulate():
-    plain, reused = tiny_lm(), tiny_lm()
-    assert reuse_head_output(reused, accumulate=False, output=KeptBuffer(minimum_bytes=0))
+    plain, reused = tiny_lm(dtype=torch.float64), tiny_lm(dtype=torch.float64)
+    installed = reuse_head_output(reused, accumulate=False, output=KeptBuffer(minimum_bytes=0))
+    assert installed
     ids = torch.randint(0, 48, (2, 7), generator=torch.Generator().manual_seed(3))
     expected, got = gradients(plain, [ids]), gradients(reused, [ids])  # gradients created by autograd
+    rtol, atol = _tolerances(expected, [ids])
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[name], expected[name], rtol=rtol, atol=atol, msg=name)
 
 
 def test_logits_buffer_is_reused_only_when_nothing_refers_to_it():
-    model = tiny_lm()
+    """The buffer is kept on the CPU (other devices' allocators cache blocks themselves): pinned there."""
+    model = tiny_lm(dtype=torch.float64)
     output = KeptBuffer(minimum_bytes=0)
-    assert reuse_head_output(model, accumulate=False, output=output)
+    installed = reuse_head_output(model, accumulate=False, output=output)
+    assert installed
     ids = torch.randint(0, 48, (2, 6), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        expected = nn.functional.linear(model.model(input_ids=ids).last_hidden_state, model.lm_head.weight)
+        hidden = model.model(input_ids=ids).last_hidden_state  # (b, T, H)
+        expected = nn.functional.linear(hidden, model.lm_head.weight)
+        # float64 rounding of the head's sums over the hidden size, relative to their summands
+        atol = float64_tolerance(hidden.abs() @ model.lm_head.weight.abs().t(), hidden.shape[-1])
         kept = model(input_ids=ids).logits
-        torch.testing.assert_close(kept, expected)
+        assert kept.device.type == "cpu"
+        torch.testing.assert_close(kept, expected, atol=atol, rtol=0)
         second = model(input_ids=ids.flip(0)).logits  # `kept` still refers to the buffer: a new one
         assert second.data_ptr() != kept.data_ptr()
-        torch.testing.assert_close(kept, expected)  # not overwritten
+        torch.testing.assert_close(kept, expected, atol=atol, rtol=0)  # not overwritten
         first_buffer = second.data_ptr()
         del kept, second
         third = model(input_ids=ids).logits
         assert third.data_ptr() == first_buffer  # free again: reused
-        torch.testing.assert_close(third, expected)
+        torch.testing.assert_close(third, expected, atol=atol, rtol=0)
 
 
 def test_heads_outside_the_plain_case_keep_their_forward():
     with_bias = tiny_lm(tied=False)
     with_bias.lm_head = nn.Linear(16, 48, bias=True)
-    assert not reuse_head_output(with_bias, accumulate=True)
+    installed = reuse_head_output(with_bias, accumulate=True)
+    assert not installed
     model = tiny_lm()
-    assert reuse_head_output(model, accumulate=False, output=KeptBuffer(minimum_bytes=0))
-    assert not reuse_head_output(model, accumulate=False)  # installed once
+    installed = reuse_head_output(model, accumulate=False, output=KeptBuffer(minimum_bytes=0))
+    assert installed
+    installed_again = reuse_head_output(model, accumulate=False)
+    assert not installed_again  # installed once
     ids = torch.randint(0, 48, (2, 5), generator=torch.Generator().manual_seed(6))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the plain forward
         logits = model(input_ids=ids).logits
@@ -94,6 +112,7 @@ def test_small_or_non_cpu_requests_are_plain_allocations():
     assert buffer.buffer is None and small.shape == (4, 8)
     large = buffer.take((16, 16), torch.float32, torch.device("cpu"))  # 1 KB: kept
     assert buffer.buffer is not None and large.data_ptr() == buffer.buffer.data_ptr()
-    assert buffer.take((4, 16), torch.float32, torch.device("meta")).device.type == "meta"
+    elsewhere = buffer.take((4, 16), torch.float32, torch.device("meta"))  # off the CPU: a plain allocation
+    assert elsewhere.device.type == "meta" and buffer.buffer.data_ptr() == large.data_ptr()
     buffer.release()
     assert buffer.buffer is None

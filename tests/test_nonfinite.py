@@ -11,18 +11,17 @@ import torch
 
 import rlhfkit.stages.ppo as ppo_stage
 import rlhfkit.stages.sft as sft_stage
-from rlhfkit.config import build_config
+from conftest import cpu_config
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.stages import run_stage
 from rlhfkit.training.control import NonFiniteGuard
 
 
-def _ppo_values(tmp_path: Path, model_dir: Path, jsonl) -> dict:
-    reward = tmp_path / "reward.py"
-    reward.write_text("def reward(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
-    return dict(stage="ppo", model_name_or_path=str(model_dir), finetuning_type="lora",
+@pytest.fixture
+def ppo_values(tmp_path: Path, tiny_model_dir: Path, jsonl, reward_functions) -> dict:
+    return dict(stage="ppo", model_name_or_path=str(tiny_model_dir), finetuning_type="lora",
                 dataset=str(jsonl(tmp_path / "p.jsonl", [{"instruction": f"hi {i}"} for i in range(8)])),
-                reward_model=f"{reward}:reward", reward_model_type="function", per_device_train_batch_size=4,
+                reward_model=f"{reward_functions}:length", reward_model_type="function", per_device_train_batch_size=4,
                 max_steps=4, logging_steps=1, max_new_tokens=4, output_dir=str(tmp_path / "out"), max_bad_steps=2)
 
 
@@ -38,19 +37,19 @@ def _nan_scores_on(monkeypatch, bad_calls: set[int]) -> None:
     monkeypatch.setattr(ppo_stage, "score_batch", patched)
 
 
-def test_nan_reward_skips_that_update_only(tmp_path, tiny_model_dir, jsonl, monkeypatch):
+def test_nan_reward_skips_that_update_only(tmp_path, ppo_values, monkeypatch):
     _nan_scores_on(monkeypatch, {2})
-    final = run_stage(build_config(_ppo_values(tmp_path, tiny_model_dir, jsonl)))
+    final = run_stage(cpu_config(ppo_values))
     records = [json.loads(line) for line in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]
     assert [r["skipped_updates"] for r in records] == [0, 1, 1, 1]
     assert final["skipped_updates"] == 1
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
-def test_consecutive_nan_rewards_stop_the_run(tmp_path, tiny_model_dir, jsonl, monkeypatch):
+def test_consecutive_nan_rewards_stop_the_run(tmp_path, ppo_values, monkeypatch):
     _nan_scores_on(monkeypatch, {1, 2, 3, 4})
     with pytest.raises(RlhfkitError, match="2 consecutive updates had non-finite rewards"):
-        run_stage(build_config(_ppo_values(tmp_path, tiny_model_dir, jsonl)))
+        run_stage(cpu_config(ppo_values))
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
@@ -61,7 +60,7 @@ def test_nan_sft_loss_leaves_weights_untouched(tmp_path, tiny_model_dir, jsonl, 
     values = dict(stage="sft", model_name_or_path=str(tiny_model_dir), finetuning_type="full", max_steps=1,
                   dataset=str(jsonl(tmp_path / "s.jsonl", [{"instruction": "a", "output": "b"}])),
                   output_dir=str(tmp_path / "out"), max_bad_steps=3, learning_rate=0.1)
-    run_stage(build_config(values))
+    run_stage(cpu_config(values))
     from safetensors.torch import load_file
 
     before = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
@@ -71,8 +70,10 @@ def test_nan_sft_loss_leaves_weights_untouched(tmp_path, tiny_model_dir, jsonl, 
 
 def test_guard_counts_and_resets():
     guard = NonFiniteGuard(max_bad_steps=2)
-    assert guard.ok(1.0) and not guard.ok(float("inf")) and guard.ok(0.5)
+    verdicts = [guard.ok(1.0), guard.ok(float("inf")), guard.ok(0.5)]
+    assert verdicts == [True, False, True]
     assert (guard.consecutive, guard.total) == (0, 1)
-    assert not guard.ok(float("nan"))
+    verdict = guard.ok(float("nan"))
+    assert not verdict
     with pytest.raises(RlhfkitError, match="max_bad_steps=2"):
         guard.ok(float("nan"))

@@ -1,5 +1,9 @@
 """Kill-and-resume: a run killed mid-way (SIGKILL or SIGTERM) and resumed ends exactly like an
-uninterrupted one (weights and logged losses), for SFT, RM and PPO."""
+uninterrupted one (weights and logged losses), for SFT, RM and PPO.
+
+Runs are pinned to the CPU (``device: cpu``): the comparison is to the bit, which another device's
+non-deterministic kernels (atomic adds in attention and embedding backward passes) would break.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from conftest import cpu_config, write_cpu_config
 
 STEPS = 8
 
@@ -45,11 +51,6 @@ def _start(config: Path, *overrides: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _write(path: Path, values: dict) -> Path:
-    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
-    return path
-
-
 def _losses(output_dir: Path) -> list[tuple[int, float]]:
     records = [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
     return [(r["current_steps"], r["loss"]) for r in records]
@@ -65,7 +66,8 @@ def _weights(output_dir: Path) -> dict[str, torch.Tensor]:
 def _interrupt_when_checkpointed(process: subprocess.Popen, output_dir: Path, sig: int) -> None:
     deadline = time.time() + 240
     while not (output_dir / "checkpoint-2" / "trainer_state.json").is_file():
-        assert process.poll() is None, f"run ended before its first checkpoint: {process.stderr.read()}"
+        running = process.poll() is None
+        assert running, f"run ended before its first checkpoint: {process.stderr.read()}"
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
     process.send_signal(sig)
@@ -82,10 +84,11 @@ def _interrupt_when_checkpointed(process: subprocess.Popen, output_dir: Path, si
 def test_interrupted_run_resumes_to_identical_result(stage, sig, expected_code, tmp_path, tiny_model_dir, jsonl):
     values = _stage_values(stage, tmp_path, tiny_model_dir, jsonl)
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    straight = _start(_write(tmp_path / "a.yaml", dict(values, output_dir=str(straight_dir))))
-    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    straight = _start(write_cpu_config(tmp_path / "a.yaml", dict(values, output_dir=str(straight_dir))))
+    code = straight.wait(timeout=300)
+    assert code == 0, straight.stderr.read()
 
-    config = _write(tmp_path / "b.yaml", dict(values, output_dir=str(resumed_dir)))
+    config = write_cpu_config(tmp_path / "b.yaml", dict(values, output_dir=str(resumed_dir)))
     killed = _start(config)
     _interrupt_when_checkpointed(killed, resumed_dir, sig)
     assert killed.returncode == expected_code, killed.stderr.read()
@@ -93,8 +96,10 @@ def test_interrupted_run_resumes_to_identical_result(stage, sig, expected_code, 
     assert not list(resumed_dir.glob(".tmp-checkpoint-*")) or sig == signal.SIGKILL
 
     resumed = _start(config, "resume_from_checkpoint=true")
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    assert "resumed from" in resumed.stderr.read()
+    code = resumed.wait(timeout=300)
+    stderr = resumed.stderr.read()
+    assert code == 0, stderr
+    assert "resumed from" in stderr
     assert _losses(resumed_dir) == _losses(straight_dir)
     expected, actual = _weights(straight_dir), _weights(resumed_dir)
     assert expected.keys() == actual.keys()
@@ -104,11 +109,10 @@ def test_interrupted_run_resumes_to_identical_result(stage, sig, expected_code, 
 
 def test_save_total_limit_keeps_the_newest_whole_checkpoints(tmp_path, tiny_model_dir, jsonl):
     from rlhfkit.checkpoint import list_checkpoints
-    from rlhfkit.config import build_config
     from rlhfkit.stages import run_stage
 
     values = _stage_values("sft", tmp_path, tiny_model_dir, jsonl)
-    run_stage(build_config(dict(values, output_dir=str(tmp_path / "out"), save_total_limit=2)))
+    run_stage(cpu_config(dict(values, output_dir=str(tmp_path / "out"), save_total_limit=2)))
     names = [p.name for p in list_checkpoints(tmp_path / "out")]
     assert names == ["checkpoint-4", "checkpoint-6"]
     for name in names:

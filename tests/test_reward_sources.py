@@ -11,10 +11,24 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhfkit.config import build_config
+from conftest import (
+    EOS_ID,
+    TINY_HIDDEN,
+    TINY_WIDEST,
+    OneProcessAccelerator,
+    chat_prompt_ids,
+    cpu_config,
+    float32_tolerance,
+    log_softmax_tolerance,
+    pad_prompts_and_responses,
+    random_lora,
+    random_value_head,
+    raw_scores,
+    write_jsonl,
+)
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.ppo_models import build_ppo_models
@@ -26,9 +40,7 @@ from rlhfkit.stages import run_stage
 from rlhfkit.stages.ppo_steps import response_forward
 from rlhfkit.tracking.trainer_log import read_trainer_log
 
-EOS_ID = 2
-
-
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 
 
 @pytest.fixture(autouse=True)
@@ -186,9 +198,8 @@ def test_api_refuses_non_http_urls(url):
 
 
 def test_ppo_with_api_reward(tiny_model_dir, tmp_path):
-    rows = [{"instruction": f"write {w}{i}"} for w in "abcdefgh" for i in range(2)]
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": f"write {w}{i}"} for w in "abcdefgh"
+                                                    for i in range(2)])
     replies: list[list[float]] = []
 
     def behaviour(number, payload):
@@ -198,7 +209,7 @@ def test_ppo_with_api_reward(tiny_model_dir, tmp_path):
 
     out = tmp_path / "out"
     with RewardServer(behaviour) as server:
-        final = run_stage(build_config(dict(
+        final = run_stage(cpu_config(dict(
             stage="ppo", model_name_or_path=str(tiny_model_dir), dataset=str(data), output_dir=str(out),
             finetuning_type="lora", reward_model=server.url, reward_model_type="api", learning_rate=1e-2,
             per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2, logging_steps=1,
@@ -208,32 +219,14 @@ def test_ppo_with_api_reward(tiny_model_dir, tmp_path):
     log = read_trainer_log(out)
     assert [r["current_steps"] for r in log] == [1, 2]
     for record, reply in zip(log, replies):
-        assert record["score/api"] == pytest.approx(sum(reply) / len(reply), abs=1e-6)
-        assert record["reward"] == pytest.approx(record["score/api"])
-    assert final["reward"] == pytest.approx(log[-1]["reward"])
+        # Quarters, their sum over 8 responses and its eighth are exact in binary floating point.
+        assert record["score/api"] == sum(reply) / len(reply)
+        assert record["reward"] == record["score/api"]
+    assert final["reward"] == log[-1]["reward"]
     assert (out / "adapter_model.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------- model-based sources
-
-
-def _random_lora(model, seed, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")):
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.3)
-    return peft
-
-
-def _random_head(hidden, seed):
-    torch.manual_seed(seed)
-    head = ValueHead(hidden, zero_init=False)
-    with torch.no_grad():
-        head.summary.weight.normal_(std=1.0)
-        head.summary.bias.fill_(0.25)
-    return head
 
 
 @pytest.fixture(scope="module")
@@ -243,10 +236,10 @@ def model_folders(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("sources")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     sft = root / "sft"
-    _random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 1).save_pretrained(sft)
+    random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 1, LORA_TARGETS).save_pretrained(sft)
     rm = root / "rm_lora"
-    _random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 2, ("q_proj", "v_proj")).save_pretrained(rm)
-    _random_head(64, 3).save(rm)
+    random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 2, ("q_proj", "v_proj")).save_pretrained(rm)
+    random_value_head(TINY_HIDDEN, 3, std=1.0, bias=0.25).save(rm)
     tokenizer.save_pretrained(rm)
     # A full RM of another size whose tokenizer has one more token: it re-renders the text itself.
     other = build_tiny_model(root / "rm_full", hidden_size=32, num_heads=2, intermediate_size=64, seed=5)
@@ -256,7 +249,7 @@ def model_folders(tmp_path_factory, tiny_model_dir):
     other_model.resize_token_embeddings(len(other_tokenizer))
     other_model.save_pretrained(other)
     other_tokenizer.save_pretrained(other)
-    _random_head(32, 4).save(other)
+    random_value_head(32, 4, std=1.0, bias=0.25).save(other)
     return {"sft": sft, "rm_lora": rm, "rm_full": other}
 
 
@@ -265,40 +258,32 @@ CONVERSATIONS = [("write a", "abab"), ("hello there", "xyz"), ("q", "a longer re
 
 def _policy_batch(tokenizer, with_eos=(True, False, True)):
     """Left-padded chat prompts and right-padded responses in the policy's tokens."""
-    prompts, responses = [], []
-    for (prompt, reply), eos in zip(CONVERSATIONS, with_eos):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-        responses.append(tokenizer(reply, add_special_tokens=False)["input_ids"] + ([EOS_ID] if eos else []))
-    width_p, width_r = max(map(len, prompts)), max(map(len, responses))
-    ids = torch.zeros(len(prompts), width_p + width_r, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, (p, r) in enumerate(zip(prompts, responses)):
-        ids[row, width_p - len(p):width_p] = torch.tensor(p)
-        ids[row, width_p:width_p + len(r)] = torch.tensor(r)
-        mask[row, width_p - len(p):width_p + len(r)] = 1
+    prompts = [chat_prompt_ids(tokenizer, prompt) for prompt, _ in CONVERSATIONS]
+    responses = [tokenizer(reply, add_special_tokens=False)["input_ids"] + ([EOS_ID] if eos else [])
+                 for (_, reply), eos in zip(CONVERSATIONS, with_eos)]
+    *_, ids, mask = pad_prompts_and_responses(prompts, responses)
     return ScoringBatch(prompts=[p for p, _ in CONVERSATIONS], responses=[r for _, r in CONVERSATIONS],
                         messages=[[{"role": "user", "content": p}] for p, _ in CONVERSATIONS],
                         systems=[None] * len(CONVERSATIONS), sequence_ids=ids, sequence_mask=mask), prompts, responses
 
 
-def _direct_scores(model, head, sequences: list[list[int]]) -> torch.Tensor:
-    """The head on the last hidden state of each unpadded sequence, from the raw model."""
-    scores = []
-    with torch.no_grad():
-        for seq in sequences:
-            out = model(input_ids=torch.tensor([seq]), output_hidden_states=True, use_cache=False)
-            last = out.hidden_states[-1][0, -1].double()
-            scores.append(float(last @ head.summary.weight[0].double() + head.summary.bias[0].double()))
-    return torch.tensor(scores)
+def _assert_scores_match(scores: torch.Tensor, expected: torch.Tensor, magnitudes: torch.Tensor, widest: int,
+                         msg=None) -> None:
+    """rlhfkit's float32 scores (padded batch, its own head) against the raw model's float64 ones.
+
+    Each score is the head's sum of products w_i * h_i of the float32 network's last hidden state,
+    whose layers sum up to `widest` terms: `float32_tolerance` of those summands' magnitude (about 45
+    here, so ~2.5e-4, while switching the RM adapter off moves scores by more than 1e-1, asserted
+    below)."""
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores.double(), expected, rtol=0, atol=float32_tolerance(magnitudes, widest), msg=msg)
 
 
 def _ppo_config(tiny_model_dir, tmp_path, **keys):
     values = dict(stage="ppo", model_name_or_path=str(tiny_model_dir), dataset="unused.jsonl",
                   output_dir=str(tmp_path / "out"), per_device_eval_batch_size=2)
     values.update(keys)
-    return build_config(values)
+    return cpu_config(values)
 
 
 @pytest.mark.parametrize("finetuning_type", ["lora", "full"])
@@ -318,13 +303,14 @@ def test_lora_reward_model_scores_match_the_rm_alone(tiny_model_dir, tmp_path, m
 
     rm_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                          model_folders["rm_lora"]).eval()
-    head = ValueHead.load(model_folders["rm_lora"], 64)
-    expected = _direct_scores(rm_model, head, [p + r for p, r in zip(prompts, responses)])
-    # Merging the adapter into the weights (full policy) rounds differently from applying it on the fly.
-    torch.testing.assert_close(scores, expected.float(), atol=1e-5 if finetuning_type == "lora" else 1e-4, rtol=0)
-    base_only = _direct_scores(AutoModelForCausalLM.from_pretrained(tiny_model_dir), head,
-                               [p + r for p, r in zip(prompts, responses)])
-    assert (base_only - expected).abs().max() > 1e-3  # the RM adapter matters for these scores
+    head = ValueHead.load(model_folders["rm_lora"], TINY_HIDDEN)
+    sequences = [p + r for p, r in zip(prompts, responses)]
+    expected, magnitudes = raw_scores(rm_model, head, sequences)
+    # Merging the adapter into the weights (full policy) rounds each weight once more: the same
+    # relative error as the product's own rounding, so the same tolerance.
+    _assert_scores_match(scores, expected, magnitudes, TINY_WIDEST)
+    base_only, _ = raw_scores(AutoModelForCausalLM.from_pretrained(tiny_model_dir), head, sequences)
+    assert (base_only - expected).abs().max() > 1e-1  # the RM adapter matters for these scores
 
     if finetuning_type == "lora":
         # value_head_init auto: the critic starts from the RM's head.
@@ -345,9 +331,17 @@ def test_lora_reward_model_scores_match_the_rm_alone(tiny_model_dir, tmp_path, m
                 ref_lp, _, _ = response_forward(models.reference, None, ids, mask, response_ids, 1.0,
                                                 with_values=False)
             sft_lp, _, _ = response_forward(sft_model, None, ids, mask, response_ids, 1.0, with_values=False)
+            logits = sft_model(input_ids=ids, attention_mask=mask).logits  # (b, T, v)
+        # The same float32 forward pass on both sides: a float32 log-softmax over the vocabulary of
+        # logits this large, ~4e-5; the base without the SFT adapter differs by more than 1e-1.
         response_mask = mask[:, -response_ids.shape[1]:].bool()
-        torch.testing.assert_close(policy_lp[response_mask], sft_lp[response_mask], atol=1e-5, rtol=0)
-        torch.testing.assert_close(ref_lp[response_mask], sft_lp[response_mask], atol=1e-5, rtol=0)
+        atol = log_softmax_tolerance(logits[:, -response_ids.shape[1] - 1:])
+        torch.testing.assert_close(policy_lp[response_mask], sft_lp[response_mask], atol=atol, rtol=0)
+        torch.testing.assert_close(ref_lp[response_mask], sft_lp[response_mask], atol=atol, rtol=0)
+        base_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        with torch.no_grad():
+            base_lp, _, _ = response_forward(base_model, None, ids, mask, response_ids, 1.0, with_values=False)
+        assert (base_lp - sft_lp)[response_mask].abs().max() > 1e-1  # the SFT adapter matters
         assert policy.active_adapter == "default"
 
 
@@ -362,15 +356,11 @@ def test_full_reward_model_with_its_own_tokenizer(tiny_model_dir, tmp_path, mode
     scores = source.score(batch)
     # Expected: the RM's own rendering of each conversation, scored by the RM alone.
     rm_tokenizer = AutoTokenizer.from_pretrained(folder)
-    sequences = []
-    for prompt, reply in CONVERSATIONS:
-        text = rm_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                add_generation_prompt=True)
-        sequences.append(rm_tokenizer(text, add_special_tokens=False)["input_ids"]
-                         + rm_tokenizer(reply, add_special_tokens=False)["input_ids"] + [EOS_ID])
+    sequences = [chat_prompt_ids(rm_tokenizer, prompt) + rm_tokenizer(reply, add_special_tokens=False)["input_ids"]
+                 + [EOS_ID] for prompt, reply in CONVERSATIONS]
     rm_model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    expected = _direct_scores(rm_model, ValueHead.load(folder, 32), sequences)
-    torch.testing.assert_close(scores, expected.float(), atol=1e-5, rtol=0)
+    expected, magnitudes = raw_scores(rm_model, ValueHead.load(folder, 32), sequences)
+    _assert_scores_match(scores, expected, magnitudes, 64)  # this RM: hidden 32, intermediate 64
     # A head of another size cannot seed the critic: it starts at zero.
     assert float(models.value_head.summary.weight.detach().abs().max()) == 0.0
 
@@ -385,8 +375,8 @@ def test_lora_reward_folder_without_value_head_is_refused(tiny_model_dir, tmp_pa
 
 def test_two_lora_reward_models_each_score_with_their_own_adapter(tiny_model_dir, tmp_path, model_folders):
     second = tmp_path / "rm_lora_2"
-    _random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 7, ("k_proj", "up_proj")).save_pretrained(second)
-    _random_head(64, 8).save(second)
+    random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 7, ("k_proj", "up_proj")).save_pretrained(second)
+    random_value_head(TINY_HIDDEN, 8, std=1.0, bias=0.25).save(second)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(second)
     first = model_folders["rm_lora"]
     config = _ppo_config(tiny_model_dir, tmp_path, finetuning_type="lora", reward_models=[
@@ -397,10 +387,12 @@ def test_two_lora_reward_models_each_score_with_their_own_adapter(tiny_model_dir
     assert [(source.name, weight) for source, weight in models.rewards] == [("one", 1.0), ("two", 0.5)]
     batch, prompts, responses = _policy_batch(tokenizer)
     sequences = [p + r for p, r in zip(prompts, responses)]
+    expected = {}
     for (source, _), folder in zip(models.rewards, (first, second)):
         rm_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder).eval()
-        expected = _direct_scores(rm_model, ValueHead.load(folder, 64), sequences)
-        torch.testing.assert_close(source.score(batch), expected.float(), atol=1e-5, rtol=0, msg=source.name)
+        expected[source.name], magnitudes = raw_scores(rm_model, ValueHead.load(folder, TINY_HIDDEN), sequences)
+        _assert_scores_match(source.score(batch), expected[source.name], magnitudes, TINY_WIDEST, msg=source.name)
+    assert (expected["one"] - expected["two"]).abs().max() > 1e-1  # each adapter (and head) matters
     # The policy is still the trainable default adapter, alone.
     trainable = {n for n, p in models.policy.named_parameters() if p.requires_grad}
     assert trainable and all(".default." in n for n in trainable)
@@ -422,16 +414,10 @@ def test_score_batch_weights_penalty_and_clip(tiny_model_dir, tmp_path):
                          missing_eos_penalty=1.5, reward_clip=2.0)
     batch = _batch(["p"] * 4, ["", "ab", "abcdefgh", "abcdefghijklmnop"])
     ended = torch.tensor([True, False, True, False])
-    scores, stats = score_batch(sources, batch, config, ended, RunningMoments(), StandInAccelerator())
+    scores, stats = score_batch(sources, batch, config, ended, RunningMoments(), OneProcessAccelerator())
     raw = [0.5 * n - 2.0 for n in (0, 2, 8, 16)]                    # [-2, -1, 2, 6]
     penalised = [s - (0.0 if e else 1.5) for s, e in zip(raw, ended.tolist())]  # [-2, -2.5, 2, 4.5]
-    assert scores.tolist() == pytest.approx([max(-2.0, min(2.0, s)) for s in penalised])
-    assert stats["reward"] == pytest.approx(sum(raw) / 4)            # before penalty and clipping
-    assert stats["score/len"] == pytest.approx(6.5) and stats["score/neg"] == pytest.approx(-1.0)
-
-
-class StandInAccelerator:
-    device = torch.device("cpu")
-
-    def reduce(self, tensor, reduction="sum"):
-        return tensor
+    # Halves and their sums are exact in binary floating point.
+    assert scores.tolist() == [max(-2.0, min(2.0, s)) for s in penalised]
+    assert stats["reward"] == sum(raw) / 4            # before penalty and clipping
+    assert stats["score/len"] == 6.5 and stats["score/neg"] == -1.0

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import (
+    EOS_ID,
+    TINY_VOCAB,
+    float32_tolerance,
+    float64_tolerance,
+    log_softmax_tolerance,
+    raw_response_stats,
+)
 from rlhfkit.config import GenerationArguments
 from rlhfkit.models.value_head import ValueHead
 from rlhfkit.rollout import HFGenerator
 from rlhfkit.rollout.sampler import sample_from_probs
-
-PAD, EOS = 0, 2
-
-
 
 
 def _prompts(tokenizer):
@@ -29,62 +32,65 @@ def _prompts(tokenizer):
     return batch["input_ids"], batch["attention_mask"]
 
 
-def _setup(model_dir, lora=False):
+def _setup(model_dir, lora=False, dtype=torch.float32):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     if lora:
+        from peft import LoraConfig, get_peft_model
+
         torch.manual_seed(3)
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                  init_lora_weights=False))
-    model.eval()
+    model.to(dtype).eval()
     torch.manual_seed(1)
-    head = ValueHead(model.config.hidden_size, zero_init=False)
+    head = ValueHead(model.config.hidden_size, zero_init=False).to(dtype)
     return tokenizer, model, head
 
 
 def _exact(model, head, prompt_ids, prompt_mask, response_ids, response_mask, temperature):
-    """Log-probs, values and entropies of each row's real tokens from one plain forward pass."""
-    logprobs = torch.zeros(response_ids.shape)
-    values, entropy = torch.zeros(response_ids.shape), torch.zeros(response_ids.shape)
+    """Float64 log-probs, values and entropies of each row's real tokens from one plain forward pass, and
+    the largest |logit / temperature| among them."""
+    logprobs = torch.zeros(response_ids.shape, dtype=torch.float64)
+    values, entropy = torch.zeros_like(logprobs), torch.zeros_like(logprobs)
+    logit_scale = 0.0
     for row in range(response_ids.shape[0]):
-        prompt = prompt_ids[row][prompt_mask[row].bool()]
-        response = response_ids[row][response_mask[row]]
-        sequence = torch.cat([prompt, response]).unsqueeze(0)
-        with torch.no_grad():
-            output = model(input_ids=sequence, output_hidden_states=True)
-        start, count = len(prompt) - 1, len(response)
-        lsm = torch.log_softmax(output.logits[0, start:start + count] / temperature, -1)  # (count, v)
-        logprobs[row, :count] = lsm.gather(-1, response.unsqueeze(-1)).squeeze(-1)
-        entropy[row, :count] = -(lsm.exp() * lsm).sum(-1)
-        hidden = output.hidden_states[-1][0, start:start + count]  # (count, h)
-        values[row, :count] = hidden @ head.summary.weight[0] + head.summary.bias[0]
-    return logprobs, values, entropy
+        prompt = prompt_ids[row][prompt_mask[row].bool()].tolist()
+        response = response_ids[row][response_mask[row]].tolist()
+        stats = raw_response_stats(model, head, prompt, response, temperature)
+        count = len(response)
+        logprobs[row, :count], values[row, :count], entropy[row, :count] = stats.logprobs, stats.values, stats.entropy
+        logit_scale = max(logit_scale, stats.logit_scale)
+    return logprobs, values, entropy, logit_scale
 
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_recorded_logprobs_values_entropy_equal_a_full_forward_pass(tiny_model_dir, lora):
-    tokenizer, model, head = _setup(tiny_model_dir, lora)
+    """In float64 (the decoding loop's KV cache and the full pass sum in other orders): the recorded
+    float32 log-probs and entropies are one float32 log-softmax of the same logits, the recorded values
+    the float64 values rounded once to float32."""
+    tokenizer, model, head = _setup(tiny_model_dir, lora, torch.float64)
     args = GenerationArguments(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=12)
-    generator = HFGenerator(tokenizer, args, [EOS])
+    generator = HFGenerator(tokenizer, args, [EOS_ID])
     prompt_ids, prompt_mask = _prompts(tokenizer)
     torch.manual_seed(0)
     batch = generator.generate(model, prompt_ids, prompt_mask, record=True, value_head=head)
     assert batch.logprobs.shape == batch.values.shape == batch.entropy.shape == batch.response_ids.shape
-    logprobs, values, entropy = _exact(model, head, prompt_ids, prompt_mask, batch.response_ids,
-                                       batch.response_mask, temperature=0.7)
+    logprobs, values, entropy, logit_scale = _exact(model, head, prompt_ids, prompt_mask, batch.response_ids,
+                                                    batch.response_mask, temperature=0.7)
     mask = batch.response_mask
     assert mask.sum() > 10
+    lp_atol = log_softmax_tolerance(logit_scale, TINY_VOCAB)
     # Log-probs are of the raw logits at the temperature (top-k/top-p only choose the tokens).
-    torch.testing.assert_close(batch.logprobs[mask], logprobs[mask], atol=2e-5, rtol=0)
-    torch.testing.assert_close(batch.values[mask], values[mask], atol=2e-5, rtol=0)
-    torch.testing.assert_close(batch.entropy[mask], entropy[mask], atol=2e-5, rtol=0)
+    torch.testing.assert_close(batch.logprobs[mask].double(), logprobs[mask], atol=lp_atol, rtol=0)
+    torch.testing.assert_close(batch.values[mask].double(), values[mask], atol=float32_tolerance(values[mask]), rtol=0)
+    torch.testing.assert_close(batch.entropy[mask].double(), entropy[mask], atol=lp_atol, rtol=0)
 
 
 def test_greedy_tokens_equal_generate(tiny_model_dir):
     tokenizer, model, head = _setup(tiny_model_dir)
     args = GenerationArguments(do_sample=False, max_new_tokens=10, repetition_penalty=1.3)
-    generator = HFGenerator(tokenizer, args, [EOS])
+    generator = HFGenerator(tokenizer, args, [EOS_ID])
     prompt_ids, prompt_mask = _prompts(tokenizer)
     ours = generator.generate(model, prompt_ids, prompt_mask, record=True, value_head=head)
     theirs = generator.generate(model, prompt_ids, prompt_mask)
@@ -97,15 +103,15 @@ def test_min_new_tokens_keeps_stop_tokens_out(tiny_model_dir):
     tokenizer, model, _ = _setup(tiny_model_dir)
     # Make EOS the likeliest token everywhere: without min_new_tokens every row would stop at once.
     with torch.no_grad():
-        model.lm_head.weight[EOS] = model.lm_head.weight.abs().max() * 10
-        model.model.embed_tokens.weight[EOS] = model.lm_head.weight[EOS]
+        model.lm_head.weight[EOS_ID] = model.lm_head.weight.abs().max() * 10
+        model.model.embed_tokens.weight[EOS_ID] = model.lm_head.weight[EOS_ID]
     args = GenerationArguments(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=6,
                                min_new_tokens=6)
     prompt_ids, prompt_mask = _prompts(tokenizer)
     for record in (True, False):
-        batch = HFGenerator(tokenizer, args, [EOS]).generate(model, prompt_ids, prompt_mask, record=record)
+        batch = HFGenerator(tokenizer, args, [EOS_ID]).generate(model, prompt_ids, prompt_mask, record=record)
         assert batch.response_mask.all() and batch.response_ids.shape == (4, 6)
-        assert not (batch.response_ids == EOS).any()
+        assert not (batch.response_ids == EOS_ID).any()
 
 
 def test_inverse_cdf_sampling_frequencies():
@@ -134,11 +140,13 @@ def test_fast_path_samples_generate_distribution():
     settings = SamplingSettings(max_new_tokens=8, stop_token_ids=[2, 5], pad_token_id=0, temperature=0.7,
                                 min_new_tokens=3)
     assert logits_processors(settings, prompt_length=4) is None
-    logits = torch.randn(3, 11, generator=torch.Generator().manual_seed(4))
+    logits = torch.randn(3, 11, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     stop_ids = torch.tensor([2, 5])
     hf = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(4, 3, [2, 5]), TemperatureLogitsWarper(0.7)])
+    atol = float64_tolerance(logits / 0.7, logits.shape[-1])  # float64: a softmax of these logits
     for generated, ban in ((1, True), (3, False)):
         sequence = torch.zeros(3, 4 + generated, dtype=torch.long)
         expected = torch.softmax(hf(sequence, logits.clone()), -1)
         _, _, sampling = recorded_distribution(logits, 0.7, stop_ids, ban_stops=ban)
-        torch.testing.assert_close(sampling / sampling.sum(-1, keepdim=True), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(sampling / sampling.sum(-1, keepdim=True), expected, atol=atol, rtol=0)
+        assert (expected[:, [2, 5]] == 0).all() == ban  # the minimum length really bans the stop tokens

@@ -9,8 +9,7 @@ import math
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+from conftest import PNG_MAGIC, read_events
 from rlhfkit.config import build_config
 from rlhfkit.tracking.plots import curve, plot_file_name, smooth, smoothing_weight
 from rlhfkit.tracking.progress import console_line, format_stats
@@ -18,19 +17,10 @@ from rlhfkit.tracking.samples import read_samples, sample_rows
 from rlhfkit.tracking.tensorboard import RUNS_DIR, samples_table, scalar_tag
 from rlhfkit.tracking.trainer_log import TrainerLog, read_trainer_log
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
 def _config(tmp_path, **keys):
     values = dict(stage="ppo", model_name_or_path="m", dataset="d", output_dir=str(tmp_path), reward_model="x:y",
                   reward_model_type="function")
     return build_config({**values, **keys})
-
-
-def _events(log_dir) -> EventAccumulator:
-    accumulator = EventAccumulator(str(log_dir))
-    accumulator.Reload()
-    return accumulator
 
 
 class FakeTerminal(io.StringIO):
@@ -110,7 +100,7 @@ def test_trainer_log_writes_everything(tmp_path, caplog):
     records = read_trainer_log(tmp_path)
     assert [r["current_steps"] for r in records] == [1, 2, 3] and records[-1]["percentage"] == 100.0
     # TensorBoard: a scalar per statistic, the samples table as text.
-    events = _events(tmp_path / RUNS_DIR)
+    events = read_events(tmp_path / RUNS_DIR)
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/reward", "train/kl", "train/score/rm", "train/policy_loss", "train/lr",
             "train/epoch", "train/seconds_per_step"} <= scalars
@@ -130,7 +120,8 @@ def test_trainer_log_writes_everything(tmp_path, caplog):
                                                  "response_length")}
     for path in plots:
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
-    assert log.close() == []  # closing twice writes nothing new
+    plots_again = log.close()
+    assert plots_again == []  # closing twice writes nothing new
 
 
 def test_nothing_written_by_other_ranks_or_without_keys(tmp_path):
@@ -138,10 +129,12 @@ def test_nothing_written_by_other_ranks_or_without_keys(tmp_path):
     log = TrainerLog(tmp_path / "a", 2, enabled=False, config=config, stream=FakeTerminal())
     log.log(1, {"loss": 1.0})
     log.log_samples(1, ["p"], ["r"], {}, [0.0], [0.0])
-    assert log.close() == [] and not (tmp_path / "a").exists() and log.progress.bar is None
+    plots = log.close()
+    assert plots == [] and not (tmp_path / "a").exists() and log.progress.bar is None
     log = TrainerLog(tmp_path / "b", 2, config=_config(tmp_path / "b"), stream=io.StringIO())
     log.log(1, {"loss": 1.0})
-    assert log.close() == []
+    plots = log.close()
+    assert plots == []
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["trainer_log.jsonl"]
 
 
@@ -169,5 +162,6 @@ def test_old_signature_still_works(tmp_path):
     record = log.log(5, {"loss": torch.tensor(0.5), "bad": math.nan})
     assert record["loss"] == 0.5 and record["bad"] is None and record["percentage"] == 50.0
     assert json.loads((tmp_path / "trainer_log.jsonl").read_text())["current_steps"] == 5
-    assert log.close() == []
+    plots = log.close()
+    assert plots == []
 
