@@ -19,7 +19,7 @@ class MallInfo2(ctypes.Structure):
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
-from rlhfkit.training.allocator import keep_freed_memory
+from rlhfkit.cpu.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "tuned" else False
 import torch
 x = torch.empty(1 << 22, device="cpu")  # 16 MB
@@ -58,18 +58,22 @@ def test_users_malloc_settings_win(env):
 
 
 THP_PROBE = """
-import rlhfkit, torch
+import sys
+from rlhfkit.cpu.allocator import request_huge_pages
+if sys.argv[1] == "request":
+    request_huge_pages()  # what the command-line entry does before torch is imported
+import torch
 x = torch.empty(1 << 24, device="cpu").fill_(1.0)  # 64 MB
 rollup = open("/proc/self/smaps_rollup").read().splitlines()
 print(next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages")) >> 10)
 """
 
 
-def huge_page_mb(**env) -> int:
+def huge_page_mb(mode: str = "request", **env) -> int:
     environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     environment.update(NO_GPU, **env)
-    return int(subprocess.run([sys.executable, "-c", THP_PROBE], capture_output=True, text=True, env=environment,
-                              check=True).stdout)
+    return int(subprocess.run([sys.executable, "-c", THP_PROBE, mode], capture_output=True, text=True,
+                              env=environment, check=True).stdout)
 
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -77,8 +81,10 @@ THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 @pytest.mark.skipif(not THP_MODE.is_file() or "[madvise]" not in THP_MODE.read_text(),
                     reason="transparent huge pages on request (madvise mode) only")
-def test_importing_rlhfkit_first_gives_large_tensors_huge_pages():
-    default = huge_page_mb()
-    assert default >= 32
+def test_huge_pages_requested_before_torch_give_large_tensors_huge_pages():
+    requested = huge_page_mb()
+    assert requested >= 32
+    not_requested = huge_page_mb("import-only")
+    assert not_requested == 0  # importing rlhfkit alone asks for nothing
     disabled = huge_page_mb(THP_MEM_ALLOC_ENABLE="0")
     assert disabled == 0  # the user's setting wins

@@ -144,8 +144,10 @@ def test_tokenize_prompts(tok, chatml) -> None:
         "input_ids": enc(tok, "<|im_start|>system\nS<|im_end|>\n" + PROMPT_HI),
         "messages": [user("Hi")],
         "system": "S",
+        "answer": None,
     }
     assert samples[1]["input_ids"] == enc(tok, PROMPT_HI) and samples[1]["messages"] == [user("Hi")]
+    assert samples[1]["answer"] == "dropped reply"  # kept as the reference answer for rule-checked rewards
     assert (stats.kept, stats.dropped_too_long) == (2, 1)
     with pytest.raises(RlhfkitError, match="p.jsonl line 3") as err:
         tokenize_prompts(examples, tok, chatml, cutoff_len=60, overlong="error")

@@ -6,9 +6,9 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from conftest import float64_tolerance, gradient_tolerances, tiny_llama
-from rlhfkit.models.head import reuse_head_output
-from rlhfkit.training.buffers import KeptBuffer
-from rlhfkit.training.optim import allocate_gradients, sparse_embedding_gradients
+from rlhfkit.cpu.buffers import KeptBuffer
+from rlhfkit.cpu.gradients import allocate_gradients, sparse_embedding_gradients
+from rlhfkit.cpu.head import reuse_head_output
 
 
 def tiny_lm(tied: bool = True, dtype=torch.float32) -> LlamaForCausalLM:
@@ -37,9 +37,9 @@ def test_head_in_place_gradients_equal_nn_linear_tied_and_untied():
         plain, reused = tiny_lm(tied, torch.float64), tiny_lm(tied, torch.float64)
         accelerator = Accelerator(cpu=True)
         for model in (plain, reused):
-            allocated = allocate_gradients(accelerator, list(model.parameters()))
+            allocated = allocate_gradients(list(model.parameters()))
             assert allocated
-        sparse_embedding_gradients(accelerator, reused)
+        sparse_embedding_gradients(reused)
         installed = reuse_head_output(reused, accumulate=True, output=KeptBuffer(minimum_bytes=0))
         assert installed
         weight = reused.lm_head.weight

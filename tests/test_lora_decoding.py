@@ -5,7 +5,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from conftest import float64_tolerance
-from rlhfkit.models.lora_decoding import lean_lora_decoding
+from rlhfkit.cpu.lora_decoding import lean_lora_decoding
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 

@@ -1,5 +1,6 @@
-"""Gradient buffers allocated once (`allocate_gradients`), sparse embedding gradients added into
-them (`sparse_embedding_gradients`) and `clip_and_step`'s in-place zeroing."""
+"""Gradient buffers allocated once (`cpu.gradients.allocate_gradients`), sparse embedding gradients
+added into them (`sparse_embedding_gradients`), only where the CPU speed-ups apply, and
+`clip_and_step`'s in-place zeroing."""
 
 from types import SimpleNamespace
 
@@ -11,13 +12,9 @@ from transformers import LlamaForCausalLM
 
 from conftest import CPU, float64_tolerance, tiny_llama
 from rlhfkit.config import TrainingArguments
-from rlhfkit.training.optim import (
-    allocate_gradients,
-    build_optimizer,
-    build_scheduler,
-    clip_and_step,
-    sparse_embedding_gradients,
-)
+from rlhfkit.cpu.gradients import allocate_gradients, sparse_embedding_gradients
+from rlhfkit.cpu.speedups import CpuSpeedups
+from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_and_step
 
 
 def tiny_net(seed: int) -> nn.Module:
@@ -55,7 +52,7 @@ def train(net: nn.Module, keep: bool, steps: int = 3) -> list[float]:
     """`steps` AdamW steps, each over two accumulated micro-batches, clipped; returns the norms."""
     accelerator = Accelerator(cpu=True)
     setup = training_setup(net, 0.5, steps)
-    kept = allocate_gradients(accelerator, setup[3]) if keep else False
+    kept = allocate_gradients(setup[3]) if keep else False
     assert kept == keep
     data = torch.Generator().manual_seed(7)
 
@@ -69,7 +66,7 @@ def train(net: nn.Module, keep: bool, steps: int = 3) -> list[float]:
 def test_gradients_are_zeroed_views_of_one_buffer_that_survive_each_step():
     net = tiny_net(0)
     params = [p for p in net.parameters() if p.requires_grad]
-    allocated = allocate_gradients(SimpleNamespace(distributed_type=DistributedType.NO), params)
+    allocated = allocate_gradients(params)
     assert allocated
     assert net[0].bias.grad is None
     storage = {p.grad.untyped_storage().data_ptr() for p in params}
@@ -100,8 +97,10 @@ def test_sharded_training_keeps_its_own_gradient_storage():
     net = tiny_net(2)
     params = [p for p in net.parameters() if p.requires_grad]
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        allocated = allocate_gradients(SimpleNamespace(distributed_type=kind), params)
-        assert not allocated
+        accelerator = SimpleNamespace(device=CPU, num_processes=1, distributed_type=kind)
+        speedups = CpuSpeedups.for_run("auto", accelerator)
+        allocated = speedups.gradient_block(net, params)
+        assert not allocated and not speedups.keep_gradients
     assert all(p.grad is None for p in params)
 
 
@@ -113,11 +112,11 @@ def train_lm(model: LlamaForCausalLM, sparse: bool, steps: int = 3) -> list[floa
     """AdamW steps over two accumulated micro-batches (pad tokens included), gradients kept in one buffer."""
     accelerator = Accelerator(cpu=True)
     setup = training_setup(model, 1.0, steps)
-    allocated = allocate_gradients(accelerator, setup[3])
+    allocated = allocate_gradients(setup[3])
     assert allocated
     embedding = model.get_input_embeddings()
     if sparse:
-        switched = sparse_embedding_gradients(accelerator, model)
+        switched = sparse_embedding_gradients(model)
         assert switched == 1
     else:
         assert not embedding.sparse
@@ -156,16 +155,15 @@ def test_sparse_embedding_gradients_train_like_dense_ones_in_the_same_buffer():
 def test_sparse_embedding_gradients_only_into_dense_buffers_on_one_process():
     model = tiny_tied_lm()
     embedding = model.get_input_embeddings()
-    one = Accelerator(cpu=True)
-    switched = sparse_embedding_gradients(one, model)
+    switched = sparse_embedding_gradients(model)
     assert switched == 0  # no buffer allocated: the gradient would stay sparse
     params = [p for p in model.parameters() if p.requires_grad]
-    allocated = allocate_gradients(one, params)
+    for accelerator in (SimpleNamespace(device=CPU, num_processes=2, distributed_type=DistributedType.MULTI_CPU),
+                        SimpleNamespace(device=CPU, num_processes=1, distributed_type=DistributedType.DEEPSPEED)):
+        allocated = CpuSpeedups.for_run("auto", accelerator).gradient_block(model, params)
+        assert not allocated and not embedding.sparse  # several processes or sharded: nothing switched
+    allocated = allocate_gradients(params)
     assert allocated
-    for accelerator in (SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU),
-                        SimpleNamespace(num_processes=1, distributed_type=DistributedType.DEEPSPEED)):
-        switched = sparse_embedding_gradients(accelerator, model)
-        assert switched == 0
     embedding.weight.requires_grad_(False)  # frozen (LoRA): nothing to switch
-    switched = sparse_embedding_gradients(one, model)
+    switched = sparse_embedding_gradients(model)
     assert switched == 0 and not embedding.sparse

@@ -192,9 +192,8 @@ def test_chunked_rollout_evaluation_equals_unchunked(tiny_model_dir, kind):
         plain_base = policy = base
         reference_context = contextlib.nullcontext
     _, _, response, response_mask, ids, mask = pad_prompts_and_responses(PROMPTS, RESPONSES, PAD_ID)
-    one = evaluate_rollout(policy, head, policy, reference_context, ids, mask, response, 1.0, chunk_size=1)
-    eight = evaluate_rollout(policy, head, policy, reference_context, ids, mask, response, 1.0, chunk_size=8)
-    three = evaluate_rollout(policy, head, policy, reference_context, ids, mask, response, 1.0, chunk_size=3)
+    one, eight, three = (vars(evaluate_rollout(policy, head, policy, reference_context, ids, mask, response, 1.0,
+                                               chunk_size=chunk)) for chunk in (1, 8, 3))  # Evaluation fields
     assert set(one) == {"logprobs", "values", "entropy", "ref_logprobs"}
     # Each row against the raw model on the unpadded sequence.
     rows = [(raw_response_stats(policy, head, prompt, reply, 1.0), raw_response_stats(plain_base, None, prompt, reply,

@@ -31,7 +31,7 @@ from conftest import (
 )
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.loading import load_tokenizer
-from rlhfkit.models.ppo_models import build_ppo_models
+from rlhfkit.stages.ppo_models import build_ppo_models
 from rlhfkit.models.tiny import build_tiny_model
 from rlhfkit.models.value_head import ValueHead
 from rlhfkit.rewards.api import ApiReward

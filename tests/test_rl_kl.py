@@ -33,9 +33,16 @@ def test_k3_is_non_negative():
 
 
 def test_unknown_estimator_names_allowed_values():
-    assert KL_ESTIMATORS == ("k1", "k3")
-    with pytest.raises(ValueError, match="k1.*k3"):
-        kl_penalty(torch.zeros(1, 1), torch.zeros(1, 1), "k2")
+    assert KL_ESTIMATORS == ("k1", "k2", "k3")
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        kl_penalty(torch.zeros(1, 1), torch.zeros(1, 1), "k4")
+
+
+def test_k2_is_half_the_squared_log_ratio():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64)
+    ref_logprobs = torch.tensor([[-2.0, -1.0, -0.5]], dtype=torch.float64)  # log ratio ref - lp = [-1, 1, 0]
+    expected = torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(kl_penalty(logprobs, ref_logprobs, "k2"), expected, atol=0, rtol=0)
 
 
 def test_adaptive_kl_two_steps():

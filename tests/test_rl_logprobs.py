@@ -168,7 +168,8 @@ def test_no_grad_blocks_equal_one_whole_pass(monkeypatch):
 
 
 def test_logprobs_with_a_kept_buffer_equal_and_reuse_it_after_each_backward():
-    from rlhfkit.training.buffers import KeptBuffer
+    from rlhfkit.cpu.buffers import KeptBuffer
+    from rlhfkit.cpu.logprobs import buffered_logprobs_from_logits
 
     buffer = KeptBuffer(minimum_bytes=0)  # tiny tensors kept too
     generator = torch.Generator().manual_seed(9)
@@ -179,7 +180,7 @@ def test_logprobs_with_a_kept_buffer_equal_and_reuse_it_after_each_backward():
         weights = torch.randn(2, 3, generator=generator)
         plain, kept = logits.clone().requires_grad_(), logits.clone().requires_grad_()
         (logprobs_from_logits(plain, labels, 0.7) * weights).sum().backward()
-        out = logprobs_from_logits(kept, labels, 0.7, buffer=buffer)
+        out = buffered_logprobs_from_logits(kept, labels, 0.7, buffer=buffer)
         pointers.append(buffer.buffer.data_ptr())
         assert buffer.buffer.device.type == "cpu"  # the buffer is kept on the CPU only
         atol = log_softmax_tolerance(logits, temperature=0.7)  # the same log-softmax, into another tensor

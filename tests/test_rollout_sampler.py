@@ -23,7 +23,7 @@ from conftest import (
 from rlhfkit.config import GenerationArguments
 from rlhfkit.models.value_head import ValueHead
 from rlhfkit.rollout import HFGenerator
-from rlhfkit.rollout.sampler import sample_from_probs
+from rlhfkit.cpu.sampling import sample_from_probs
 
 
 def _prompts(tokenizer):

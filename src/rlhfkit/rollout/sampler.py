@@ -91,15 +91,17 @@ def logits_processors(settings: SamplingSettings, prompt_length: int) -> LogitsP
 
 def recorded_distribution(logits: torch.Tensor, temperature: float, stop_ids: torch.Tensor, ban_stops: bool):
     """From raw logits ``(b, v)``: ``log_softmax(logits / temperature)``, its exponential, and the
-    (unnormalised) sampling probabilities when no processor but temperature and minimum length
-    applies: the same with stop tokens zeroed while `ban_stops`.
+    sampling probabilities when no processor but temperature and minimum length applies: the same,
+    or while `ban_stops` the softmax with the stop tokens' logits at -inf (renormalised over the
+    other tokens, as `generate`'s minimum-length processor does; zeroing the stop tokens'
+    probabilities instead would leave nothing to sample where they hold almost all the mass).
     """
-    lsm = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)  # (b, v)
+    scaled = logits / temperature if temperature != 1.0 else logits
+    lsm = torch.log_softmax(scaled, dim=-1)  # (b, v)
     probs = torch.exp(lsm)  # (b, v)
     sampling = probs
     if ban_stops:
-        sampling = probs.clone()
-        sampling[:, stop_ids] = 0.0
+        sampling = torch.softmax(scaled.index_fill(-1, stop_ids, float("-inf")), dim=-1)
     return lsm, probs, sampling
 
 
