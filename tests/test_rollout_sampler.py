@@ -150,3 +150,22 @@ def test_fast_path_samples_generate_distribution():
         _, _, sampling = recorded_distribution(logits, 0.7, stop_ids, ban_stops=ban)
         torch.testing.assert_close(sampling / sampling.sum(-1, keepdim=True), expected, atol=atol, rtol=0)
         assert (expected[:, [2, 5]] == 0).all() == ban  # the minimum length really bans the stop tokens
+
+
+def test_banned_stop_tokens_leave_the_others_renormalised_even_when_they_held_all_the_mass():
+    """Row 0 an ordinary row (stop probabilities zeroed, the rest as they were);
+    row 1 a stop token 2000 nats above the rest, whose other probabilities underflow in exp(lsm):
+    the sampling row is then the softmax over the others (uniform here), not all zeros."""
+    from rlhfkit.rollout.sampler import recorded_distribution
+
+    logits = torch.tensor([[1.0, 2.0, 0.5, 3.0], [0.0, 0.0, 0.0, 2000.0]], dtype=torch.float32)
+    stop_ids = torch.tensor([3])
+    lsm, probs, sampling = recorded_distribution(logits, 1.0, stop_ids, ban_stops=True)
+    expected_row0 = torch.softmax(logits[0].double(), -1)
+    expected_row0[3] = 0.0
+    torch.testing.assert_close(sampling[0].double(), expected_row0, rtol=float32_tolerance(1.0, 4), atol=0)
+    assert probs[1, :3].sum() == 0  # underflowed: zeroing the stop token would leave nothing
+    torch.testing.assert_close(sampling[1], torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]), rtol=0,
+                               atol=float32_tolerance(1.0, 4))
+    _, plain, unbanned = recorded_distribution(logits, 1.0, stop_ids, ban_stops=False)
+    assert unbanned is plain  # nothing banned: the recorded probabilities themselves

@@ -89,19 +89,31 @@ def logits_processors(settings: SamplingSettings, prompt_length: int) -> LogitsP
     return processors
 
 
+# Below this much probability left after a ban, entries that underflowed to 0 could matter: such
+# rows are renormalised in log space instead. Above it, whatever underflowed (each < 1e-38) weighs
+# less than 1e-8 of what is left, below float32's resolution.
+MIN_REMAINING_MASS = 1e-30
+
+
 def recorded_distribution(logits: torch.Tensor, temperature: float, stop_ids: torch.Tensor, ban_stops: bool):
     """From raw logits ``(b, v)``: ``log_softmax(logits / temperature)``, its exponential, and the
-    sampling probabilities when no processor but temperature and minimum length applies: the same,
-    or while `ban_stops` the softmax with the stop tokens' logits at -inf (renormalised over the
-    other tokens, as `generate`'s minimum-length processor does; zeroing the stop tokens'
-    probabilities instead would leave nothing to sample where they hold almost all the mass).
+    (unnormalised) sampling probabilities when no processor but temperature and minimum length
+    applies: the same with the stop tokens zeroed while `ban_stops` (what `generate`'s
+    minimum-length processor gives after normalisation). A row whose stop tokens held all but
+    `MIN_REMAINING_MASS` of the probability is recomputed as the softmax with their logits at
+    -inf, as the zeroed probabilities of the other tokens may have underflowed.
     """
     scaled = logits / temperature if temperature != 1.0 else logits
     lsm = torch.log_softmax(scaled, dim=-1)  # (b, v)
     probs = torch.exp(lsm)  # (b, v)
     sampling = probs
     if ban_stops:
-        sampling = torch.softmax(scaled.index_fill(-1, stop_ids, float("-inf")), dim=-1)
+        sampling = probs.clone()
+        sampling[:, stop_ids] = 0.0
+        starved = sampling.sum(-1) < MIN_REMAINING_MASS  # (b,)
+        if bool(starved.any()):
+            banned = torch.softmax(scaled[starved].index_fill(-1, stop_ids, float("-inf")), dim=-1)
+            sampling[starved] = banned
     return lsm, probs, sampling
 
 
