@@ -52,8 +52,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import rlhfkit  # first, as in the `rlhfkit` command: it sets PyTorch's allocation switches
-import torch
+# As the `rlhfkit` command does before torch is imported (cpu_speedups: auto): transparent huge pages
+# for large CPU tensors. (Older trees set it on `import rlhfkit`; setdefault leaves a user's value.)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import rlhfkit  # noqa: E402
+import torch  # noqa: E402
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
