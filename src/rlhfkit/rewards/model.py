@@ -9,7 +9,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 
 from rlhfkit.data import collate_prompts
-from rlhfkit.models.compile import eager_blocks
 from rlhfkit.models.forward import sequence_scores
 from rlhfkit.models.value_head import ValueHead
 from rlhfkit.rewards.base import ScoringBatch
@@ -62,9 +61,7 @@ class SharedBaseReward:
     def score(self, batch: ScoringBatch) -> torch.Tensor:
         scores = []
         device = self.value_head.summary.weight.device
-        # Compiled blocks (torch_compile) guard on the active adapter: the reward adapter's passes
-        # would recompile them (past dynamo's limit on a long run), so they run eagerly.
-        with active_adapter(self.model, self.adapter_name), eager_blocks():
+        with active_adapter(self.model, self.adapter_name):
             for begin in range(0, batch.sequence_ids.shape[0], self.chunk_size):
                 ids = batch.sequence_ids[begin:begin + self.chunk_size].to(device)
                 mask = batch.sequence_mask[begin:begin + self.chunk_size].to(device)
