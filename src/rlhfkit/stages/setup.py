@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from accelerate import Accelerator
 from torch import nn
@@ -62,6 +62,19 @@ class Training:
                              self.config.training.max_grad_norm, self.params, skip=skip,
                              keep_gradients=self.speedups.keep_gradients)
         return norm, not skip and self.guard.ok(norm, what="gradients", step=step)
+
+    def end_step(self, step: int, total_steps: int, stats: dict[str, Any],
+                 evaluate: Callable[[], dict[str, float]] | None = None) -> None:
+        """After optimizer step `step`: `evaluate()` into `stats` every eval_steps (not at the last
+        step, which the stage evaluates itself), advance the progress, log every logging_steps (and
+        at the first and last steps and after an evaluation), checkpoint when due or signalled."""
+        if evaluate is not None and self.config.training.eval_steps and step % self.config.training.eval_steps == 0 \
+                and step < total_steps:
+            stats.update(evaluate())
+        self.log.advance(step)
+        if step % self.config.output.logging_steps == 0 or step in (1, total_steps) or "eval_loss" in stats:
+            self.log.log(step, stats)
+        self.after_step(step, total_steps)
 
     def after_step(self, step: int, total_steps: int, state: dict[str, Any] | None = None) -> None:
         """Checkpoint when due or signalled (with the guard's and the stage's `state`)."""

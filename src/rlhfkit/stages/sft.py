@@ -68,6 +68,10 @@ def run_sft(config: Config) -> dict[str, float]:
                           {"model": model}, tokenizer, total_steps, console_keys=("loss", "eval_loss")) as run:
         logger.info("sft: %d train / %d eval samples, %d steps of %d samples", len(data.train), len(data.eval),
                     total_steps, samples_per_step)
+        def evaluate() -> dict[str, float]:
+            return {"eval_loss": evaluate_sft(run.model, data.eval, t.per_device_eval_batch_size,
+                                              tokenizer.pad_token_id, accelerator.device)}
+
         # 4. loop
         run.model.train()
         for batch_plan in step_batches(len(data.train), samples_per_step, t.seed, start_step=run.resumed["step"]):
@@ -78,19 +82,12 @@ def run_sft(config: Config) -> dict[str, float]:
             grad_norm, _ = run.optimizer_step(step_loss, step)
             stats = {"loss": step_loss, "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0],
                      "epoch": round(batch_plan.epoch, 4), "skipped_steps": run.guard.total}
-            if data.eval and t.eval_steps and step % t.eval_steps == 0 and step < total_steps:
-                stats["eval_loss"] = evaluate_sft(run.model, data.eval, t.per_device_eval_batch_size,
-                                                  tokenizer.pad_token_id, accelerator.device)
-            run.log.advance(step)
-            if step % config.output.logging_steps == 0 or step in (1, total_steps) or "eval_loss" in stats:
-                run.log.log(step, stats)
-            run.after_step(step, total_steps)
+            run.end_step(step, total_steps, stats, evaluate=evaluate if data.eval else None)
         # 5. evaluate and save
         run.log.close()  # progress bar, TensorBoard, plots
         final = {"train_loss": run.log.history[-1]["loss"] if run.log.history else float("nan")}
         if data.eval:
-            final["eval_loss"] = evaluate_sft(run.model, data.eval, t.per_device_eval_batch_size,
-                                              tokenizer.pad_token_id, accelerator.device)
+            final.update(evaluate())
             logger.info("eval_loss=%.4f", final["eval_loss"])
         save_trained(accelerator, run.model, {"model": model}, tokenizer, output_dir)
     return final
