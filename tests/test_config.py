@@ -85,3 +85,14 @@ def test_every_key_documented_and_reference_current():
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
     reference = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert reference.read_text() == render_reference(), "regenerate docs/configuration.md"
+
+
+def test_the_config_knows_the_estimators_and_aggregations_rl_implements():
+    """config/ cannot import rl/ (torch), so its lists are copies: they must stay the same."""
+    from rlhfkit.config import validation
+    from rlhfkit.rl import KL_ESTIMATORS, estimators, policy_losses
+
+    assert validation.ADVANTAGE_ESTIMATORS == estimators.ADVANTAGE_ESTIMATORS
+    assert validation.GROUP_ESTIMATORS == estimators.GROUP_ADVANTAGE_ESTIMATORS
+    assert validation.LOSS_AGGREGATIONS == policy_losses.LOSS_AGGREGATIONS
+    assert KL_ESTIMATORS == ("k1", "k2", "k3")

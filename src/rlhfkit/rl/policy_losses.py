@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhfkit.rl.kl import kl_penalty
+from rlhfkit.rl.kl import KL_ESTIMATORS, kl_penalty
 from rlhfkit.rl.stats import masked_mean, masked_sum
 
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
-KL_LOSS_ESTIMATORS = ("k1", "k2", "k3")
+KL_LOSS_ESTIMATORS = KL_ESTIMATORS
 
 
 def aggregate_loss(
@@ -90,8 +90,8 @@ def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str
         k2 = 0.5 * d^2                (biased value; gradient -d * grad(d) = (logprobs - ref) * grad(logprobs))
         k3 = exp(d) - d - 1           (unbiased, >= 0; GRPO's estimator; gradient (1 - exp(d)) * grad(logprobs))
 
-    k1 and k3 come from ``rl.kl.kl_penalty``; k2 is Schulman's "k2" (2020, "Approximating
-    KL Divergence"). The gradient flows through ``logprobs`` only; ``ref_logprobs`` should
+    All three come from ``rl.kl.kl_penalty`` (Schulman 2020, "Approximating KL Divergence").
+    The gradient flows through ``logprobs`` only; ``ref_logprobs`` should
     be detached. Positions where ``mask`` is 0 are 0 (and their log-probs are never
     exponentiated, so padding garbage cannot overflow). Aggregate the result with
     ``aggregate_loss`` in the same mode as the policy term and scale it by beta.
@@ -110,10 +110,7 @@ def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str
     keep = mask.bool()
     logprobs = torch.where(keep, logprobs, torch.zeros_like(logprobs))
     ref_logprobs = torch.where(keep, ref_logprobs.to(logprobs.dtype), torch.zeros_like(logprobs))
-    if estimator == "k2":
-        per_token = 0.5 * (ref_logprobs - logprobs) ** 2
-    else:
-        per_token = kl_penalty(logprobs, ref_logprobs, estimator)
+    per_token = kl_penalty(logprobs, ref_logprobs, estimator)
     return per_token * keep.to(per_token.dtype)
 
 
