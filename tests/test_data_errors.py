@@ -142,10 +142,11 @@ def test_unknown_dataset_name_suggests_closest(tmp_path: Path) -> None:
     assert "'alpaca_em'" in message and "did you mean 'alpaca_en'" in message and "dataset_info.json" in message
 
 
-def test_hub_only_dataset(tmp_path: Path) -> None:
-    write_dataset_info(tmp_path, {"hub": {"hf_hub_url": "org/data"}})
+def test_other_hub_only_dataset(tmp_path: Path) -> None:
+    """ModelScope, Modelers, script and cloud sources are refused (hf_hub_url: tests/test_model_keys.py)."""
+    write_dataset_info(tmp_path, {"hub": {"ms_hub_url": "org/data"}})
     message = error_of(resolve_datasets, "hub", str(tmp_path))
-    assert "hf_hub_url" in message and "network" in message and "file_name" in message
+    assert "ms_hub_url" in message and "not supported" in message and "file_name" in message
 
 
 def test_bad_entry_values(tmp_path: Path) -> None:

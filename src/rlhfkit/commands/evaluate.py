@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from rlhfkit.commands.inference import inference_device, load_for_inference
+from rlhfkit.hub import resolve_config_paths
 from rlhfkit.config import Config
 from rlhfkit.cpu.speedups import CpuSpeedups
 from rlhfkit.data import collate_prompts, get_template, load_examples, resolve_datasets, tokenize_prompts
@@ -75,7 +76,8 @@ def check_eval_config(config: Config) -> None:
 
 def _load_prompts(config: Config, tokenizer, template) -> list[dict[str, Any]]:
     d = config.data
-    examples = load_examples(resolve_datasets(d.dataset, d.dataset_dir), "prompt", d.max_samples)
+    specs = resolve_datasets(d.dataset, d.dataset_dir, config.model.cache_dir, config.model.hf_hub_token)
+    examples = load_examples(specs, "prompt", d.max_samples)
     items, stats = tokenize_prompts(examples, tokenizer, template, d.cutoff_len, d.overlong_prompts)
     logger.info("eval dataset %s: %s", d.dataset, stats.summary())
     if not items:
@@ -152,6 +154,7 @@ def run_eval(config: Config, baseline: str | None = None) -> dict[str, Any]:
     """Steps 1-7 of the module docstring; returns what eval_results.json holds."""
     # 1. check
     check_eval_config(config)
+    resolve_config_paths(config)  # hub ids -> local snapshot folders
     m, t = config.model, config.training
     adapters = split_paths(m.adapter_name_or_path)
     baseline_rows = read_eval_samples(baseline) if baseline else None

@@ -1,8 +1,9 @@
 """`rlhfkit export CONFIG.yaml [key=value ...]`: merge LoRA adapters into their base, save a standalone model.
 
-Keys (LLaMA-Factory's): `model_name_or_path`, `adapter_name_or_path` (merged in order),
-`template`, `export_dir`, `export_size`, `export_legacy_format`, `export_device`, and
-`torch_dtype` / `bf16` / `fp16` for the saved dtype (auto keeps the checkpoint's).
+Keys (LLaMA-Factory's): `model_name_or_path`, `adapter_name_or_path` (merged in order; folders
+or hub ids), `template`, `export_dir`, `export_size`, `export_legacy_format`, `export_device`,
+`export_hub_model_id` (upload the result), and `torch_dtype` / `bf16` / `fp16` for the saved dtype
+(auto keeps the checkpoint's).
 
 1. check     required keys, sizes, that export_dir is neither a source nor a non-empty folder
 2. load      tokenizer (from the last adapter folder if it holds one) and base model; grow the
@@ -14,6 +15,7 @@ Keys (LLaMA-Factory's): `model_name_or_path`, `adapter_name_or_path` (merged in 
 5. save      safetensors shards of at most export_size GB (with an index when sharded),
              tokenizer, generation config; with `stage: rm` the value head goes beside the
              model as value_head.safetensors, the layout `reward_model_type: full` reads
+6. upload    with `export_hub_model_id`, export_dir to that Hugging Face Hub repository
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from rlhfkit.config import Config
 from rlhfkit.data import TEMPLATES, FormatTemplate, get_template
 from rlhfkit.data.templates import EOS
 from rlhfkit.errors import fail
+from rlhfkit.hub import push_folder, resolve_model_args
 from rlhfkit.models.adapters import check_adapter_dir, merge_adapters, split_paths
 from rlhfkit.models.loading import load_causal_lm, resolve_dtype
 from rlhfkit.models.value_head import VALUE_HEAD_FILE, has_value_head
@@ -56,6 +59,9 @@ def check_export_config(config: Config) -> None:
         raise fail(f"{src}: torch_dtype is '{m.torch_dtype}'; allowed: auto, float32, bfloat16, float16")
     if config.training.bf16 and config.training.fp16:
         raise fail(f"{src}: bf16 and fp16 are both true; choose one")
+    if m.quantization_bit is not None:
+        raise fail(f"{src}: export merges adapters into full-precision weights; remove quantization_bit "
+                   "(the base is loaded unquantized for the merge)")
     export_dir = Path(e.export_dir).resolve()
     sources = [m.model_name_or_path, *split_paths(m.adapter_name_or_path)]
     if any(Path(s).resolve() == export_dir for s in sources):
@@ -162,6 +168,7 @@ def run_export(config: Config) -> Path:
     # 1. check
     check_export_config(config)
     m, e = config.model, config.export
+    resolve_model_args(m)  # hub ids -> local snapshot folders
     adapters = split_paths(m.adapter_name_or_path)
     for path in adapters:
         check_adapter_dir(path)
@@ -198,5 +205,8 @@ def run_export(config: Config) -> Path:
     logger.info("exported %s%s to %s: %d weight file(s), %.1f MB; load it with "
                 "AutoModelForCausalLM.from_pretrained(%r)", m.model_name_or_path,
                 f" + {', '.join(adapters)}" if adapters else "", export_dir, len(files), size / 1e6, str(export_dir))
+    # 6. upload
+    if e.export_hub_model_id:
+        push_folder(export_dir, e.export_hub_model_id, m.hf_hub_token, "export_hub_model_id")
     return export_dir
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import ModelArguments
-from rlhfkit.models.adapters import check_adapter_dir, merge_adapters
+from rlhfkit.hub import resolve, resolve_model_args
+from rlhfkit.models.adapters import apply_frozen_adapters, check_adapter_dir
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -38,16 +39,22 @@ def load_for_inference(model_args: ModelArguments, adapters: list[str], device: 
                        dtype: torch.dtype | None = None):
     """(model, tokenizer): the base of `model_args` with `adapters` merged in order, in eval mode.
 
-    `dtype` None means float32 on the CPU and the checkpoint's own dtype on an accelerator.
-    The tokenizer has a PAD token distinct from EOS and pads on the left.
+    Hub ids are fetched (see `rlhfkit.hub`). `dtype` None means float32 on the CPU and the
+    checkpoint's own dtype on an accelerator. With `quantization_bit` the base loads quantized and
+    its one adapter stays unmerged. The tokenizer has a PAD token distinct from EOS and pads on the left.
     """
+    resolve_model_args(model_args)
+    adapters = [resolve(path, "adapter_name_or_path", model_args) for path in adapters]
     for path in adapters:
         check_adapter_dir(path)
     tokenizer = load_tokenizer(model_args, tokenizer_folder(model_args.model_name_or_path, adapters))
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else "auto"
-    model = load_causal_lm(model_args.model_name_or_path, model_args, dtype, device, tokenizer)
-    model = merge_adapters(model, adapters)
+    if model_args.quantization_bit is not None and dtype == "auto":  # bitsandbytes computes in a named dtype
+        dtype = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+    model = load_causal_lm(model_args.model_name_or_path, model_args, dtype, device, tokenizer,
+                           quantization_bit=model_args.quantization_bit)
+    model = apply_frozen_adapters(model, adapters)
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer

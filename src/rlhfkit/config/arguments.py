@@ -15,19 +15,37 @@ class ModelArguments:
     """Which model to load and how."""
 
     model_name_or_path: Optional[str] = None
-    """Base model: a local folder (or a hub id where a hub is reachable). Required."""
+    """Base model: a local folder or a Hugging Face Hub id (downloaded, or read from the hub cache offline). Required."""
     adapter_name_or_path: Optional[str] = None
-    """Existing LoRA adapter folder(s) to load on the base, comma-separated (e.g. the SFT adapter for PPO)."""
+    """Existing LoRA adapter folder(s) or hub ids to load on the base, comma-separated (e.g. the SFT adapter for PPO)."""
     trust_remote_code: bool = False
     """Allow custom modelling code from the model folder. Off unless you trust the folder."""
     torch_dtype: str = "auto"
     """Weight dtype: auto (bf16/fp16 when those flags are set, else float32), float32, bfloat16, float16."""
     attn_implementation: str = "auto"
-    """Attention kernel: auto, eager, sdpa, flash_attention_2."""
+    """Attention kernel: auto, eager, sdpa, flash_attention_2 (needs pip install flash-attn and CUDA)."""
     flash_attn: Optional[str] = None
-    """LLaMA-Factory's name for the attention kernel (auto, disabled, sdpa, fa2); maps onto attn_implementation."""
+    """LLaMA-Factory's name for the attention kernel: auto, disabled (eager), sdpa, fa2 (flash_attention_2); used when attn_implementation is auto."""
     device: str = "auto"
     """auto (accelerate picks cuda, mps or cpu; `accelerate launch` assigns one device per process) or cpu."""
+    cache_dir: Optional[str] = None
+    """Hugging Face Hub cache folder for models, adapters, reward models and hf_hub_url datasets (default: the hub's, under HF_HOME)."""
+    model_revision: str = "main"
+    """Hub revision (branch, tag or commit) of model_name_or_path, adapters and reward models given as hub ids."""
+    hf_hub_token: Optional[str] = None
+    """Hugging Face token for gated or private repositories and for pushing (default: HF_TOKEN or the saved login)."""
+    rope_scaling: Optional[str] = None
+    """RoPE scaling when cutoff_len exceeds the model's max_position_embeddings: linear, dynamic, yarn or llama3 (factor ceil(cutoff_len / max_position_embeddings); 2 outside training)."""
+    resize_vocab: bool = False
+    """Resize the embeddings to the tokenizer's length rounded up to a multiple of 64; with LoRA the embedding and output layers then train fully (unless additional_target names modules)."""
+    quantization_bit: Optional[int] = None
+    """QLoRA: load the base model in 4 or 8 bits with bitsandbytes (pip install bitsandbytes); finetuning_type lora only."""
+    quantization_method: str = "bnb"
+    """On-the-fly quantization library: bnb (bitsandbytes) only."""
+    quantization_type: str = "nf4"
+    """4-bit data type: nf4 or fp4."""
+    double_quantization: bool = True
+    """4-bit: also quantize the quantization constants (saves about 0.4 bits per weight)."""
 
 
 @dataclass
@@ -80,6 +98,20 @@ class FinetuningArguments:
     """freeze: number of last (positive) or first (negative) decoder layers to train."""
     freeze_trainable_modules: str = "all"
     """freeze: module names inside the trainable layers to train (all, or comma-separated)."""
+    use_dora: bool = False
+    """LoRA: weight-decomposed low-rank adaptation (DoRA), a trained magnitude per output row besides A and B."""
+    use_rslora: bool = False
+    """LoRA: rank-stabilised scaling lora_alpha / sqrt(lora_rank) instead of lora_alpha / lora_rank."""
+    loraplus_lr_ratio: Optional[float] = None
+    """LoRA+: the B matrices (and other 1-D trainable tensors, as LLaMA-Factory and peft group them) learn at learning_rate x this ratio (unset disables)."""
+    loraplus_lr_embedding: float = 1e-6
+    """LoRA+: learning rate of the B matrices of LoRA on embedding layers."""
+    pissa_init: bool = False
+    """LoRA: initialise the adapter from the principal singular vectors of each weight (PiSSA); the base keeps the residual."""
+    pissa_iter: int = 16
+    """PiSSA: fast-SVD iterations (-1: an exact SVD)."""
+    pissa_convert: bool = False
+    """PiSSA: also save the adapter converted to a plain LoRA adapter of the original base, in output_dir/pissa_converted."""
 
 
 @dataclass
@@ -163,7 +195,7 @@ class PPOArguments:
     """PPO: reward sources, reference, and every knob of the algorithm."""
 
     reward_model: Optional[str] = None
-    """Reward model: an RM adapter folder (lora), a model folder (full), a URL (api) or module:callable (function)."""
+    """Reward model: an RM adapter folder or hub id (lora), a model folder or hub id (full), a URL (api) or module:callable (function)."""
     reward_model_type: str = "lora"
     """How to use reward_model: lora, full, api or function."""
     reward_models: Optional[list] = None
@@ -172,6 +204,10 @@ class PPOArguments:
     """Explicit reference model folder (default: the policy's base with adapters disabled, or a frozen copy)."""
     ref_model_adapters: Optional[str] = None
     """Adapter(s) to load on ref_model."""
+    ref_model_quantization_bit: Optional[int] = None
+    """Load ref_model in 4 or 8 bits with bitsandbytes."""
+    reward_model_quantization_bit: Optional[int] = None
+    """Load full reward models in 4 or 8 bits with bitsandbytes."""
     value_head_init: str = "auto"
     """Value head start: reward (copy the RM's head), zero, or auto (reward when the RM shares the base)."""
     advantage_estimator: str = "gae"
@@ -256,6 +292,12 @@ class OutputArguments:
     """Loggers besides trainer_log.jsonl: none or tensorboard."""
     plot_loss: bool = False
     """Write PNG curves of the logged statistics at the end."""
+    push_to_hub: bool = False
+    """Upload the trained weights in output_dir (checkpoints excluded) to the Hugging Face Hub at the end."""
+    hub_model_id: Optional[str] = None
+    """Hub repository for push_to_hub, e.g. user/name (default: output_dir's folder name under your account)."""
+    hub_private_repo: Optional[bool] = None
+    """Create the push_to_hub repository private (default: the Hub's default, public)."""
 
 
 @dataclass
@@ -270,6 +312,8 @@ class ExportArguments:
     """Write PyTorch .bin files instead of safetensors; not supported (transformers 5 writes only safetensors)."""
     export_device: str = "cpu"
     """Where the adapters are merged: cpu, or auto (the accelerator accelerate finds)."""
+    export_hub_model_id: Optional[str] = None
+    """Also upload the exported model to this Hugging Face Hub repository, e.g. user/name."""
 
 
 SECTIONS: dict[str, type] = {

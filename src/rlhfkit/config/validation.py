@@ -21,6 +21,9 @@ REPORT_TO = ("none", "tensorboard")
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+FLASH_ATTN = ("auto", "disabled", "sdpa", "fa2")
+ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
+LORA_ONLY_KEYS = ("use_dora", "use_rslora", "loraplus_lr_ratio", "pissa_init")
 
 
 def _choice(source: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -97,8 +100,58 @@ def validate(config: "Config") -> None:
     if f.finetuning_type != "lora" and m.adapter_name_or_path and f.stage != "ppo":
         raise fail(f"{src}: adapter_name_or_path needs finetuning_type: lora (got {f.finetuning_type}); "
                    "merge the adapter with `rlhfkit export` first")
+    _validate_model_keys(config)
     if f.stage == "ppo":
         _validate_ppo(config)
+
+
+def _validate_model_keys(config: "Config") -> None:
+    """Attention, RoPE, quantization and the LoRA variants (LLaMA-Factory's combinations)."""
+    src, m, f, p = config.source, config.model, config.finetuning, config.ppo
+    if m.flash_attn is not None:
+        _choice(src, "flash_attn", m.flash_attn, FLASH_ATTN)
+    if m.rope_scaling is not None:
+        _choice(src, "rope_scaling", m.rope_scaling, ROPE_SCALINGS)
+    validate_quantization(config)
+    for key in ("ref_model_quantization_bit", "reward_model_quantization_bit"):
+        if getattr(p, key) not in (None, 4, 8):
+            raise fail(f"{src}: {key} must be 4 or 8 (bitsandbytes), got {getattr(p, key)}")
+    if f.finetuning_type != "lora":
+        for key in LORA_ONLY_KEYS:
+            if getattr(f, key) not in (None, False):
+                raise fail(f"{src}: {key} is only valid with finetuning_type: lora (got {f.finetuning_type})")
+    if f.loraplus_lr_ratio is not None:
+        _positive(src, "loraplus_lr_ratio", f.loraplus_lr_ratio)
+    _positive(src, "loraplus_lr_embedding", f.loraplus_lr_embedding)
+    if f.pissa_iter < -1:
+        raise fail(f"{src}: pissa_iter must be -1 (exact SVD) or >= 0 fast-SVD iterations, got {f.pissa_iter}")
+    if f.pissa_init and f.stage == "ppo":
+        raise fail(f"{src}: pissa_init cannot be used with stage ppo (the reference is the base without the "
+                   "adapter, which PiSSA changes); initialise PiSSA in the sft stage")
+
+
+def validate_quantization(config: "Config") -> None:
+    """quantization_bit with its method, type and LLaMA-Factory's restrictions (also for export and eval)."""
+    src, m, f = config.source, config.model, config.finetuning
+    if m.quantization_bit is None:
+        return
+    if m.quantization_method != "bnb":
+        raise fail(f"{src}: quantization_method '{m.quantization_method}' is not supported; use bnb (bitsandbytes)")
+    if m.quantization_bit not in (4, 8):
+        raise fail(f"{src}: quantization_bit must be 4 or 8 with bitsandbytes, got {m.quantization_bit}")
+    _choice(src, "quantization_type", m.quantization_type, ("nf4", "fp4"))
+    if f.finetuning_type != "lora":
+        raise fail(f"{src}: quantization_bit needs finetuning_type: lora (QLoRA); a quantized model cannot be "
+                   f"trained with {f.finetuning_type}")
+    adapters = [a for a in (m.adapter_name_or_path or "").split(",") if a.strip()]
+    for bad, why in (
+        (m.resize_vocab, "resize_vocab cannot resize the embeddings of a quantized model"),
+        (f.pissa_init, "pissa_init cannot initialise PiSSA on a quantized model"),
+        (f.create_new_adapter and adapters, "create_new_adapter cannot merge adapters into a quantized model"),
+        (len(adapters) > 1, "a quantized model takes a single adapter; merge the others first with `rlhfkit export`"),
+    ):
+        if bad:
+            raise fail(f"{src}: with quantization_bit, {why}")
 
 
 def _validate_ppo(config: "Config") -> None:

@@ -10,6 +10,10 @@
       "tags": {"role_tag": "role", "content_tag": "content"}   # sharegpt only
     }
 
+An entry without a local `file_name` (or whose file does not exist) may name a Hugging Face Hub
+dataset instead: `"hf_hub_url": "org/name"` with optional `"subset"`, `"split"` (default train)
+and `"folder"`, read through `datasets.load_dataset` (see `data/hub.py`).
+
 Column and tag names left out take LLaMA-Factory's defaults (see `ALPACA_COLUMNS`,
 `SHAREGPT_COLUMNS`, `SHAREGPT_TAGS`). A name that is not a key of `dataset_info.json` may be
 a path to a data file or folder (absolute, or relative to the working directory or to
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.data.files import SUPPORTED_SUFFIXES, first_row, list_data_files
+from rlhfkit.data.hub import HubDataset
 from rlhfkit.errors import fail
 
 ALPACA_COLUMNS: dict[str, str | None] = {
@@ -62,7 +67,7 @@ OPENAI_TAGS: dict[str, str] = {
     "function_tag": "function",
     "system_tag": "system",
 }
-HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+OTHER_SOURCES = ("ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 
 
 @dataclass
@@ -76,10 +81,16 @@ class DatasetSpec:
     columns: dict[str, str | None] = field(default_factory=lambda: dict(ALPACA_COLUMNS))
     tags: dict[str, str] = field(default_factory=lambda: dict(SHAREGPT_TAGS))
     num_samples: int | None = None
+    hub: HubDataset | None = None
+    """Set for an `hf_hub_url` dataset (then `path` is its id)."""
 
 
-def resolve_datasets(names: str | list[str], dataset_dir: str) -> list[DatasetSpec]:
-    """Turn `names` ("a,b" or ["a", "b"]) into dataset specs, checking that the files exist."""
+def resolve_datasets(names: str | list[str], dataset_dir: str, cache_dir: str | None = None,
+                     token: str | None = None) -> list[DatasetSpec]:
+    """Turn `names` ("a,b" or ["a", "b"]) into dataset specs, checking that the files exist.
+
+    `cache_dir` and `token` (the config's cache_dir and hf_hub_token) are used by hf_hub_url datasets.
+    """
     if isinstance(names, str):
         names = names.split(",")
     names = [name.strip() for name in names if name and name.strip()]
@@ -87,7 +98,8 @@ def resolve_datasets(names: str | list[str], dataset_dir: str) -> list[DatasetSp
         raise fail("dataset: no dataset names given; set dataset: to a name in dataset_info.json or a file path")
     info_path = Path(dataset_dir) / "dataset_info.json"
     info = _read_info(info_path)
-    return [_resolve_one(name, dataset_dir, info, info_path) for name in names]
+    hub_options = {"cache_dir": cache_dir, "token": token}
+    return [_resolve_one(name, dataset_dir, info, info_path, hub_options) for name in names]
 
 
 def _read_info(info_path: Path) -> dict[str, Any] | None:
@@ -106,9 +118,10 @@ def _read_info(info_path: Path) -> dict[str, Any] | None:
     return info
 
 
-def _resolve_one(name: str, dataset_dir: str, info: dict[str, Any] | None, info_path: Path) -> DatasetSpec:
+def _resolve_one(name: str, dataset_dir: str, info: dict[str, Any] | None, info_path: Path,
+                 hub_options: dict[str, Any]) -> DatasetSpec:
     if info is not None and name in info:
-        return _spec_from_entry(name, info[name], dataset_dir, info_path)
+        return _spec_from_entry(name, info[name], dataset_dir, info_path, hub_options)
     candidates = [Path(name)] if Path(name).is_absolute() else [Path(name), Path(dataset_dir) / name]
     for candidate in candidates:
         if candidate.exists():
@@ -126,18 +139,19 @@ def _resolve_one(name: str, dataset_dir: str, info: dict[str, Any] | None, info_
     raise fail(f"dataset {name!r} is not in {info_path} and is not a file; {hint}")
 
 
-def _spec_from_entry(name: str, entry: Any, dataset_dir: str, info_path: Path) -> DatasetSpec:
+def _spec_from_entry(name: str, entry: Any, dataset_dir: str, info_path: Path,
+                     hub_options: dict[str, Any]) -> DatasetSpec:
     where = f"{info_path} dataset {name!r}"
     if not isinstance(entry, dict):
         raise fail(f"{where}: expected an object with file_name, formatting, columns, ...; fix the entry")
     file_name = entry.get("file_name")
-    if not file_name:
-        hub = next((key for key in HUB_KEYS if entry.get(key)), None)
-        if hub:
-            raise fail(
-                f"{where}: uses {hub}={entry[hub]!r}, and hub datasets need network access which rlhfkit "
-                "does not use; download the data and set file_name to the local file"
-            )
+    local = file_name and (Path(file_name) if Path(file_name).is_absolute() else Path(dataset_dir) / file_name)
+    hub = _hub_source(entry, where, hub_options) if not (local and local.exists()) else None
+    if not file_name and hub is None:
+        other = next((key for key in OTHER_SOURCES if entry.get(key)), None)
+        if other:
+            raise fail(f"{where}: {other} is not supported (only hf_hub_url and local files); download the data "
+                       "and set file_name to the local file")
         raise fail(f"{where}: has no file_name; set it to a data file or folder under {dataset_dir}")
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt"):
@@ -154,11 +168,24 @@ def _spec_from_entry(name: str, entry: Any, dataset_dir: str, info_path: Path) -
     num_samples = entry.get("num_samples")
     if num_samples is not None and (type(num_samples) is not int or num_samples < 1):
         raise fail(f"{where}: num_samples must be a positive integer, got {num_samples!r}")
-    path = Path(file_name) if Path(file_name).is_absolute() else Path(dataset_dir) / file_name
-    if not path.exists():
-        raise fail(f"{where}: file {path} not found; check file_name (relative to {dataset_dir})")
-    list_data_files(path)  # fail early on unsupported types or empty folders
-    return DatasetSpec(name, path, formatting, ranking, columns, tags, num_samples)
+    if hub is not None:
+        return DatasetSpec(name, Path(hub.repo_id), formatting, ranking, columns, tags, num_samples, hub)
+    if not local.exists():
+        raise fail(f"{where}: file {local} not found; check file_name (relative to {dataset_dir})")
+    list_data_files(local)  # fail early on unsupported types or empty folders
+    return DatasetSpec(name, local, formatting, ranking, columns, tags, num_samples)
+
+
+def _hub_source(entry: dict[str, Any], where: str, hub_options: dict[str, Any]) -> HubDataset | None:
+    """The entry's Hub dataset, if it names one with hf_hub_url."""
+    repo_id = entry.get("hf_hub_url")
+    if not repo_id:
+        return None
+    for key in ("hf_hub_url", "subset", "split", "folder"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise fail(f"{where}: {key} must be a string, got {entry[key]!r}")
+    return HubDataset(repo_id, entry.get("subset"), entry.get("split") or "train", entry.get("folder"),
+                      **hub_options)
 
 
 def _string_map(value: Any, where: str, allow_null: bool) -> dict[str, Any]:

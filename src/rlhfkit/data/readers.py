@@ -21,6 +21,7 @@ from rlhfkit.data.dataset_info import DatasetSpec
 from rlhfkit.data.example import Example
 from rlhfkit.data.files import iter_rows
 from rlhfkit.data.formats import column_value, row_to_example
+from rlhfkit.data.hub import hub_rows
 from rlhfkit.errors import fail
 
 KINDS = ("sft", "pairwise", "prompt")
@@ -58,7 +59,7 @@ def read_examples(spec: DatasetSpec, kind: str, max_samples: int | None = None) 
     limits = [n for n in (max_samples, spec.num_samples) if n is not None]
     limit = min(limits) if limits else None
     examples: list[Example] = []
-    for source, row in iter_rows(spec.path):
+    for source, row in (hub_rows(spec.hub) if spec.hub is not None else iter_rows(spec.path)):
         if limit is not None and len(examples) >= limit:
             break
         example = row_to_example(row, source, spec)

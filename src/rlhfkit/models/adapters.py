@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from rlhfkit.config import FinetuningArguments
 from rlhfkit.errors import fail
 from rlhfkit.models.loading import POLICY_ADAPTER, apply_freeze, upcast_trainable_parameters
+from rlhfkit.models.quantization import is_quantized, prepare_for_kbit_training
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,27 @@ def adapter_base_path(path: str) -> str | None:
     return config.get("base_model_name_or_path")
 
 
-def lora_config(finetuning: FinetuningArguments) -> LoraConfig:
-    """The LoraConfig for a new trainable adapter."""
+def embedding_module_names(model: PreTrainedModel) -> list[str]:
+    """The names (last component) of the input and output embedding modules, e.g. embed_tokens, lm_head."""
+    embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return sorted({name.split(".")[-1] for name, module in model.named_modules()
+                   if any(module is e for e in embeddings if e is not None)})
+
+
+def lora_config(finetuning: FinetuningArguments, train_embeddings: list[str] | None = None,
+                tied_embeddings: bool = False) -> LoraConfig:
+    """The LoraConfig for a new trainable adapter.
+
+    `train_embeddings`: module names trained fully when additional_target is unset (the embedding
+    layers after `resize_vocab`, as LLaMA-Factory does); with `tied_embeddings` their trained copies
+    stay tied.
+    """
     targets = [t.strip() for t in finetuning.lora_target.split(",") if t.strip()]
     target_modules = "all-linear" if targets == ["all"] else targets
-    extra = split_paths(finetuning.additional_target) or None
+    extra = split_paths(finetuning.additional_target) or train_embeddings or None
+    init = True
+    if finetuning.pissa_init:
+        init = "pissa" if finetuning.pissa_iter == -1 else f"pissa_niter_{finetuning.pissa_iter}"
     return LoraConfig(
         task_type="CAUSAL_LM",
         r=finetuning.lora_rank,
@@ -47,6 +64,10 @@ def lora_config(finetuning: FinetuningArguments) -> LoraConfig:
         lora_dropout=finetuning.lora_dropout,
         target_modules=target_modules,
         modules_to_save=extra,
+        use_dora=finetuning.use_dora,
+        use_rslora=finetuning.use_rslora,
+        init_lora_weights=init,
+        ensure_weight_tying=tied_embeddings and bool(train_embeddings) and not finetuning.additional_target,
     )
 
 
@@ -59,18 +80,33 @@ def merge_adapters(model: PreTrainedModel, paths: list[str]) -> PreTrainedModel:
     return model
 
 
+def apply_frozen_adapters(model: PreTrainedModel, paths: list[str], key: str = "adapter_name_or_path"):
+    """`model` with the adapters in `paths` for inference: merged into the weights, or on a quantized
+    model (where merging would round the adapter's update away) one adapter kept unmerged."""
+    if not paths or not is_quantized(model):
+        return merge_adapters(model, paths)
+    if len(paths) > 1:
+        raise fail(f"{key}: a quantized model takes a single adapter (merging into quantized weights loses the "
+                   "update); merge the adapters first with `rlhfkit export`")
+    check_adapter_dir(paths[0])
+    return PeftModel.from_pretrained(model, paths[0], is_trainable=False)
+
+
 def setup_finetuning(
     model: PreTrainedModel,
     finetuning: FinetuningArguments,
     adapter_paths: list[str],
     trainable: bool = True,
+    resize_vocab: bool = False,
 ):
     """Prepare `model` for training according to `finetuning_type`.
 
     lora: the adapters in `adapter_paths` before the last are merged into the base; the last one is
     resumed for training, unless `create_new_adapter`, which merges it too and starts a fresh
     adapter. With no adapters a fresh one is created. Returns a PeftModel whose trainable adapter is
-    named `default`. full: every weight trains. freeze: only the chosen layers train.
+    named `default`. A quantized base is first prepared with peft's `prepare_model_for_kbit_training`.
+    With `resize_vocab` a fresh adapter also trains the embedding layers (unless additional_target
+    names other modules). full: every weight trains. freeze: only the chosen layers train.
     """
     if finetuning.finetuning_type != "lora":
         if adapter_paths:
@@ -81,6 +117,8 @@ def setup_finetuning(
             apply_freeze(model, finetuning)
         upcast_trainable_parameters(model)
         return model
+    if trainable and is_quantized(model):
+        model = prepare_for_kbit_training(model)
     resume = adapter_paths[-1] if adapter_paths and not finetuning.create_new_adapter else None
     to_merge = adapter_paths[:-1] if resume else adapter_paths
     model = merge_adapters(model, to_merge)
@@ -89,8 +127,44 @@ def setup_finetuning(
         model = PeftModel.from_pretrained(model, resume, adapter_name=POLICY_ADAPTER, is_trainable=trainable)
         logger.info("resumed adapter %s for training", resume)
     else:
-        model = get_peft_model(model, lora_config(finetuning), adapter_name=POLICY_ADAPTER)
+        embeddings = embedding_module_names(model) if resize_vocab else None
+        tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+        model = get_peft_model(model, lora_config(finetuning, embeddings, tied), adapter_name=POLICY_ADAPTER)
     if not trainable:
         model.requires_grad_(False)
     upcast_trainable_parameters(model)
     return model
+
+
+PISSA_INIT = "pissa_init"
+PISSA_CONVERTED = "pissa_converted"
+
+
+def _save_as_plain_lora(model, directory: Path, **kwargs) -> None:
+    """Save the `default` adapter with init_lora_weights True in its config (peft's rule for PiSSA conversion)."""
+    config = model.peft_config[POLICY_ADAPTER]
+    init = config.init_lora_weights
+    config.init_lora_weights = True
+    try:
+        model.save_pretrained(directory, selected_adapters=[POLICY_ADAPTER], safe_serialization=True, **kwargs)
+    finally:
+        config.init_lora_weights = init
+
+
+def save_pissa_init(model, output_dir: str | Path) -> None:
+    """Before training: the PiSSA adapter as initialised, in output_dir/pissa_init (kept when resuming)."""
+    from accelerate import PartialState
+
+    directory = Path(output_dir) / PISSA_INIT
+    if PartialState().is_main_process and not (directory / "adapter_config.json").is_file():
+        _save_as_plain_lora(model, directory)
+
+
+def save_pissa_converted(model, output_dir: str | Path) -> Path:
+    """After training: the PiSSA adapter as a plain LoRA adapter of the original base (rank 2 x lora_rank),
+    in output_dir/pissa_converted."""
+    directory = Path(output_dir) / PISSA_CONVERTED
+    _save_as_plain_lora(model, directory,
+                        path_initial_model_for_weight_conversion=str(Path(output_dir) / PISSA_INIT))
+    logger.info("PiSSA adapter converted to a LoRA adapter of the original base: %s", directory)
+    return directory

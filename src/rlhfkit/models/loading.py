@@ -1,4 +1,5 @@
-"""Load tokenizers and causal LMs (dtype, device, LoRA, freezing) in one place for every stage."""
+"""Load tokenizers and causal LMs (dtype, device, attention kernel, RoPE scaling, quantization,
+vocabulary size, freezing) in one place for every stage."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from rlhfkit.config import FinetuningArguments, ModelArguments, TrainingArguments
 from rlhfkit.errors import fail
+from rlhfkit.hub import hub_id_of
+from rlhfkit.models.quantization import bnb_config
+from rlhfkit.models.rope import apply_rope_scaling
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +71,26 @@ def load_tokenizer(model_args: ModelArguments, path: str | None = None):
     return tokenizer
 
 
-def _attn_implementation(model_args: ModelArguments) -> str | None:
-    mapping = {"disabled": "eager", "fa2": "flash_attention_2", "sdpa": "sdpa", "auto": None}
+FLASH_ATTN_KERNELS = {"disabled": "eager", "fa2": "flash_attention_2", "sdpa": "sdpa", "auto": None}
+
+
+def attn_implementation(model_args: ModelArguments) -> str | None:
+    """The attention kernel for transformers (None: its default); flash-attn kernels are checked to be usable."""
     if model_args.flash_attn is not None and model_args.attn_implementation == "auto":
-        return mapping.get(model_args.flash_attn, model_args.flash_attn)
-    return None if model_args.attn_implementation == "auto" else model_args.attn_implementation
+        kernel, key = FLASH_ATTN_KERNELS.get(model_args.flash_attn, model_args.flash_attn), "flash_attn"
+    else:
+        kernel, key = model_args.attn_implementation, "attn_implementation"
+        kernel = None if kernel == "auto" else kernel
+    if kernel in ("flash_attention_2", "flash_attention_3"):
+        import transformers.utils
+
+        version = kernel[-1]
+        available = getattr(transformers.utils, f"is_flash_attn_{version}_available", lambda: False)
+        if not available():
+            package = "flash-attn" if version == "2" else "flash-attn 3 (flash_attn_interface)"
+            raise fail(f"{key}: {getattr(model_args, key)} needs the {package} package and a CUDA GPU "
+                       f"(pip install flash-attn --no-build-isolation); or use sdpa ({key}: sdpa)")
+    return kernel
 
 
 def load_causal_lm(
@@ -80,25 +99,51 @@ def load_causal_lm(
     dtype: torch.dtype,
     device: torch.device | None,
     tokenizer=None,
+    quantization_bit: int | None = None,
+    max_length: int | None = None,
+    quantization_key: str = "quantization_bit",
 ) -> PreTrainedModel:
-    """Load a causal LM from `path` in `dtype` onto `device` (None leaves it on the CPU for accelerate)."""
+    """Load a causal LM from `path` in `dtype` onto `device` (None leaves it on the CPU for accelerate).
+
+    `quantization_bit` (4 or 8, named `quantization_key` in messages) loads the linear layers with
+    bitsandbytes, straight onto `device`. `max_length`: the training sequence length for
+    `rope_scaling` (None outside training). The embeddings grow to the tokenizer's length when it
+    is longer (`resize_vocab`: rounded up to a multiple of 64).
+    """
     _check_model_path(path)
     kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
-    attn = _attn_implementation(model_args)
+    attn = attn_implementation(model_args)
     if attn is not None:
         kwargs["attn_implementation"] = attn
+    if quantization_bit is not None:
+        kwargs["quantization_config"] = bnb_config(quantization_bit, model_args, dtype, quantization_key)
+        kwargs["device_map"] = {"": device if device is not None else "cpu"}
     try:
+        if model_args.rope_scaling is not None:
+            kwargs["config"] = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+            apply_rope_scaling(kwargs["config"], model_args.rope_scaling, max_length)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise fail(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
-    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    if hub_id_of(path):  # saved adapters name the hub id as their base, not the cache folder
+        model.name_or_path = model.config.name_or_path = hub_id_of(path)
     if tokenizer is not None:
+        resize_embeddings(model, len(tokenizer), model_args.resize_vocab)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if device is not None:
+    if device is not None and quantization_bit is None:
         model.to(device)
     return model
+
+
+def resize_embeddings(model: PreTrainedModel, vocab: int, resize_vocab: bool) -> None:
+    """Grow the embeddings to `vocab` rows when they are fewer; with `resize_vocab` rounded up to a
+    multiple of 64 (as LLaMA-Factory does). New rows are drawn around the mean of the old ones."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if vocab <= rows:
+        return
+    model.resize_token_embeddings(vocab, pad_to_multiple_of=64 if resize_vocab else None)
+    logger.info("embeddings resized from %d to %d rows", rows, model.get_input_embeddings().weight.shape[0])
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -17,6 +17,9 @@ def run_stage(config: Config) -> dict[str, float]:
         logger.info("note: key '%s' has no effect here (%s)", key, IGNORED_KEYS[key])
     from rlhfkit.training.control import StopSignals
 
+    from rlhfkit.hub import resolve_config_paths
+
+    resolve_config_paths(config)  # hub ids -> local snapshot folders
     stage = config.finetuning.stage
     with StopSignals():
         if stage == "sft":

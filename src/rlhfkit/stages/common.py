@@ -20,7 +20,7 @@ from rlhfkit.data import (
     train_val_split,
 )
 from rlhfkit.errors import fail
-from rlhfkit.models.adapters import setup_finetuning, split_paths
+from rlhfkit.models.adapters import save_pissa_converted, save_pissa_init, setup_finetuning, split_paths
 from rlhfkit.models.compile import compile_blocks
 from rlhfkit.models.loading import (
     count_parameters,
@@ -60,7 +60,8 @@ def load_stage_data(config: Config, tokenizer) -> StageData:
     d = config.data
     kind = KIND_BY_STAGE[config.finetuning.stage]
     template = get_template(d.template, tokenizer)
-    examples = load_examples(resolve_datasets(d.dataset, d.dataset_dir), kind, d.max_samples)
+    hub = {"cache_dir": config.model.cache_dir, "token": config.model.hf_hub_token}
+    examples = load_examples(resolve_datasets(d.dataset, d.dataset_dir, **hub), kind, d.max_samples)
     train, stats = _tokenize(config, examples, tokenizer, template)
     logger.info("dataset %s: %s", d.dataset, stats.summary())
     if not train:
@@ -68,7 +69,7 @@ def load_stage_data(config: Config, tokenizer) -> StageData:
                    "raise cutoff_len or check the data")
     evaluation: list[dict] = []
     if d.eval_dataset:
-        eval_examples = load_examples(resolve_datasets(d.eval_dataset, d.dataset_dir), kind, d.max_samples)
+        eval_examples = load_examples(resolve_datasets(d.eval_dataset, d.dataset_dir, **hub), kind, d.max_samples)
         evaluation, eval_stats = _tokenize(config, eval_examples, tokenizer, template)
         logger.info("eval dataset %s: %s", d.eval_dataset, eval_stats.summary())
     elif d.val_size > 0:
@@ -81,11 +82,16 @@ def load_stage_data(config: Config, tokenizer) -> StageData:
 
 def load_trainable_model(config: Config, tokenizer, device: torch.device | None):
     """The base model with the stage's finetuning applied (LoRA adapter, full or freeze)."""
-    dtype = resolve_dtype(config.model, config.training)
-    model = load_causal_lm(config.model.model_name_or_path, config.model, dtype, device, tokenizer)
+    m = config.model
+    dtype = resolve_dtype(m, config.training)
+    model = load_causal_lm(m.model_name_or_path, m, dtype, device, tokenizer, quantization_bit=m.quantization_bit,
+                           max_length=config.data.cutoff_len)
     if config.training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    model = setup_finetuning(model, config.finetuning, split_paths(config.model.adapter_name_or_path))
+    model = setup_finetuning(model, config.finetuning, split_paths(m.adapter_name_or_path),
+                             resize_vocab=m.resize_vocab)
+    if config.finetuning.pissa_init and config.finetuning.pissa_convert:
+        save_pissa_init(model, config.output.output_dir)
     if config.training.torch_compile:
         compile_blocks(model, config.training.torch_compile_memory_budget)
     trainable, total = count_parameters(model)
@@ -104,8 +110,10 @@ def trainable_named_parameters(*modules) -> list[tuple[str, torch.nn.Parameter]]
     return named
 
 
-def save_trained(accelerator, prepared, modules: dict[str, torch.nn.Module], tokenizer, output_dir) -> None:
-    """The end-of-run save: check the weights, gather them if sharded, write on the main process.
+def save_trained(accelerator, prepared, modules: dict[str, torch.nn.Module], tokenizer, output_dir,
+                 config: Config | None = None) -> None:
+    """The end-of-run save: check the weights, gather them if sharded, write on the main process;
+    with `config`, also its PiSSA conversion (pissa_convert) and the Hub upload (push_to_hub).
 
     Every process calls this (the check and the gathering are collective). `prepared` is the
     module accelerate prepared (a causal LM or a ModelWithValueHead); `modules` its trainable parts.
@@ -116,4 +124,19 @@ def save_trained(accelerator, prepared, modules: dict[str, torch.nn.Module], tok
         model, model_state, value_head = split_trained(accelerator.unwrap_model(prepared), full_state)
         save_pretrained_model(model, tokenizer, output_dir, value_head, state_dict=model_state)
         logger.info("saved to %s", output_dir)
+        if config is not None and config.finetuning.pissa_init and config.finetuning.pissa_convert:
+            save_pissa_converted(model, output_dir)
     accelerator.wait_for_everyone()
+    if config is not None and config.output.push_to_hub and accelerator.is_main_process:
+        push_output(config, output_dir)
+
+
+def push_output(config: Config, output_dir) -> str:
+    """Upload output_dir's final weights (not its checkpoints) to hub_model_id (default: the folder's name)."""
+    from pathlib import Path
+
+    from rlhfkit.hub import push_folder
+
+    repo_id = config.output.hub_model_id or Path(output_dir).resolve().name
+    return push_folder(output_dir, repo_id, config.model.hf_hub_token, "hub_model_id",
+                       private=config.output.hub_private_repo, ignore_patterns=["checkpoint-*", "checkpoint-*/**"])

@@ -217,7 +217,7 @@ def run_ppo(config: Config) -> dict[str, float]:
                                                "score_moments": score_moments.state_dict()})
         run.log.close()  # progress bar, TensorBoard, plots
         # Save the policy without the value head; the head goes beside it for further training.
-        save_trained(accelerator, policy, modules, tokenizer, output_dir)
+        save_trained(accelerator, policy, modules, tokenizer, output_dir, config)
     return final
 
 

@@ -21,7 +21,13 @@ import torch
 from rlhfkit.config import Config
 from rlhfkit.data import get_template
 from rlhfkit.errors import fail
-from rlhfkit.models.adapters import adapter_base_path, check_adapter_dir, merge_adapters, setup_finetuning, split_paths
+from rlhfkit.models.adapters import (
+    adapter_base_path,
+    apply_frozen_adapters,
+    check_adapter_dir,
+    setup_finetuning,
+    split_paths,
+)
 from rlhfkit.models.compile import compile_blocks
 from rlhfkit.models.loading import (
     disable_dropout,
@@ -122,10 +128,14 @@ def check_lora_reward(path: str, config: Config, tokenizer) -> None:
                        "the policy's tokenizer (use reward_model_type: full for another model)")
 
 
-def _load_frozen(path: str, config: Config, dtype, device, tokenizer=None, adapters: list[str] | None = None):
-    model = load_causal_lm(path, config.model, dtype, device, tokenizer)
+def _load_frozen(path: str, config: Config, dtype, device, tokenizer=None, adapters: list[str] | None = None,
+                 quantization_key: str | None = None):
+    """A frozen model in eval mode; `quantization_key` names the config key of its quantization bits."""
+    bits = getattr(config.ppo, quantization_key) if quantization_key else None
+    model = load_causal_lm(path, config.model, dtype, device, tokenizer, quantization_bit=bits,
+                           max_length=config.data.cutoff_len, quantization_key=quantization_key or "quantization_bit")
     if adapters:
-        model = merge_adapters(model, adapters)
+        model = apply_frozen_adapters(model, adapters, "ref_model_adapters")
     model.requires_grad_(False)
     model.eval()
     disable_dropout(model)
@@ -164,7 +174,8 @@ def build_reward_source(spec: RewardSpec, config: Config, models: PPOModels, tok
         raise fail(f"{Path(spec.path) / 'value_head.safetensors'} not found: {spec.path} is not a reward model "
                    "(train one with stage: rm)")
     rm_tokenizer = load_tokenizer(config.model, spec.path)
-    model = _load_frozen(spec.path, config, dtype, device, rm_tokenizer)
+    model = _load_frozen(spec.path, config, dtype, device, rm_tokenizer,
+                         quantization_key="reward_model_quantization_bit")
     head = ValueHead.load(spec.path, model.config.get_text_config().hidden_size).to(device)
     same = _same_vocab(rm_tokenizer, tokenizer)
     template = None if same else get_template(config.data.template, rm_tokenizer)
@@ -177,14 +188,15 @@ def build_ppo_models(config: Config, tokenizer, device: torch.device) -> PPOMode
     dtype = resolve_dtype(m, config.training)
     adapters = split_paths(m.adapter_name_or_path)
     specs = reward_specs(config)
-    base = load_causal_lm(m.model_name_or_path, m, dtype, device, tokenizer)
+    base = load_causal_lm(m.model_name_or_path, m, dtype, device, tokenizer, quantization_bit=m.quantization_bit,
+                          max_length=config.data.cutoff_len)
     disable_dropout(base)
     frozen_reference = None
     if f.finetuning_type != "lora" and not config.ppo.ref_model:
         frozen_reference = _load_frozen(m.model_name_or_path, config, dtype, device, tokenizer, adapters)
     if config.training.gradient_checkpointing:
         enable_gradient_checkpointing(base)
-    policy = setup_finetuning(base, f, adapters)
+    policy = setup_finetuning(base, f, adapters, resize_vocab=m.resize_vocab)
     disable_dropout(policy)
     if config.training.torch_compile:  # the LoRA reference is this model with its adapter off
         for model in (policy, frozen_reference):
@@ -197,7 +209,7 @@ def build_ppo_models(config: Config, tokenizer, device: torch.device) -> PPOMode
     resumed_adapter = f.finetuning_type == "lora" and adapters and not f.create_new_adapter
     if config.ppo.ref_model:
         models.reference = _load_frozen(config.ppo.ref_model, config, dtype, device, tokenizer,
-                                        split_paths(config.ppo.ref_model_adapters))
+                                        split_paths(config.ppo.ref_model_adapters), "ref_model_quantization_bit")
     elif f.finetuning_type == "lora":
         models.reference = policy
         models.reference_adapter = None

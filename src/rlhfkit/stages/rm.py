@@ -95,7 +95,7 @@ def run_rm(config: Config) -> dict[str, float]:
         if data.eval:
             final.update(evaluate())
             logger.info("eval_loss=%.4f eval_accuracy=%.4f", final["eval_loss"], final["eval_accuracy"])
-        save_trained(accelerator, run.model, modules, tokenizer, output_dir)
+        save_trained(accelerator, run.model, modules, tokenizer, output_dir, config)
     return final
 
 

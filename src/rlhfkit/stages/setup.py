@@ -94,7 +94,7 @@ def prepare_training(config: Config, accelerator: Accelerator, output_dir: Path,
     `total_steps` (PPO steps the optimizer several times per step).
     """
     t = config.training
-    optimizer = build_optimizer(named_params, t)
+    optimizer = build_optimizer(named_params, t, config.finetuning)
     scheduler = build_scheduler(optimizer, t, optimizer_steps or total_steps)
     prepared, optimizer = accelerator.prepare(module, optimizer)
     params = [param for param in prepared.parameters() if param.requires_grad]  # FSDP replaces the parameters

@@ -89,7 +89,7 @@ def run_sft(config: Config) -> dict[str, float]:
         if data.eval:
             final.update(evaluate())
             logger.info("eval_loss=%.4f", final["eval_loss"])
-        save_trained(accelerator, run.model, {"model": model}, tokenizer, output_dir)
+        save_trained(accelerator, run.model, {"model": model}, tokenizer, output_dir, config)
     return final
 
 

@@ -8,18 +8,40 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from rlhfkit.config import TrainingArguments
+from rlhfkit.config import FinetuningArguments, TrainingArguments
 
 
-def build_optimizer(params: list[tuple[str, nn.Parameter]], args: TrainingArguments) -> torch.optim.AdamW:
-    """AdamW over the trainable `params`; no weight decay on biases, norms and 1-D tensors."""
-    decay = [p for n, p in params if p.requires_grad and p.ndim >= 2 and "norm" not in n.lower()]
-    no_decay = [p for n, p in params if p.requires_grad and (p.ndim < 2 or "norm" in n.lower())]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+def param_groups(params: list[tuple[str, nn.Parameter]], args: TrainingArguments,
+                 finetuning: FinetuningArguments | None = None) -> list[dict]:
+    """Parameter groups of the trainable `params`: no weight decay on biases, norms and 1-D tensors;
+    with loraplus_lr_ratio (LoRA+, grouped as LLaMA-Factory and peft group it) the LoRA B matrices
+    and the 1-D tensors learn at learning_rate x ratio, B matrices of LoRA on embeddings at
+    loraplus_lr_embedding. Groups at learning_rate come first, decayed before not decayed."""
+    ratio = finetuning.loraplus_lr_ratio if finetuning is not None else None
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in params:
+        if not param.requires_grad:
+            continue
+        lr = args.learning_rate
+        if ratio is not None and "lora_embedding_B" in name:
+            lr = finetuning.loraplus_lr_embedding
+        elif ratio is not None and ("lora_B" in name or param.ndim == 1):
+            lr = args.learning_rate * ratio
+        decays = param.ndim >= 2 and "norm" not in name.lower()
+        groups.setdefault((lr, decays), []).append(param)
+    order = sorted(groups, key=lambda key: (key[0] != args.learning_rate, not key[1]))
+    return [{"params": groups[key], "lr": key[0], "weight_decay": args.weight_decay if key[1] else 0.0}
+            for key in order]
+
+
+def build_optimizer(params: list[tuple[str, nn.Parameter]], args: TrainingArguments,
+                    finetuning: FinetuningArguments | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable `params`, grouped by `param_groups`."""
+    groups = param_groups(params, args, finetuning)
+    trainable = [p for group in groups for p in group["params"]]
     # The fused kernel updates each tensor in one pass (4x faster than foreach on CPU); it takes
     # floating tensors on CPU or CUDA.
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
     return torch.optim.AdamW(
         groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
         fused=fused or None,
