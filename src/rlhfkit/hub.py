@@ -85,13 +85,12 @@ def hub_error(err: Exception, key: str, repo_id: str, revision: str = "main", ca
 
 def _ignore_patterns(repo_id: str, revision: str, token: str | None) -> list[str]:
     """IGNORED_FILES, plus PyTorch pickles when the repository also has safetensors (online only)."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.constants import is_offline_mode
+    from huggingface_hub import HfApi, constants
 
-    if is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         return IGNORED_FILES
-    try:
-        files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
+    try:  # one request, no retries (snapshot_download makes the same one)
+        files = [s.rfilename for s in HfApi(token=token).model_info(repo_id, revision=revision).siblings or []]
     except Exception:  # snapshot_download reports the failure (or finds the cache)
         return IGNORED_FILES
     if any(name.endswith(".safetensors") for name in files):

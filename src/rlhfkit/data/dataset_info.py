@@ -145,6 +145,8 @@ def _spec_from_entry(name: str, entry: Any, dataset_dir: str, info_path: Path,
     if not isinstance(entry, dict):
         raise fail(f"{where}: expected an object with file_name, formatting, columns, ...; fix the entry")
     file_name = entry.get("file_name")
+    if file_name is not None and not isinstance(file_name, str):
+        raise fail(f"{where}: file_name must be a string, got {file_name!r}")
     local = file_name and (Path(file_name) if Path(file_name).is_absolute() else Path(dataset_dir) / file_name)
     hub = _hub_source(entry, where, hub_options) if not (local and local.exists()) else None
     if not file_name and hub is None:
