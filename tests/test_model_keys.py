@@ -133,6 +133,20 @@ def test_qlora_loads_4bit_and_trains_the_adapter(tiny_model_dir, tmp_path, jsonl
 
 
 @needs_bnb
+def test_qlora_ppo_with_dora_and_loraplus_runs(tiny_model_dir, tmp_path, jsonl, reward_functions):
+    """PPO on a 4-bit base: the reference is the base with the adapter off, the rollout uses peft's
+    forward on the quantized layers; the policy adapter trains."""
+    prompts = jsonl(tmp_path / "prompts.jsonl", [{"instruction": f"write {w}{i}"} for w in "abcd" for i in range(4)])
+    run_stage(cpu_config({"stage": "ppo", "model_name_or_path": str(tiny_model_dir), "dataset": str(prompts),
+                          "output_dir": str(tmp_path / "out"), "quantization_bit": 4, "use_dora": True,
+                          "loraplus_lr_ratio": 4.0, "gradient_checkpointing": True, "learning_rate": 1e-2,
+                          "per_device_train_batch_size": 8, "max_steps": 2, "max_new_tokens": 6,
+                          "reward_model": f"{reward_functions}:letters", "reward_model_type": "function"}))
+    saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert min(float(t.abs().max()) for name, t in saved.items() if "lora_B" in name) > 0
+
+
+@needs_bnb
 def test_reference_and_reward_models_load_quantized(tiny_model_dir, tmp_path):
     """ref_model_quantization_bit: 8 and reward_model_quantization_bit: 4 (a full reward model)."""
     import bitsandbytes as bnb

@@ -131,7 +131,7 @@ def _validate_model_keys(config: "Config") -> None:
 
 
 def validate_quantization(config: "Config") -> None:
-    """quantization_bit with its method, type and LLaMA-Factory's restrictions (also for export and eval)."""
+    """quantization_bit with its method, type and LLaMA-Factory's restrictions on what trains on it."""
     src, m, f = config.source, config.model, config.finetuning
     if m.quantization_bit is None:
         return
