@@ -28,6 +28,8 @@ class ModelArguments:
     """LLaMA-Factory's name for the attention kernel (auto, disabled, sdpa, fa2); maps onto attn_implementation."""
     device: str = "auto"
     """auto (accelerate picks cuda, mps or cpu; `accelerate launch` assigns one device per process) or cpu."""
+    infer_backend: str = "huggingface"
+    """Generation engine of `rlhfkit chat` (LLaMA-Factory's key): huggingface (transformers' generate) only."""
 
 
 @dataclass
