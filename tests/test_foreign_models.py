@@ -72,8 +72,12 @@ def folders(tmp_path_factory, tiny_model_dir):
     state = {**base.state_dict(), **_head_tensors(4)}
     base.save_pretrained(trl_full, state_dict=state)
     tokenizer.save_pretrained(trl_full)
-    return {"lf_lora": lf_lora, "trl_full": trl_full, "heads": {"lf_lora": load_file(str(lf_lora / VALUE_HEAD_FILE)),
-                                                                "trl_full": _head_tensors(4)}}
+    trl_sharded = root / "trl_sharded"  # the same, split into shards with an index
+    base.save_pretrained(trl_sharded, state_dict=state, max_shard_size="50KB")
+    assert len(list(trl_sharded.glob("model-*.safetensors"))) > 1
+    return {"lf_lora": lf_lora, "trl_full": trl_full, "trl_sharded": trl_sharded,
+            "heads": {"lf_lora": load_file(str(lf_lora / VALUE_HEAD_FILE)), "trl_full": _head_tensors(4),
+                      "trl_sharded": _head_tensors(4)}}
 
 
 def _classifier(folder: Path, template: str, labels: int = 1) -> Path:
@@ -114,7 +118,7 @@ def _only_source(config):
 # ------------------------------------------------------------------------------- value heads
 
 
-@pytest.mark.parametrize("layout", ["lf_lora", "trl_full"])
+@pytest.mark.parametrize("layout", ["lf_lora", "trl_full", "trl_sharded"])
 def test_foreign_value_head_layouts_load_exactly(folders, layout):
     head = ValueHead.load(folders[layout], TINY_HIDDEN)
     saved = folders["heads"][layout]
