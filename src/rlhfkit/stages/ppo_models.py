@@ -20,7 +20,7 @@ import torch
 
 from rlhfkit.config import Config
 from rlhfkit.data import get_template
-from rlhfkit.errors import fail
+from rlhfkit.errors import RlhfkitError, fail
 from rlhfkit.models.adapters import adapter_base_path, check_adapter_dir, merge_adapters, setup_finetuning, split_paths
 from rlhfkit.models.classifier import classifier_labels, load_reward_classifier
 from rlhfkit.models.compile import compile_blocks
@@ -190,13 +190,18 @@ def _classifier_rendering(config: Config, tokenizer, rm_tokenizer):
     are and `template` is None.
     """
     own = get_template(None if getattr(rm_tokenizer, "chat_template", None) else config.data.template, rm_tokenizer)
-    if _same_vocab(rm_tokenizer, tokenizer):
-        policy = get_template(config.data.template, tokenizer)
-        messages, system = PROBES
-        if all(own.encode_turns(rm_tokenizer, messages, s) == policy.encode_turns(tokenizer, messages, s)
-               for s in (None, system)):
-            return None, True
-    return own, False
+    if not _same_vocab(rm_tokenizer, tokenizer):
+        return own, False
+    policy = get_template(config.data.template, tokenizer)
+    messages, system = PROBES
+    alike = []
+    for probe_system in (None, system):
+        try:
+            alike.append(own.encode_turns(rm_tokenizer, messages, probe_system)
+                         == policy.encode_turns(tokenizer, messages, probe_system))
+        except RlhfkitError:  # a template without system turns: compared without them
+            continue
+    return (None, True) if alike and all(alike) else (own, False)
 
 
 def build_ppo_models(config: Config, tokenizer, device: torch.device) -> PPOModels:
