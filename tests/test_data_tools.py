@@ -162,7 +162,8 @@ def test_multimodal_dataset_info_entry_is_refused(tmp_path: Path) -> None:
                           {"role": "assistant", "content": "Two players."}], "images": ["mllm_demo_data/1.jpg"]}]
     (tmp_path / "mllm_demo.json").write_text(json.dumps(rows), encoding="utf-8")
     write_dataset_info(tmp_path, {"mllm_demo": {
-        "file_name": "mllm_demo.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+        "file_name": "mllm_demo.json", "formatting": "sharegpt",
+        "columns": {"messages": "messages", "images": "images"},
         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}})
     message = _one_line_error(lambda: resolve_datasets("mllm_demo", str(tmp_path)))
     assert "'mllm_demo'" in message and "images" in message and "not supported" in message

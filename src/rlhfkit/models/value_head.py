@@ -20,6 +20,7 @@ LLaMA-Factory and TRL (`AutoModelForCausalLMWithValueHead.v_head`) write and rea
 PICKLED_HEAD_FILES = ("value_head.bin", "pytorch_model.bin")
 """Pickled heads (LLaMA-Factory without safetensors; TRL's LoRA reward models), never unpickled here."""
 
+
 class ValueHead(nn.Module):
     """A linear map from the last hidden state to one scalar per position.
 
