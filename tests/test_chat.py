@@ -1,17 +1,20 @@
 """`rlhfkit chat`: two turns through a pseudo-terminal, the conversation fed back through the template,
-streaming, /reset and /exit, and the context limit."""
+streaming, /reset and /exit, the context limit, and LLaMA-Factory's inference config."""
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 
 import pytest
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import greedy_reply, pseudo_terminal, read_terminal
-from rlhfkit.commands.chat import ChatSession, TextPrinter, chat_loop, generation_config
+from conftest import greedy_reply, pseudo_terminal, random_lora, read_terminal
+from rlhfkit.cli import main
+from rlhfkit.commands.chat import ChatSession, TextPrinter, chat_loop, chat_settings, generation_config
 from rlhfkit.data import get_template
 
 MAX_NEW_TOKENS = 6
@@ -107,3 +110,52 @@ def test_printer_holds_back_incomplete_characters():
         printer.put(torch.tensor([byte]))
     printer.end()
     assert written == ["a", "é", "!"]
+
+
+# ------------------------------------------------------------- LLaMA-Factory's inference config
+
+
+def _inference_config(path, model_dir, adapter_dir=None, extra: str = "") -> str:
+    """LLaMA-Factory's inference example, its keys as they are (a template we have)."""
+    adapter = f"adapter_name_or_path: {adapter_dir}\n" if adapter_dir else ""
+    path.write_text(f"model_name_or_path: {model_dir}\n{adapter}template: chatml\n"
+                    f"infer_backend: huggingface  # choices: [huggingface, vllm, sglang, ktransformers]\n"
+                    f"trust_remote_code: true\n{extra}")
+    return str(path)
+
+
+def test_inference_config_settings_and_command_line_precedence(tiny_model_dir, tmp_path):
+    config = _inference_config(tmp_path / "infer.yaml", tiny_model_dir, "saves/lora/sft",
+                               "do_sample: false\ntemperature: 0.5\ntop_p: 0.9\nmax_new_tokens: 7\n"
+                               "vllm_maxlen: 4096\nvllm_enforce_eager: true\n")  # settings of another backend
+    settings = chat_settings(config, {"max_new_tokens": 3})
+    assert settings == dict(model_path=str(tiny_model_dir), adapter="saves/lora/sft", template="chatml",
+                            max_new_tokens=3, temperature=0.5, top_p=0.9, top_k=50, repetition_penalty=1.0,
+                            greedy=True, seed=42, device="auto", trust_remote_code=True)
+    assert chat_settings(str(tiny_model_dir), {"greedy": True}) == {"model_path": str(tiny_model_dir), "greedy": True}
+
+
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+def test_other_inference_backends_are_refused_in_one_line(tiny_model_dir, tmp_path, capsys, backend):
+    config = tmp_path / "infer.yaml"
+    _inference_config(config, tiny_model_dir, extra="vllm_gpu_util: 0.9\n")
+    config.write_text(config.read_text().replace("infer_backend: huggingface", f"infer_backend: {backend}"))
+    assert main(["chat", str(config)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and f"infer_backend: {backend} is not supported" in error and "huggingface" in error
+
+
+def test_chat_from_an_inference_config_with_an_adapter(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    adapter_dir = tmp_path / "sft"
+    random_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 3).save_pretrained(adapter_dir)
+    config = _inference_config(tmp_path / "infer.yaml", tiny_model_dir, adapter_dir,
+                               f"do_sample: false\nmax_new_tokens: {MAX_NEW_TOKENS}\ndevice: cpu\n")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir)
+    expected = greedy_reply(merged.merge_and_unload().eval(), tokenizer, [{"role": "user", "content": "hello"}],
+                            MAX_NEW_TOKENS)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/exit\n"))
+    assert main(["chat", config]) == 0
+    output = capsys.readouterr().out
+    assert f"Chatting with {tiny_model_dir} + {adapter_dir}" in output
+    assert f"Assistant: {expected}\n" in output

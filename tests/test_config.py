@@ -58,6 +58,7 @@ def test_llamafactory_ppo_example_is_accepted():
     ({"stage": "ppo", "reward_model": "r", "gamma": 1.5}, "gamma must be in [0, 1]"),
     ({"stage": "ppo", "reward_model": "r", "do_sample": False}, "do_sample: true"),
     ({"create_new_adapter": True}, "needs adapter_name_or_path"),
+    ({"infer_backend": "vllm"}, "infer_backend: vllm is not supported"),
 ])
 def test_errors_name_the_key(values, fragment):
     with pytest.raises(RlhfkitError) as err:

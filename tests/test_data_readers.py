@@ -121,7 +121,8 @@ def test_openai_tags_via_dataset_info(tmp_path: Path) -> None:
     assert example.messages == [user("u"), assistant("a")]
 
 
-def test_sharegpt_tool_turns_map_to_user_and_assistant(tmp_path: Path) -> None:
+def test_sharegpt_tool_turns_become_tool_calls_and_results(tmp_path: Path) -> None:
+    """Not plain text: a call and a result in transformers' tool format (more in test_data_tools)."""
     turns = [
         {"from": "human", "value": "weather?"},
         {"from": "function_call", "value": '{"name": "w"}'},
@@ -130,7 +131,11 @@ def test_sharegpt_tool_turns_map_to_user_and_assistant(tmp_path: Path) -> None:
     ]
     path = write_jsonl(tmp_path / "tools.jsonl", [{"conversations": turns}])
     [example] = load_examples(resolve_datasets(str(path), str(tmp_path)), "sft")
-    assert example.messages == [user("weather?"), assistant('{"name": "w"}'), user("sunny"), assistant("It is sunny.")]
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                                                                "function": {"name": "w", "arguments": {}}}]}
+    assert example.messages == [user("weather?"), call, {"role": "tool", "content": "sunny"},
+                                assistant("It is sunny.")]
+    assert example.tools == []  # tool data without definitions
 
 
 # -- pairwise -------------------------------------------------------------------------------

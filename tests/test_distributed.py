@@ -200,7 +200,8 @@ def test_fsdp_ppo_run_saves_a_model_that_reloads_generates_and_resumes(tiny_mode
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert any("lora_B" in key and float(value.abs().max()) > 0 for key, value in adapter.items())
     head = load_file(str(out / "value_head.safetensors"))
-    assert head["summary.weight"].shape == (1, TINY_HIDDEN) and float(head["summary.weight"].abs().max()) > 0
+    weight = head["v_head.summary.weight"]  # LLaMA-Factory's key name
+    assert weight.shape == (1, TINY_HIDDEN) and float(weight.abs().max()) > 0
     # Reload with plain peft and generate.
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)

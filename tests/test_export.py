@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from conftest import TINY_HIDDEN, cpu_config, float32_tolerance
+from rlhfkit.cli import main
 from rlhfkit.commands.export import _check_only_base_tensors, builtin_chat_template, run_export
 from rlhfkit.data import TEMPLATES
 from rlhfkit.errors import RlhfkitError
@@ -189,3 +190,48 @@ def test_refuses_to_overwrite(tiny_model_dir, adapter_dir, tmp_path):
         _export(tmp_path, tiny_model_dir, adapter_dir)
     _export(tmp_path, tiny_model_dir, adapter_dir, overwrite_output_dir=True)
     assert (tmp_path / "exported" / "model.safetensors").is_file()
+
+
+def test_llamafactory_merge_config_runs_unchanged_but_for_paths(tiny_model_dir, adapter_dir, tmp_path):
+    """LLaMA-Factory's merge_lora example, its layout and keys as they are (a template we have)."""
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"""### Note: DO NOT use quantized model or quantization_bit when merging lora adapters
+
+### model
+model_name_or_path: {tiny_model_dir}
+adapter_name_or_path: {adapter_dir}
+template: chatml
+trust_remote_code: true
+
+### export
+export_dir: {tmp_path / 'merged'}
+export_size: 5
+export_device: cpu  # choices: [cpu, auto]
+export_legacy_format: false
+""")
+    assert main(["export", str(config)]) == 0
+    out = tmp_path / "merged"
+    batch = _batch(AutoTokenizer.from_pretrained(out))
+    reference_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir)
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(out), batch),
+                               _logits(reference_model, batch), atol=_merged_logits_atol(reference_model, batch),
+                               rtol=0)
+    messages = [{"role": "user", "content": "hi"}]
+    assert AutoTokenizer.from_pretrained(out).apply_chat_template(messages, tokenize=False) == \
+        TEMPLATES["chatml"].render(build_char_tokenizer(), messages)
+
+
+def test_reward_model_with_the_head_inside_its_weights_exports_to_the_shared_layout(tiny_model_dir, tmp_path):
+    """A full reward model saved by TRL (v_head.* among the LM's weights) exports as the LM alone plus
+    value_head.safetensors in LLaMA-Factory's key names."""
+    trl = tmp_path / "trl"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    head = ValueHead(TINY_HIDDEN, zero_init=False)
+    model.save_pretrained(trl, state_dict={**model.state_dict(),
+                                           **{f"v_head.{k}": v for k, v in head.state_dict().items()}})
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(trl)
+    out = _export(tmp_path, trl, stage="rm")
+    assert set(load_file(str(out / "model.safetensors"))) == set(load_file(str(tiny_model_dir / "model.safetensors")))
+    saved = load_file(str(out / VALUE_HEAD_FILE))
+    assert set(saved) == {"v_head.summary.weight", "v_head.summary.bias"}
+    assert torch.equal(saved["v_head.summary.weight"], head.summary.weight)

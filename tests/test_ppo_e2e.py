@@ -190,7 +190,7 @@ def test_value_head_initialised_from_lora_reward_model(tiny_model_dir, assets, t
     rm_head = load_file(str(assets["rm_lora"] / VALUE_HEAD_FILE))
     head = load_file(str(out / VALUE_HEAD_FILE))
     assert set(head) == set(rm_head)
-    assert rm_head["summary.weight"].abs().max() > 1e-3  # a trained, non-zero head
+    assert rm_head["v_head.summary.weight"].abs().max() > 1e-3  # a trained, non-zero head
     for name, tensor in rm_head.items():
         expected = tensor if init == "auto" else torch.zeros_like(tensor)
         # One PPO step is ppo_epochs AdamW steps (one mini-batch each), each moving a weight by at most

@@ -204,6 +204,8 @@ def test_rm_lora_learns_preference_and_reloads(tiny_model_dir, tmp_path, prefere
     assert not (out / "model.safetensors").exists()
     # The value head is not inside the adapter weights.
     assert not any("summary" in k for k in load_file(str(out / "adapter_model.safetensors")))
+    # LLaMA-Factory's layout: it reads this folder as a LoRA reward model (see test_foreign_models).
+    assert set(load_file(str(out / VALUE_HEAD_FILE))) == {"v_head.summary.weight", "v_head.summary.bias"}
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model = PeftModel.from_pretrained(base, out).eval()
@@ -236,7 +238,7 @@ def test_rm_gradient_accumulation_equals_one_large_batch(tiny_model_dir, tmp_pat
         acc = load_file(str(acc_dir / name))
         assert set(big) == set(acc)
         for key in big:
-            if key == "summary.bias":
+            if key == "v_head.summary.bias":
                 # The pairwise loss depends on score differences only, so the head's bias has a zero
                 # gradient; Adam turns rounding noise in it into moves of at most ~lr per step.
                 bound = ACCUMULATION_STEPS * ACCUMULATION_LR * 1.01

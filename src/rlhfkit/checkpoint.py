@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhfkit.errors import fail
 from rlhfkit.models.saving import save_pretrained_model, split_trained
+from rlhfkit.models.value_head import read_head_state
 from rlhfkit.training.distributed import global_sums, is_sharded
 
 logger = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ class CheckpointManager:
         elif _is_full_model(model):
             _load_full_model(model, path)
             if value_head is not None:
-                value_head.load_state_dict(load_file(str(path / "value_head.safetensors")))
+                value_head.load_state_dict(read_head_state(path))
         else:
             tensors = load_file(str(path / TRAINABLE_FILE))
             for prefix, module in modules.items():

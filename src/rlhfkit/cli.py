@@ -39,12 +39,15 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chat(args: argparse.Namespace) -> int:
-    from rlhfkit.commands.chat import run_chat
+CHAT_OPTIONS = ("adapter", "template", "system", "max_new_tokens", "temperature", "top_p", "top_k",
+                "repetition_penalty", "greedy", "seed", "device", "trust_remote_code")
 
-    return run_chat(args.model, args.adapter, args.template, args.system, args.max_new_tokens, args.temperature,
-                    args.top_p, args.top_k, args.repetition_penalty, args.greedy, args.seed, args.device,
-                    args.trust_remote_code)
+
+def _chat(args: argparse.Namespace) -> int:
+    from rlhfkit.commands.chat import chat_settings, run_chat
+
+    given = {name: getattr(args, name) for name in CHAT_OPTIONS if getattr(args, name) is not None}
+    return run_chat(**chat_settings(args.model, given))
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -80,20 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=_export)
 
     chat = commands.add_parser("chat", help="chat with a model in the terminal (/reset, /exit)")
-    chat.add_argument("model", help="model folder (base, or an exported model)")
+    chat.add_argument("model", help="model folder (base, or an exported model), or a YAML config in LLaMA-Factory's "
+                                    "inference format (model_name_or_path, adapter_name_or_path, template, ...)")
     chat.add_argument("--adapter", help="LoRA adapter folder(s) to load on the model, comma-separated")
-    chat.add_argument("--template", help="chat template: the tokenizer's own (default) or default, empty, chatml, "
-                                         "llama3, qwen")
+    chat.add_argument("--template", help="chat template: the tokenizer's own (default) or a built-in name")
     chat.add_argument("--system", help="system message")
-    chat.add_argument("--max-new-tokens", type=int, default=512, help="longest reply in tokens (512)")
-    chat.add_argument("--temperature", type=float, default=0.95, help="sampling temperature (0.95)")
-    chat.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling threshold (0.7)")
-    chat.add_argument("--top-k", type=int, default=50, help="top-k sampling, 0 disables (50)")
-    chat.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 disables (1.0)")
-    chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    chat.add_argument("--seed", type=int, default=42, help="sampling seed (42)")
-    chat.add_argument("--device", choices=("auto", "cpu"), default="auto", help="auto (cuda, mps, cpu) or cpu")
-    chat.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code")
+    chat.add_argument("--max-new-tokens", type=int, help="longest reply in tokens (512; a config: its value)")
+    chat.add_argument("--temperature", type=float, help="sampling temperature (0.95)")
+    chat.add_argument("--top-p", type=float, help="nucleus sampling threshold (0.7)")
+    chat.add_argument("--top-k", type=int, help="top-k sampling, 0 disables (50)")
+    chat.add_argument("--repetition-penalty", type=float, help="1.0 disables (1.0)")
+    chat.add_argument("--greedy", action="store_true", default=None, help="greedy decoding instead of sampling")
+    chat.add_argument("--seed", type=int, help="sampling seed (42)")
+    chat.add_argument("--device", choices=("auto", "cpu"), help="auto (cuda, mps, cpu; the default) or cpu")
+    chat.add_argument("--trust-remote-code", action="store_true", default=None,
+                      help="allow custom modelling code")
     chat.set_defaults(handler=_chat)
 
     evaluate = commands.add_parser("eval", help="score a policy on a prompt dataset with reward source(s)")

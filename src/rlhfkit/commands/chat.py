@@ -1,4 +1,10 @@
-"""`rlhfkit chat MODEL [--adapter DIR]`: an interactive terminal chat using the chat template.
+"""`rlhfkit chat MODEL [--adapter DIR]` or `rlhfkit chat CONFIG.yaml`: an interactive terminal chat
+using the chat template.
+
+CONFIG.yaml is LLaMA-Factory's inference config: `model_name_or_path`, `adapter_name_or_path`,
+`template`, `infer_backend: huggingface` (another backend is refused), `trust_remote_code`, and
+the generation keys (`do_sample`, `temperature`, `top_p`, `top_k`, `max_new_tokens`,
+`repetition_penalty`); options given on the command line win over it.
 
 Each user message is appended to the conversation, the whole conversation is encoded with the
 template (the tokenizer's own unless `--template`), and the reply streams to the terminal as it
@@ -10,14 +16,16 @@ are dropped.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from rlhfkit.commands.inference import inference_device, load_for_inference
-from rlhfkit.config import ModelArguments
+from rlhfkit.config import ModelArguments, build_config, read_yaml
+from rlhfkit.config.validation import check_infer_backend
 from rlhfkit.data import get_template
 from rlhfkit.errors import fail
 from rlhfkit.models.adapters import split_paths
@@ -147,6 +155,36 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input,
         session.reply(line, write)
         write("\n")
         turns += 1
+
+
+# Settings of other inference engines, which LLaMA-Factory's inference configs may carry.
+OTHER_BACKEND_PREFIXES = ("vllm_", "sglang_", "kt_")
+
+
+def is_config_file(target: str) -> bool:
+    """Whether `rlhfkit chat TARGET` names a YAML config rather than a model."""
+    return Path(target).suffix.lower() in (".yaml", ".yml") or Path(target).is_file()
+
+
+def settings_from_config(path: str) -> dict[str, Any]:
+    """`run_chat`'s arguments from an inference config in LLaMA-Factory's format."""
+    values = read_yaml(path)
+    check_infer_backend(path, str(values.get("infer_backend", "huggingface")))
+    values = {k: v for k, v in values.items() if not str(k).startswith(OTHER_BACKEND_PREFIXES)}
+    config = build_config(values, source=path, check=False)
+    m, g = config.model, config.generation
+    if not m.model_name_or_path:
+        raise fail(f"{path}: model_name_or_path is required; set it to the model folder to chat with")
+    return dict(model_path=m.model_name_or_path, adapter=m.adapter_name_or_path, template=config.data.template,
+                max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                repetition_penalty=g.repetition_penalty, greedy=not g.do_sample, seed=config.training.seed,
+                device=m.device, trust_remote_code=m.trust_remote_code)
+
+
+def chat_settings(target: str, given: dict[str, Any]) -> dict[str, Any]:
+    """`run_chat`'s arguments for `rlhfkit chat TARGET`: a model folder or a config, then the options `given`."""
+    settings = settings_from_config(target) if is_config_file(target) else {"model_path": target}
+    return {**settings, **given}
 
 
 def run_chat(model_path: str, adapter: str | None = None, template: str | None = None, system: str | None = None,

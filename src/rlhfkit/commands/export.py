@@ -14,14 +14,14 @@ or hub ids), `template`, `export_dir`, `export_size`, `export_legacy_format`, `e
              stop tokens and PAD written into the generation config
 5. save      safetensors shards of at most export_size GB (with an index when sharded),
              tokenizer, generation config; with `stage: rm` the value head goes beside the
-             model as value_head.safetensors, the layout `reward_model_type: full` reads
+             model as value_head.safetensors (LLaMA-Factory's key names), the layout
+             `reward_model_type: full` reads
 6. upload    with `export_hub_model_id`, export_dir to that Hugging Face Hub repository
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -34,7 +34,7 @@ from rlhfkit.errors import fail
 from rlhfkit.hub import push_folder, resolve_model_args
 from rlhfkit.models.adapters import check_adapter_dir, merge_adapters, split_paths
 from rlhfkit.models.loading import load_causal_lm, resolve_dtype
-from rlhfkit.models.value_head import VALUE_HEAD_FILE, has_value_head
+from rlhfkit.models.value_head import VALUE_HEAD_FILE, ValueHead, has_value_head
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ def _value_head_folder(config: Config, adapters: list[str]) -> Path:
     if not has_value_head(folder):
         raise fail(f"{config.source}: stage: rm exports a reward model, but {folder / VALUE_HEAD_FILE} does not "
                    "exist; point adapter_name_or_path (or model_name_or_path) at an rm-stage output")
+    ValueHead.load(folder)  # a pickled head stops here, before anything is written
     return folder
 
 
@@ -194,9 +195,9 @@ def run_export(config: Config) -> Path:
     export_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(export_dir, max_shard_size=max(int(e.export_size * GB), 1))
     tokenizer.save_pretrained(export_dir)
-    if value_head_from is not None:
-        shutil.copyfile(value_head_from / VALUE_HEAD_FILE, export_dir / VALUE_HEAD_FILE)
-        logger.info("value head copied beside the model (%s), not into its weights", VALUE_HEAD_FILE)
+    if value_head_from is not None:  # rewritten in LLaMA-Factory's key names, whatever layout it came in
+        ValueHead.load(value_head_from, model.config.get_text_config().hidden_size).save(export_dir)
+        logger.info("value head written beside the model (%s), not into its weights", VALUE_HEAD_FILE)
     elif adapters and has_value_head(adapters[-1]):
         logger.info("%s in %s is not exported (it is not part of the language model; use stage: rm to export a "
                     "reward model with its head beside it)", VALUE_HEAD_FILE, adapters[-1])

@@ -46,6 +46,8 @@ class ModelArguments:
     """4-bit data type: nf4 or fp4."""
     double_quantization: bool = True
     """4-bit: also quantize the quantization constants (saves about 0.4 bits per weight)."""
+    infer_backend: str = "huggingface"
+    """Generation engine of `rlhfkit chat` (LLaMA-Factory's key): huggingface (transformers' generate) only."""
 
 
 @dataclass

@@ -43,6 +43,13 @@ def report_to_list(value) -> list[str]:
     return [v.strip() for v in items if v and v.strip() and v.strip() != "none"]
 
 
+def check_infer_backend(source: str, value: str) -> None:
+    """Only transformers' generate is available; vllm, sglang and ktransformers are LLaMA-Factory's."""
+    if value != "huggingface":
+        raise fail(f"{source}: infer_backend: {value} is not supported; rlhfkit generates with transformers, so set "
+                   "infer_backend: huggingface (or remove the key)")
+
+
 def validate(config: "Config") -> None:
     """Check ranges and combinations; raise RlhfkitError naming the key(s) at fault."""
     src = config.source
@@ -52,6 +59,7 @@ def validate(config: "Config") -> None:
     _choice(src, "finetuning_type", f.finetuning_type, FINETUNING_TYPES)
     _choice(src, "torch_dtype", m.torch_dtype, DTYPES)
     _choice(src, "device", m.device, ("auto", "cpu"))
+    check_infer_backend(src, m.infer_backend)
     _choice(src, "lr_scheduler_type", t.lr_scheduler_type, SCHEDULERS)
     _choice(src, "overlong_prompts", d.overlong_prompts, ("drop", "error"))
     _choice(src, "reward_model_type", p.reward_model_type, REWARD_MODEL_TYPES)

@@ -68,6 +68,15 @@ OPENAI_TAGS: dict[str, str] = {
     "system_tag": "system",
 }
 OTHER_SOURCES = ("ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+MEDIA_COLUMNS = ("images", "videos", "audios")
+"""LLaMA-Factory's multimodal columns (refused: only text models are supported)."""
+
+
+def media_refusal(column: str) -> str:
+    """Why data with a media `column` is refused, and what to do (the tail of a one-line error)."""
+    return (f"has {column} (column {column!r}); image, video and audio inputs are not supported yet, since rlhfkit "
+            f"trains text-only models (their placeholders such as <image> would be trained as plain text); "
+            "use a text-only dataset")
 
 
 @dataclass
@@ -165,6 +174,9 @@ def _spec_from_entry(name: str, entry: Any, dataset_dir: str, info_path: Path,
     if ranking:
         columns.update(chosen="chosen", rejected="rejected")
     columns.update(_string_map(entry.get("columns"), f"{where} columns", allow_null=True))
+    media = next((name for name in MEDIA_COLUMNS if columns.get(name)), None)
+    if media is not None:
+        raise fail(f"{where}: {media_refusal(media)}")
     tags = dict(SHAREGPT_TAGS)
     tags.update(_string_map(entry.get("tags"), f"{where} tags", allow_null=False))
     num_samples = entry.get("num_samples")
@@ -207,6 +219,9 @@ def detect_spec(path: Path, name: str | None = None) -> DatasetSpec:
     if found is None:
         raise fail(f"{path}: has no rows; add data or remove it from dataset:")
     source, row = found
+    media = next((name for name in MEDIA_COLUMNS if row.get(name)), None)
+    if media is not None:
+        raise fail(f"{source}: {media_refusal(media)}")
     keys = set(row)
     ranking = "chosen" in keys and "rejected" in keys
     spec_name = name or str(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -14,13 +15,18 @@ class Example:
     ends with a user turn, and a pairwise one holds the two candidate final replies in
     `chosen` (preferred) and `rejected`. `source` says where the row came from
     ("data/x.jsonl line 12") for error messages.
+
+    Tool data (`tools` not None: the function definitions, possibly none) may also hold
+    `{"role": "tool", ...}` turns in the user's place and assistant turns with `tool_calls`
+    (see `data.tools`).
     """
 
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
     system: str | None = None
     chosen: str | None = None
     rejected: str | None = None
     source: str = ""
+    tools: list[dict] | None = None
 
     @property
     def ends_with_reply(self) -> bool:

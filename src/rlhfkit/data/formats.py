@@ -7,10 +7,13 @@ per-row system prompt. An empty or missing `output` gives a prompt-only example.
 sharegpt: a list of turns, `{"from": ..., "value": ...}` by default or any tags set in
 dataset_info.json (OpenAI-style `{"role": ..., "content": ...}` lists are detected for
 direct files). A leading system turn becomes `Example.system` (it wins over a `system`
-column). Tool turns are kept as plain text so the conversation still alternates: an
-observation turn (tool output) becomes a user turn and a function-call turn becomes an
-assistant turn; the `tools` column is ignored. An empty final assistant turn counts as no
-reply (prompt-only example).
+column). Tool data (a non-empty `tools` column, or `function_call` / `observation` turns, in
+the assistant's and the user's place) becomes messages in transformers' tool format with the
+function definitions in `Example.tools` (see `data.tools`); only SFT through the tokenizer's
+own chat template trains on it. An empty final assistant turn counts as no reply (prompt-only
+example).
+
+Rows with images, videos or audios are refused: only text models are supported.
 
 Pairwise rows have `chosen` and `rejected` columns: strings (alpaca), or a turn dict or a
 string (sharegpt); the conversation before them must end with a user turn.
@@ -23,7 +26,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from rlhfkit.data.dataset_info import MEDIA_COLUMNS, media_refusal
 from rlhfkit.data.example import Example
+from rlhfkit.data.tools import parse_tools, tool_call_message
 from rlhfkit.errors import fail
 
 if TYPE_CHECKING:
@@ -31,6 +36,9 @@ if TYPE_CHECKING:
 
 def row_to_example(row: dict[str, Any], source: str, spec: DatasetSpec) -> Example:
     """Convert one raw row according to the dataset's formatting."""
+    media = next((name for name in MEDIA_COLUMNS if row.get(name)), None)
+    if media is not None:
+        raise fail(f"{source}: {media_refusal(media)}")
     if spec.formatting == "sharegpt":
         return _sharegpt(row, source, spec)
     return _alpaca(row, source, spec)
@@ -102,6 +110,7 @@ def _alpaca(row: dict[str, Any], source: str, spec: DatasetSpec) -> Example:
     messages.append({"role": "user", "content": user})
     system = _text(column_value(row, source, spec, "system", False), source, "system") or None
     example = Example(messages, system=system, source=source)
+    example.tools = parse_tools(column_value(row, source, spec, "tools", False), source) or None
     if spec.ranking:
         response = _maybe_json(column_value(row, source, spec, "response", False))
         if spec.columns.get("chosen") not in row and isinstance(response, list) and len(response) == 2:
@@ -126,12 +135,13 @@ def _check_pair(example: Example, source: str) -> None:
 def _sharegpt(row: dict[str, Any], source: str, spec: DatasetSpec) -> Example:
     tags = spec.tags
     role_tag, content_tag = tags["role_tag"], tags["content_tag"]
-    roles = {
+    roles = {  # the place each kind of turn takes in the alternation
         tags["user_tag"]: "user",
         tags["observation_tag"]: "user",
         tags["assistant_tag"]: "assistant",
         tags["function_tag"]: "assistant",
     }
+    tool_turns = False
     turns = _decode(column_value(row, source, spec, "messages", True), source, "the conversation")
     if not isinstance(turns, list) or not turns:
         raise fail(f"{source}: the conversation must be a non-empty list of turns; fix the row")
@@ -165,14 +175,23 @@ def _sharegpt(row: dict[str, Any], source: str, spec: DatasetSpec) -> Example:
             )
         is_last = index == len(turns)
         if not content.strip():
-            if role == "assistant" and is_last:
+            if tag == tags["assistant_tag"] and is_last:
                 break  # an empty final reply: prompt-only example
             what = "prompt" if role == "user" else "reply"
             raise fail(f"{where}: empty {what}; fill it in or remove the row")
-        messages.append({"role": role, "content": content})
+        if tag == tags["function_tag"]:
+            messages.append(tool_call_message(content, where))
+        elif tag == tags["observation_tag"]:
+            messages.append({"role": "tool", "content": content})
+        else:
+            messages.append({"role": role, "content": content})
+        tool_turns = tool_turns or tag in (tags["function_tag"], tags["observation_tag"])
     if not messages:
         raise fail(f"{source}: the conversation has no user turn; fix the row")
     example = Example(messages, system=system, source=source)
+    tools = parse_tools(column_value(row, source, spec, "tools", False), source)
+    if tools or tool_turns:
+        example.tools = tools
     if spec.ranking:
         if example.ends_with_reply:
             raise fail(

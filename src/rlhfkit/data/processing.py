@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlhfkit.data.example import Example
+from rlhfkit.data.jinja_template import check_tool_template
 from rlhfkit.data.templates import Template
 from rlhfkit.errors import RlhfkitError, fail
 
@@ -82,14 +83,21 @@ def tokenize_sft(
     """`input_ids` and `labels` (-100 where no loss is taken) for supervised fine-tuning.
 
     Every assistant reply is trained, or only the last one with `mask_history`; prompt
-    tokens of trained turns are trained too with `train_on_prompt`.
+    tokens of trained turns are trained too with `train_on_prompt`. Tool-call examples
+    (`Example.tools`) need the tokenizer's own template, able to render tools.
     """
     _check_cutoff(cutoff_len)
     stats = TokenizeStats(cutoff_len=cutoff_len)
     samples: list[dict[str, list[int]]] = []
+    with_tools = next((example for example in examples if example.tools is not None), None)
+    if with_tools is not None:
+        check_tool_template(template, tokenizer, with_tools.source or "dataset")
     for example in examples:
         with _about(example):
-            turns = template.encode_turns(tokenizer, example.messages, example.system)
+            if example.tools is None:
+                turns = template.encode_turns(tokenizer, example.messages, example.system)
+            else:
+                turns = template.encode_tool_turns(tokenizer, example.messages, example.system, example.tools)
         if not turns:
             raise fail(f"{example.source or 'example'}: has no assistant reply; SFT needs one")
         input_ids: list[int] = []

@@ -9,6 +9,8 @@ Each stage needs a different shape of example:
 * ``"prompt"``: any format; a final assistant reply is removed, so PPO can use the prompts
   of SFT-style data. For ranking data the chosen/rejected replies are kept but unused.
 
+Tool-call data is refused except for ``"sft"``.
+
 Rows are checked strictly: a broken row raises `RlhfkitError` naming the file and row
 rather than being skipped silently.
 """
@@ -63,6 +65,10 @@ def read_examples(spec: DatasetSpec, kind: str, max_samples: int | None = None) 
         if limit is not None and len(examples) >= limit:
             break
         example = row_to_example(row, source, spec)
+        if kind != "sft" and example.tools is not None:
+            stage = "reward modelling" if kind == "pairwise" else "PPO and eval"
+            raise fail(f"{source}: tool-call data (a tools column or function_call/observation turns) is supported "
+                       f"for stage sft only, not for {stage}; remove dataset {spec.name!r} or its tool rows")
         if kind == "sft" and not example.ends_with_reply:
             column = spec.columns.get("response") if spec.formatting == "alpaca" else None
             if column is not None:

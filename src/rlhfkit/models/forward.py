@@ -132,3 +132,12 @@ def sequence_scores(model, value_head, input_ids: torch.Tensor, attention_mask: 
     _, values = forward_with_values(model, value_head, input_ids, attention_mask, logits_to_keep=1)  # (b, T)
     rows = torch.arange(values.shape[0], device=values.device)
     return values[rows, last_real_index(attention_mask)]
+
+
+def backbone_scores(backbone, value_head, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Score of each sequence from a model without an LM head (a classifier's backbone): the head on
+    its last hidden state at the last real token. ``(b,)``."""
+    output = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return value_head(output.last_hidden_state[rows, last_real_index(attention_mask)])  # (b, hidden) -> (b,)

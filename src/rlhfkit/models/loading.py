@@ -33,7 +33,7 @@ def resolve_dtype(model_args: ModelArguments, training_args: TrainingArguments |
     return torch.float32
 
 
-def _check_model_path(path: str, require_config: bool = True) -> None:
+def check_model_path(path: str, require_config: bool = True) -> None:
     local = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1
     if looks_local and not local.is_dir():
@@ -52,7 +52,7 @@ def load_tokenizer(model_args: ModelArguments, path: str | None = None):
     """
     path = path or model_args.model_name_or_path
     # A tokenizer folder needs no config.json: an RM adapter folder holds only adapter and tokenizer files.
-    _check_model_path(path, require_config=not (Path(path).expanduser() / "tokenizer_config.json").is_file())
+    check_model_path(path, require_config=not (Path(path).expanduser() / "tokenizer_config.json").is_file())
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as err:
@@ -110,7 +110,7 @@ def load_causal_lm(
     `rope_scaling` (None outside training). The embeddings grow to the tokenizer's length when it
     is longer (`resize_vocab`: rounded up to a multiple of 64).
     """
-    _check_model_path(path)
+    check_model_path(path)
     kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
     attn = attn_implementation(model_args)
     if attn is not None:

@@ -1,4 +1,5 @@
-"""Reward models with a value head: a LoRA adapter on the policy's base, or a separate model."""
+"""Reward models with a value head (a LoRA adapter on the policy's base, or a separate model), or a
+separate one-label sequence classifier."""
 
 from __future__ import annotations
 
@@ -72,14 +73,17 @@ class SharedBaseReward:
 class SeparateModelReward:
     """A reward model with its own weights (full RM, or a LoRA RM merged into its own base copy).
 
-    With the policy's tokenizer it scores the policy's tokens directly; otherwise it renders each
-    conversation with its own tokenizer and template and scores that.
+    With the policy's tokenizer (and rendering) it scores the policy's tokens directly; otherwise it
+    renders each conversation with its own tokenizer and template and scores that. `read_scores` reads
+    the scores: `sequence_scores` for a causal LM with a value head, `backbone_scores` for a
+    classifier's backbone with its score map as the head.
     """
 
     def __init__(self, model, value_head: ValueHead, tokenizer, template, same_tokenizer: bool,
-                 name: str = "reward", chunk_size: int = 8) -> None:
+                 name: str = "reward", chunk_size: int = 8, read_scores=sequence_scores) -> None:
         self.model, self.value_head, self.tokenizer, self.template = model, value_head, tokenizer, template
         self.same_tokenizer, self.name, self.chunk_size = same_tokenizer, name, chunk_size
+        self.read_scores = read_scores
 
     def _encode(self, batch: ScoringBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.same_tokenizer:
@@ -100,5 +104,5 @@ class SeparateModelReward:
         for begin in range(0, ids.shape[0], self.chunk_size):
             chunk_ids = ids[begin:begin + self.chunk_size].to(device)
             chunk_mask = mask[begin:begin + self.chunk_size].to(device)
-            scores.append(sequence_scores(self.model, self.value_head, chunk_ids, chunk_mask).float().cpu())
+            scores.append(self.read_scores(self.model, self.value_head, chunk_ids, chunk_mask).float().cpu())
         return torch.cat(scores)

@@ -20,7 +20,7 @@ import torch
 
 from rlhfkit.config import Config
 from rlhfkit.data import get_template
-from rlhfkit.errors import fail
+from rlhfkit.errors import RlhfkitError, fail
 from rlhfkit.models.adapters import (
     adapter_base_path,
     apply_frozen_adapters,
@@ -28,7 +28,9 @@ from rlhfkit.models.adapters import (
     setup_finetuning,
     split_paths,
 )
+from rlhfkit.models.classifier import classifier_labels, load_reward_classifier
 from rlhfkit.models.compile import compile_blocks
+from rlhfkit.models.forward import backbone_scores
 from rlhfkit.models.loading import (
     disable_dropout,
     enable_gradient_checkpointing,
@@ -167,19 +169,50 @@ def build_reward_source(spec: RewardSpec, config: Config, models: PPOModels, tok
         model = _load_frozen(config.model.model_name_or_path, config, dtype, device, tokenizer, [spec.path])
         return SeparateModelReward(model, head, tokenizer, template=None, same_tokenizer=True, name=spec.name,
                                    chunk_size=chunk)
-    # full: its own model folder with value_head.safetensors
+    # full: its own model folder, a causal LM with a value head or a one-label sequence classifier
     if not Path(spec.path).is_dir():
         raise fail(f"reward model folder {spec.path} does not exist; set reward_model to an RM folder")
-    if not has_value_head(spec.path):
+    classifier = classifier_labels(spec.path) is not None
+    if not classifier and not has_value_head(spec.path):
         raise fail(f"{Path(spec.path) / 'value_head.safetensors'} not found: {spec.path} is not a reward model "
-                   "(train one with stage: rm)")
+                   "(train one with stage: rm, or use an AutoModelForSequenceClassification with num_labels: 1)")
     rm_tokenizer = load_tokenizer(config.model, spec.path)
+    if classifier:
+        backbone, head = load_reward_classifier(spec.path, config.model, dtype, device, rm_tokenizer)
+        disable_dropout(backbone)
+        template, same = _classifier_rendering(config, tokenizer, rm_tokenizer)
+        return SeparateModelReward(backbone, head, rm_tokenizer, template, same, spec.name, chunk, backbone_scores)
     model = _load_frozen(spec.path, config, dtype, device, rm_tokenizer,
                          quantization_key="reward_model_quantization_bit")
     head = ValueHead.load(spec.path, model.config.get_text_config().hidden_size).to(device)
     same = _same_vocab(rm_tokenizer, tokenizer)
     template = None if same else get_template(config.data.template, rm_tokenizer)
     return SeparateModelReward(model, head, rm_tokenizer, template, same, spec.name, chunk)
+
+
+PROBES = ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "Be brief.")
+
+
+def _classifier_rendering(config: Config, tokenizer, rm_tokenizer):
+    """(template, same) for a classifier RM, trained elsewhere under its own chat template.
+
+    It renders with its tokenizer's chat template (the config's `template` when it has none);
+    `same`: that rendering is the policy's token for token, so the policy's ids are scored as they
+    are and `template` is None.
+    """
+    own = get_template(None if getattr(rm_tokenizer, "chat_template", None) else config.data.template, rm_tokenizer)
+    if not _same_vocab(rm_tokenizer, tokenizer):
+        return own, False
+    policy = get_template(config.data.template, tokenizer)
+    messages, system = PROBES
+    alike = []
+    for probe_system in (None, system):
+        try:
+            alike.append(own.encode_turns(rm_tokenizer, messages, probe_system)
+                         == policy.encode_turns(tokenizer, messages, probe_system))
+        except RlhfkitError:  # a template without system turns: compared without them
+            continue
+    return (None, True) if alike and all(alike) else (own, False)
 
 
 def build_ppo_models(config: Config, tokenizer, device: torch.device) -> PPOModels:
