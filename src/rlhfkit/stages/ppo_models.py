@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from rlhfkit.config import Config
-from rlhfkit.data import get_template
+from rlhfkit.data import template_for
 from rlhfkit.errors import fail
 from rlhfkit.models.adapters import adapter_base_path, check_adapter_dir, merge_adapters, setup_finetuning, split_paths
 from rlhfkit.models.compile import compile_blocks
@@ -167,7 +167,7 @@ def build_reward_source(spec: RewardSpec, config: Config, models: PPOModels, tok
     model = _load_frozen(spec.path, config, dtype, device, rm_tokenizer)
     head = ValueHead.load(spec.path, model.config.get_text_config().hidden_size).to(device)
     same = _same_vocab(rm_tokenizer, tokenizer)
-    template = None if same else get_template(config.data.template, rm_tokenizer)
+    template = None if same else template_for(config.data, rm_tokenizer)
     return SeparateModelReward(model, head, rm_tokenizer, template, same, spec.name, chunk)
 
 
