@@ -377,6 +377,15 @@ def test_unknown_name_suggests_the_closest_and_auto(tok) -> None:
     message = str(err.value)
     assert "did you mean 'qwen3_nothink'?" in message and "'auto'" in message and "\n" not in message
     assert all(name in message for name in TEMPLATES)
+    with pytest.raises(RlhfkitError, match="vision or audio models, which are not supported"):
+        get_template("qwen2_vl", tok)
+
+
+def test_unknown_name_is_refused_before_anything_loads() -> None:
+    values = {"model_name_or_path": "m", "output_dir": "o", "dataset": "d", "template": "llama_3"}
+    with pytest.raises(RlhfkitError, match="template: unknown template 'llama_3'; did you mean 'llama3'?"):
+        build_config(values, source="cfg.yaml")
+    assert build_config({**values, "template": "qwen3_nothink"}, source="cfg.yaml").data.template == "qwen3_nothink"
 
 
 # -- reasoning templates (qwen3) ---------------------------------------------------------------------

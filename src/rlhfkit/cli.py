@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="chat with a model in the terminal (/reset, /exit)")
     chat.add_argument("model", help="model folder (base, or an exported model)")
     chat.add_argument("--adapter", help="LoRA adapter folder(s) to load on the model, comma-separated")
-    chat.add_argument("--template", help="chat template: the tokenizer's own (default) or default, empty, chatml, "
-                                         "llama3, qwen")
+    chat.add_argument("--template", help="chat template: the tokenizer's own (default) or a LLaMA-Factory name "
+                                         "(llama3, qwen3, mistral, ...; docs/data.md)")
     chat.add_argument("--system", help="system message")
     chat.add_argument("--max-new-tokens", type=int, default=512, help="longest reply in tokens (512)")
     chat.add_argument("--temperature", type=float, default=0.95, help="sampling temperature (0.95)")

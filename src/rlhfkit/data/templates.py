@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -175,11 +176,7 @@ def get_template(name: str | None, tokenizer: Any, default_system: str | None = 
         return template
     from rlhfkit.data.template_library import TEMPLATES
 
-    if key not in TEMPLATES:
-        close = difflib.get_close_matches(key, TEMPLATES, n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise fail(f"template: unknown template {name!r}; {hint}use 'auto' (the tokenizer's own chat template) "
-                   f"or one of {', '.join(sorted(TEMPLATES))}")
+    check_template_name(name)
     template = dataclasses.replace(TEMPLATES[key], enable_thinking=enable_thinking,
                                    preserve_thinking=preserve_thinking)
     if default_system is not None:
@@ -187,6 +184,20 @@ def get_template(name: str | None, tokenizer: Any, default_system: str | None = 
     if template.uses_eos() and template.eos_id(tokenizer) is None:
         raise fail(f"template: {key!r} ends replies with EOS, but the tokenizer has no eos_token; use another template")
     return template
+
+
+def check_template_name(name: str | None, where: str = "template") -> None:
+    """Refuse a name that is neither auto nor a built-in, suggesting the closest."""
+    from rlhfkit.data.template_library import TEMPLATES
+
+    key = (name or "auto").strip().lower()
+    if key != "auto" and key not in TEMPLATES:
+        close = difflib.get_close_matches(key, TEMPLATES, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        if re.search(r"vl\b|vl_|\dv\b|llava|vision|audio|omni|ocr|video|pixtral|paligemma|mllama|minicpm_[vo]", key):
+            hint = "it looks like a template for vision or audio models, which are not supported; "
+        raise fail(f"{where}: unknown template {name!r}; {hint}use 'auto' (the tokenizer's own chat template) "
+                   f"or one of {', '.join(sorted(TEMPLATES))}")
 
 
 def template_for(data: Any, tokenizer: Any) -> Template:
