@@ -57,9 +57,9 @@ def builtin_chat_template(template: FormatTemplate, tokenizer: Any) -> str:
     t, emit = template, lambda slots, variable="content": _emit(slots, variable, template, tokenizer)
     thinking = t.thought_words is not None
     parts = [
-        "{%- if messages and messages[0]['role'] == 'system' -%}"
-        "{%- set system_message = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
-        "{%- else -%}{%- set system_message = '' -%}{%- set turns = messages -%}{%- endif -%}",
+        ("{%- if messages and messages[0]['role'] == 'system' -%}"
+         "{%- set system_message = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+         "{%- else -%}{%- set system_message = '' -%}{%- set turns = messages -%}{%- endif -%}"),
         f"{{%- if not system_message -%}}{{%- set system_message = {_literal(t.default_system)} -%}}{{%- endif -%}}",
         _strip_macro(t) if thinking else "",
         "{%- for message in turns -%}{%- set content = message['content'] -%}{%- if loop.first -%}",

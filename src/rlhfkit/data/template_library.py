@@ -148,13 +148,14 @@ _add("phi4_mini", "<|user|>{content}<|end|><|assistant|>", assistant="{content}<
 _add("moonlight", "<|im_user|>user<|im_middle|>{content}<|im_end|><|im_assistant|>assistant<|im_middle|>",
      assistant="{content}<|im_end|>", system="<|im_system|>system<|im_middle|>{content}<|im_end|>",
      stop_words=IM_END, replace_eos=True, default_system="You are a helpful assistant provided by Moonshot-AI.")
-_add("granite3", "<|start_of_role|>user<|end_of_role|>{content}<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>",
-     assistant="{content}<|end_of_text|>\n", system="<|start_of_role|>system<|end_of_role|>{content}<|end_of_text|>\n")
-_add("granite4", "<|start_of_role|>user<|end_of_role|>{content}<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>",
-     assistant="{content}<|end_of_text|>\n", system="<|start_of_role|>system<|end_of_role|>{content}<|end_of_text|>\n",
-     stop_words=("<|end_of_text|>",), default_system="You are Granite, developed by IBM. You are a helpful AI assistant.")
-_add("minimax2", "]~b]user\n{content}[e~[\n]~b]ai\n", assistant="{content}[e~[\n", system="]~!b[]~b]system\n{content}[e~[\n",
-     stop_words=("[e~[",), **REASONING,
+GRANITE = dict(assistant="{content}<|end_of_text|>\n",
+               system="<|start_of_role|>system<|end_of_role|>{content}<|end_of_text|>\n")
+GRANITE_USER = "<|start_of_role|>user<|end_of_role|>{content}<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>"
+_add("granite3", GRANITE_USER, **GRANITE)
+_add("granite4", GRANITE_USER, **GRANITE, stop_words=("<|end_of_text|>",),
+     default_system="You are Granite, developed by IBM. You are a helpful AI assistant.")
+_add("minimax2", "]~b]user\n{content}[e~[\n]~b]ai\n", assistant="{content}[e~[\n",
+     system="]~!b[]~b]system\n{content}[e~[\n", stop_words=("[e~[",), **REASONING,
      default_system="You are a helpful assistant. Your name is MiniMax-M2.1 and is built by MiniMax.")
 
 # -- DeepSeek, GLM and other reasoning models --------------------------------------------------------
