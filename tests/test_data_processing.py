@@ -39,7 +39,7 @@ def enc(tok, text: str) -> list[int]:
 
 
 PROMPT_HI = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-SECOND = "\n<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n"
+SECOND = "<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n"  # chatml replies end with "<|im_end|>\n"
 
 
 # -- SFT truncation -------------------------------------------------------------------------
@@ -55,11 +55,11 @@ def test_long_response_is_truncated_not_dropped(tok, chatml) -> None:
 def test_prompt_filling_cutoff_is_dropped_and_counted(tok, chatml) -> None:
     prompt = enc(tok, PROMPT_HI)
     examples = [Example([user("Hi"), assistant("x")]), Example([user("Hi, a much longer question"), assistant("y")])]
-    samples, stats = tokenize_sft(examples, tok, chatml, cutoff_len=len(prompt) + 2)
-    assert [s["input_ids"] for s in samples] == [prompt + enc(tok, "x<|im_end|>")]
+    samples, stats = tokenize_sft(examples, tok, chatml, cutoff_len=len(prompt) + 3)
+    assert [s["input_ids"] for s in samples] == [prompt + enc(tok, "x<|im_end|>\n")]
     assert (stats.kept, stats.dropped_too_long, stats.truncated) == (1, 1, 0)
     summary = stats.summary()
-    assert "1 kept" in summary and "1 dropped" in summary and f"cutoff_len={len(prompt) + 2}" in summary
+    assert "1 kept" in summary and "1 dropped" in summary and f"cutoff_len={len(prompt) + 3}" in summary
     # Exactly the prompt's length: no room for a single response token.
     samples, stats = tokenize_sft([examples[0], examples[0]], tok, chatml, cutoff_len=len(prompt) + 1)
     assert stats.kept == 2 and samples[0]["input_ids"] == prompt + enc(tok, "x")
@@ -73,7 +73,7 @@ def test_every_example_too_long_is_an_error(tok, chatml) -> None:
 
 def test_multi_turn_truncation_keeps_turns_from_the_start(tok, chatml) -> None:
     messages = [user("Hi"), assistant("Yo"), user("Again"), assistant("Okay")]
-    first = enc(tok, PROMPT_HI) + enc(tok, "Yo<|im_end|>")
+    first = enc(tok, PROMPT_HI) + enc(tok, "Yo<|im_end|>\n")
     second_prompt = enc(tok, SECOND)
     # The second reply keeps two tokens.
     samples, stats = tokenize_sft([Example(messages)], tok, chatml, cutoff_len=len(first) + len(second_prompt) + 2)
@@ -108,26 +108,26 @@ def test_tokenize_pairwise(tok, chatml) -> None:
     example = Example([user("Hi")], chosen="good", rejected="no")
     [sample], stats = tokenize_pairwise([example], tok, chatml, cutoff_len=100)
     assert sample == {
-        "chosen_input_ids": prompt + enc(tok, "good<|im_end|>"),
-        "rejected_input_ids": prompt + enc(tok, "no<|im_end|>"),
+        "chosen_input_ids": prompt + enc(tok, "good<|im_end|>\n"),
+        "rejected_input_ids": prompt + enc(tok, "no<|im_end|>\n"),
         "prompt_length": len(prompt),
     }
     assert stats.kept == 1
-    [sample], stats = tokenize_pairwise([example], tok, chatml, cutoff_len=len(prompt) + 3)
-    assert sample["chosen_input_ids"] == prompt + enc(tok, "goo")
-    assert sample["rejected_input_ids"] == prompt + enc(tok, "no<|im_end|>")
+    [sample], stats = tokenize_pairwise([example], tok, chatml, cutoff_len=len(prompt) + 4)
+    assert sample["chosen_input_ids"] == prompt + enc(tok, "good")
+    assert sample["rejected_input_ids"] == prompt + enc(tok, "no<|im_end|>\n")
     assert stats.truncated == 1
     long_example = Example([user("Hi there, long")], chosen="c", rejected="r")
-    samples, stats = tokenize_pairwise([example, long_example], tok, chatml, cutoff_len=len(prompt) + 3)
+    samples, stats = tokenize_pairwise([example, long_example], tok, chatml, cutoff_len=len(prompt) + 4)
     assert len(samples) == 1 and stats.dropped_too_long == 1
 
 
 def test_tokenize_pairwise_multi_turn_prompt(tok, chatml) -> None:
     example = Example([user("Hi"), assistant("Yo"), user("Again")], system=None, chosen="A", rejected="B")
     [sample], _ = tokenize_pairwise([example], tok, chatml, cutoff_len=200)
-    prompt = enc(tok, PROMPT_HI + "Yo<|im_end|>" + SECOND)
+    prompt = enc(tok, PROMPT_HI + "Yo<|im_end|>\n" + SECOND)
     assert sample["prompt_length"] == len(prompt)
-    assert sample["chosen_input_ids"] == prompt + enc(tok, "A<|im_end|>")
+    assert sample["chosen_input_ids"] == prompt + enc(tok, "A<|im_end|>\n")
 
 
 # -- prompts --------------------------------------------------------------------------------

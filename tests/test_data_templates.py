@@ -8,12 +8,13 @@ import pytest
 from tokenizers import processors
 
 from rlhfkit.data import Example, get_template, tokenize_sft
-from rlhfkit.data.templates import QWEN_DEFAULT_SYSTEM
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.tiny import build_char_tokenizer
 
 IGNORE = -100
 EOT = "<|im_end|>"  # the char tokenizer's EOS
+BOT = "<|im_start|>"  # the char tokenizer's BOS
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 
 @pytest.fixture()
@@ -43,20 +44,23 @@ def sft(tok, name, messages, system=None, **kwargs):
 SINGLE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
 MULTI = SINGLE + [{"role": "user", "content": "Again"}, {"role": "assistant", "content": "Ok"}]
 
-CHATML_SINGLE = [
+# The tokenizer's own ChatML jinja, split at the terminator: the "\n" after it starts the next prompt.
+AUTO_SINGLE = [
     ("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
     ("Yo<|im_end|>", True),
 ]
+# LLaMA-Factory's chatml: the reply is "{content}<|im_end|>\n", newline included.
+CHATML_SINGLE = [AUTO_SINGLE[0], ("Yo<|im_end|>\n", True)]
 # Single turn with system prompt "Be kind.", written out by hand per template.
 SINGLE_WITH_SYSTEM = {
-    "auto": CHATML_SINGLE,
+    "auto": AUTO_SINGLE,
     "chatml": CHATML_SINGLE,
     "qwen": CHATML_SINGLE,
-    "default": [("System: Be kind.\nHuman: Hi\nAssistant: ", False), ("Yo" + EOT, True)],
-    "empty": [("Be kind.\nHi", False), ("Yo" + EOT, True)],
+    "default": [(f"System: Be kind.{EOT}\nHuman: Hi{EOT}\nAssistant:", False), (f"Yo{EOT}\n", True)],
+    "empty": [("Be kind.Hi", False), ("Yo", True)],
     "llama3": [
         (
-            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe kind.<|eot_id|>"
+            f"{BOT}<|start_header_id|>system<|end_header_id|>\n\nBe kind.<|eot_id|>"
             "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n",
             False,
@@ -65,31 +69,35 @@ SINGLE_WITH_SYSTEM = {
     ],
 }
 
-CHATML_MULTI = [
-    ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
-    ("Yo<|im_end|>", True),
-    ("\n<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n", False),
-    ("Ok<|im_end|>", True),
-]
 # Two turns, no system prompt.
 MULTI_TURN = {
-    "auto": CHATML_MULTI,
-    "chatml": CHATML_MULTI,
-    "qwen": [
-        (f"<|im_start|>system\n{QWEN_DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+    "auto": [
+        ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
         ("Yo<|im_end|>", True),
         ("\n<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n", False),
         ("Ok<|im_end|>", True),
     ],
-    "default": [
-        ("Human: Hi\nAssistant: ", False),
-        ("Yo" + EOT, True),
-        ("\nHuman: Again\nAssistant: ", False),
-        ("Ok" + EOT, True),
+    "chatml": [
+        ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Yo<|im_end|>\n", True),
+        ("<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Ok<|im_end|>\n", True),
     ],
-    "empty": [("Hi", False), ("Yo" + EOT, True), ("Again", False), ("Ok" + EOT, True)],
+    "qwen": [
+        (f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Yo<|im_end|>\n", True),
+        ("<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Ok<|im_end|>\n", True),
+    ],
+    "default": [
+        (f"Human: Hi{EOT}\nAssistant:", False),
+        (f"Yo{EOT}\n", True),
+        (f"Human: Again{EOT}\nAssistant:", False),
+        (f"Ok{EOT}\n", True),
+    ],
+    "empty": [("Hi", False), ("Yo", True), ("Again", False), ("Ok", True)],
     "llama3": [
-        ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", False),
+        (f"{BOT}<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", False),
         ("Yo<|eot_id|>", True),
         ("<|start_header_id|>user<|end_header_id|>\n\nAgain<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", False),
         ("Ok<|eot_id|>", True),
@@ -132,7 +140,7 @@ def test_train_on_prompt_trains_everything(tok, name) -> None:
 
 
 def test_train_on_prompt_with_mask_history(tok) -> None:
-    parts = [(text, index >= 2) for index, (text, _) in enumerate(CHATML_MULTI)]
+    parts = [(text, index >= 2) for index, (text, _) in enumerate(MULTI_TURN["chatml"])]
     ids, labels = expected(tok, parts)
     sample = sft(tok, "chatml", MULTI, train_on_prompt=True, mask_history=True)
     assert (sample["input_ids"], sample["labels"]) == (ids, labels)
@@ -190,6 +198,7 @@ def test_auto_with_llama3_style_jinja_and_special_tokens(tok) -> None:
 
 def test_builtin_llama3_uses_special_tokens_when_known(tok) -> None:
     tok.add_tokens(LLAMA3_TOKENS, special_tokens=True)
+    tok.bos_token = "<|begin_of_text|>"  # as in Llama 3's tokenizer; LLaMA-Factory's llama3 writes the tokenizer's BOS
     ids = {t: tok.convert_tokens_to_ids(t) for t in LLAMA3_TOKENS}
     template = get_template("llama3", tok)
     [(prompt, response)] = template.encode_turns(tok, SINGLE)
@@ -198,19 +207,19 @@ def test_builtin_llama3_uses_special_tokens_when_known(tok) -> None:
     assert template.stop_token_ids(tok) == [tok.eos_token_id, ids["<|eot_id|>"]]
 
 
-def test_builtin_adds_bos_once_when_tokenizer_adds_bos(tok) -> None:
+def test_builtin_writes_bos_only_where_its_format_has_it(tok) -> None:
+    """As LLaMA-Factory: BOS where the format says so, never added because the tokenizer adds one to plain text."""
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<|im_start|> $A", special_tokens=[("<|im_start|>", tok.bos_token_id)]
     )
     assert tok.encode("a")[0] == tok.bos_token_id
     [(prompt, _)] = get_template("default", tok).encode_turns(tok, SINGLE)
-    assert prompt == [tok.bos_token_id] + tok.encode("Human: Hi\nAssistant: ", add_special_tokens=False)
-    # chatml starts with <|im_start|> which here is also the BOS: still only one.
+    assert prompt == tok.encode(f"Human: Hi{EOT}\nAssistant:", add_special_tokens=False)
     [(prompt, _)] = get_template("chatml", tok).encode_turns(tok, SINGLE)
     assert prompt == tok.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
-    # llama3 writes <|begin_of_text|> itself and never adds the tokenizer's BOS.
+    # llama3's prefix is the BOS: exactly one.
     [(prompt, _)] = get_template("llama3", tok).encode_turns(tok, SINGLE)
-    assert tok.bos_token_id not in prompt
+    assert prompt[0] == tok.bos_token_id and prompt.count(tok.bos_token_id) == 1
 
 
 def test_auto_without_terminator_appends_eos(tok) -> None:
@@ -228,7 +237,9 @@ def test_auto_without_terminator_appends_eos(tok) -> None:
 
 def test_stop_token_ids(tok) -> None:
     for name in NAMES:
-        assert get_template(name, tok).stop_token_ids(tok) == [tok.eos_token_id]
+        # chatml also stops at <|im_start|> (LLaMA-Factory's second stop word), one token here.
+        extra = [tok.bos_token_id] if name == "chatml" else []
+        assert get_template(name, tok).stop_token_ids(tok) == [tok.eos_token_id] + extra, name
 
 
 def test_inconsistent_jinja_template_is_refused(tok) -> None:
@@ -259,3 +270,4 @@ def test_unknown_template(tok) -> None:
         get_template("vicuna_v9", tok)
     message = str(err.value)
     assert "vicuna_v9" in message and "chatml" in message and "llama3" in message and "\n" not in message
+    assert "did you mean 'vicuna'?" in message and "'auto'" in message

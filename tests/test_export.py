@@ -141,7 +141,8 @@ def test_template_key_writes_chat_template_and_stop_tokens(tiny_model_dir, tmp_p
     out = _export(tmp_path, tiny_model_dir, template="default")
     tokenizer = AutoTokenizer.from_pretrained(out)
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    assert tokenizer.apply_chat_template(messages, tokenize=False) == "Human: hi\nAssistant: yo<|im_end|>"
+    # LLaMA-Factory's default format: EOS after the user text and after the reply.
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "Human: hi<|im_end|>\nAssistant:yo<|im_end|>\n"
     assert GenerationConfig.from_pretrained(out).eos_token_id == 2
 
 

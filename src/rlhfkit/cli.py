@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("model", help="model folder (base, or an exported model), or a YAML config in LLaMA-Factory's "
                                     "inference format (model_name_or_path, adapter_name_or_path, template, ...)")
     chat.add_argument("--adapter", help="LoRA adapter folder(s) to load on the model, comma-separated")
-    chat.add_argument("--template", help="chat template: the tokenizer's own (default) or a built-in name")
+    chat.add_argument("--template", help="chat template: the tokenizer's own (default) or a LLaMA-Factory name "
+                                         "(llama3, qwen3, mistral, ...; docs/data.md)")
     chat.add_argument("--system", help="system message")
     chat.add_argument("--max-new-tokens", type=int, help="longest reply in tokens (512; a config: its value)")
     chat.add_argument("--temperature", type=float, help="sampling temperature (0.95)")

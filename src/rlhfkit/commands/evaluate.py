@@ -32,7 +32,7 @@ from rlhfkit.commands.inference import inference_device, load_for_inference
 from rlhfkit.hub import resolve_config_paths
 from rlhfkit.config import Config
 from rlhfkit.cpu.speedups import CpuSpeedups
-from rlhfkit.data import collate_prompts, get_template, load_examples, resolve_datasets, tokenize_prompts
+from rlhfkit.data import collate_prompts, load_examples, resolve_datasets, template_for, tokenize_prompts
 from rlhfkit.errors import fail
 from rlhfkit.models.adapters import split_paths
 from rlhfkit.rewards.base import build_scoring_batch
@@ -161,7 +161,7 @@ def run_eval(config: Config, baseline: str | None = None) -> dict[str, Any]:
     # 2. prompts and 3. models
     device = inference_device(m.device)
     model, tokenizer = load_for_inference(m, adapters, device)
-    template = get_template(config.data.template, tokenizer)
+    template = template_for(config.data, tokenizer)
     items = _load_prompts(config, tokenizer, template)
     holder = PPOModels(policy=model, value_head=None, reference=None, reference_adapter="")
     dtype = next(model.parameters()).dtype

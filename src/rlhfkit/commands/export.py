@@ -28,8 +28,8 @@ from transformers import AutoTokenizer
 
 from rlhfkit.commands.inference import inference_device, tokenizer_folder
 from rlhfkit.config import Config
-from rlhfkit.data import TEMPLATES, FormatTemplate, get_template
-from rlhfkit.data.templates import EOS
+from rlhfkit.data import template_for
+from rlhfkit.data.template_jinja import builtin_chat_template
 from rlhfkit.errors import fail
 from rlhfkit.hub import push_folder, resolve_model_args
 from rlhfkit.models.adapters import check_adapter_dir, merge_adapters, split_paths
@@ -73,50 +73,6 @@ def check_export_config(config: Config) -> None:
                    "another folder")
 
 
-def _literal(text: str) -> str:
-    """`text` as a jinja string literal (jinja reads backslash escapes the way Python's unicode_escape does)."""
-    return "'" + text.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
-
-
-def _emit(piece: str, variable: str = "message['content']") -> str:
-    """Jinja that writes `piece` with every ``{content}`` replaced by `variable`."""
-    parts = piece.split("{content}")
-    chunks = [f"{{{{ {_literal(parts[0])} }}}}" if parts[0] else ""]
-    for part in parts[1:]:
-        chunks.append(f"{{{{ {variable} }}}}")
-        if part:
-            chunks.append(f"{{{{ {_literal(part)} }}}}")
-    return "".join(chunks)
-
-
-def builtin_chat_template(template: FormatTemplate, tokenizer) -> str:
-    """A jinja chat template that renders conversations exactly as the built-in `template` does.
-
-    An optional leading system message replaces the template's default system prompt. The
-    built-in user format already ends with the assistant header, so the rendering of a
-    conversation ending with a user turn always includes the generation prompt.
-    """
-    bos = template._bos(tokenizer, "")  # the tokenizer's BOS text when it adds BOS to plain text itself
-    default_system = _literal(template.default_system) if template.default_system else "''"
-    assistant = "".join("{{ eos_token }}" if piece is EOS else _emit(piece) for piece in template.assistant)
-    system = _emit(template.system, "system_message")
-    return (
-        "{%- if messages and messages[0]['role'] == 'system' -%}"
-        "{%- set system_message = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
-        f"{{%- else -%}}{{%- set system_message = {default_system} -%}}{{%- set turns = messages -%}}"
-        "{%- endif -%}"
-        + (f"{{{{ {_literal(bos + template.prefix)} }}}}" if bos + template.prefix else "")
-        + "{%- if system_message -%}" + system + "{%- endif -%}"
-        "{%- for message in turns -%}"
-        "{%- if message['role'] == 'user' -%}"
-        + (f"{{%- if not loop.first -%}}{{{{ {_literal(template.separator)} }}}}{{%- endif -%}}"
-           if template.separator else "")
-        + _emit(template.user)
-        + "{%- else -%}" + assistant + "{%- endif -%}"
-        "{%- endfor -%}"
-    )
-
-
 def export_dtype(config: Config):
     """The saved dtype: `torch_dtype` / bf16 / fp16 when set, else "auto" (the checkpoint's own)."""
     m, t = config.model, config.training
@@ -137,14 +93,14 @@ def _describe(model, tokenizer, config: Config) -> None:
     """Chat template into the tokenizer; stop tokens and PAD into the generation config."""
     name = (config.data.template or "auto").strip().lower()
     if name != "auto":
-        template = get_template(name, tokenizer)
+        template = template_for(config.data, tokenizer)
         tokenizer.chat_template = builtin_chat_template(template, tokenizer)
         logger.info("chat template '%s' written into the tokenizer", name)
     elif not getattr(tokenizer, "chat_template", None):
-        logger.warning("the tokenizer has no chat template; set template: (one of %s) to write one",
-                       ", ".join(TEMPLATES))
+        logger.warning("the tokenizer has no chat template; set template: to a built-in name (docs/data.md) "
+                       "to write one")
         return
-    stops = get_template(name, tokenizer).stop_token_ids(tokenizer)
+    stops = template_for(config.data, tokenizer).stop_token_ids(tokenizer)
     generation = model.generation_config
     generation.eos_token_id = stops[0] if len(stops) == 1 else stops
     if tokenizer.pad_token_id is not None:

@@ -61,7 +61,13 @@ class DataArguments:
     dataset_dir: str = "data"
     """Folder holding dataset_info.json and the data files."""
     template: Optional[str] = None
-    """Chat template: unset or auto uses the tokenizer's own; or default, empty, chatml, llama3, qwen."""
+    """Chat template: unset or auto uses the tokenizer's own; or a LLaMA-Factory name (llama3, qwen3, ...; docs/data.md)."""
+    default_system: Optional[str] = None
+    """System prompt for conversations without one, replacing the template's default."""
+    enable_thinking: Optional[bool] = True
+    """Reasoning templates (qwen3, ...): train and prompt with thinking; false strips thoughts and prompts an empty one."""
+    preserve_thinking: bool = False
+    """Reasoning templates: keep the thoughts of earlier replies in prompts (and with mask_history)."""
     cutoff_len: int = 2048
     """Maximum tokens of prompt plus response; longer samples are truncated (or dropped, and counted)."""
     max_samples: Optional[int] = None

@@ -71,6 +71,9 @@ def validate(config: "Config") -> None:
     _choice(src, "cpu_speedups", t.cpu_speedups, ("auto", "off"))
     for name in report_to_list(o.report_to):
         _choice(src, "report_to", name, REPORT_TO)
+    from rlhfkit.data.templates import check_template_name  # here: importing rlhfkit.data loads torch
+
+    check_template_name(d.template, f"{src}: template")
     if not m.model_name_or_path:
         raise fail(f"{src}: model_name_or_path is required; set it to a model folder")
     if not o.output_dir:

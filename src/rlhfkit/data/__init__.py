@@ -16,6 +16,7 @@ from __future__ import annotations
 from rlhfkit.data.collators import collate_pairwise, collate_prompts, collate_sft, pad_sequences
 from rlhfkit.data.dataset_info import DatasetSpec, detect_spec, resolve_datasets
 from rlhfkit.data.example import Example
+from rlhfkit.data.format_template import FormatTemplate
 from rlhfkit.data.processing import (
     IGNORE_INDEX,
     TokenizeStats,
@@ -25,7 +26,8 @@ from rlhfkit.data.processing import (
 )
 from rlhfkit.data.readers import KINDS, load_examples
 from rlhfkit.data.splits import train_val_split
-from rlhfkit.data.templates import TEMPLATES, FormatTemplate, Template, get_template
+from rlhfkit.data.template_library import TEMPLATES
+from rlhfkit.data.templates import Template, get_template, template_for
 
 __all__ = [
     "IGNORE_INDEX",
@@ -41,6 +43,7 @@ __all__ = [
     "collate_sft",
     "detect_spec",
     "get_template",
+    "template_for",
     "load_examples",
     "pad_sequences",
     "resolve_datasets",

@@ -87,6 +87,9 @@ def tokenize_sft(
     (`Example.tools`) need the tokenizer's own template, able to render tools.
     """
     _check_cutoff(cutoff_len)
+    if train_on_prompt and template.efficient_eos:
+        raise fail(f"template {template.name!r} does not support train_on_prompt (LLaMA-Factory refuses it too); "
+                   "set train_on_prompt: false or use another template")
     stats = TokenizeStats(cutoff_len=cutoff_len)
     samples: list[dict[str, list[int]]] = []
     with_tools = next((example for example in examples if example.tools is not None), None)
@@ -95,7 +98,7 @@ def tokenize_sft(
     for example in examples:
         with _about(example):
             if example.tools is None:
-                turns = template.encode_turns(tokenizer, example.messages, example.system)
+                turns = template.encode_turns(tokenizer, example.messages, example.system, mask_history=mask_history)
             else:
                 turns = template.encode_tool_turns(tokenizer, example.messages, example.system, example.tools)
         if not turns:
@@ -112,8 +115,12 @@ def tokenize_sft(
                 if not response:
                     break
             trained = not mask_history or index == len(turns) - 1
+            prompt_labels = prompt if trained and train_on_prompt else [IGNORE_INDEX] * len(prompt)
+            if template.efficient_eos and prompt and index > 0 and not (mask_history and trained):
+                # LLaMA-Factory: the reply before this prompt is trained to end with EOS, which the input omits.
+                prompt_labels = [template.eos_id(tokenizer)] + prompt_labels[1:]
             input_ids += prompt + response
-            labels += (prompt if trained and train_on_prompt else [IGNORE_INDEX] * len(prompt))
+            labels += prompt_labels
             labels += response if trained else [IGNORE_INDEX] * len(response)
             trained_tokens += len(response) if trained else 0
             if cut:
@@ -165,9 +172,7 @@ def _prompt_and_reply(
     tokenizer: Any, template: Template, example: Example, reply: str | None
 ) -> tuple[list[int], list[int]]:
     messages = list(example.messages) + [{"role": "assistant", "content": reply or ""}]
-    turns = template.encode_turns(tokenizer, messages, example.system)
-    prompt = [token for pair in turns[:-1] for part in pair for token in part] + turns[-1][0]
-    return prompt, turns[-1][1]
+    return template.encode_reply(tokenizer, messages, example.system)
 
 
 def tokenize_prompts(

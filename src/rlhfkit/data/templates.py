@@ -9,13 +9,11 @@
   special/added token after its text (its turn terminator, e.g. ``<|im_end|>``); text after
   it (e.g. "\\n") starts the next prompt. If the template puts no special token after a
   reply, the tokenizer's EOS id is appended to the response so the model learns to stop.
-* built-ins (`TEMPLATES`): ``default`` ("Human: ...\\nAssistant: ..." with EOS after each
-  reply), ``empty`` (bare text, EOS after each reply), ``chatml``, ``llama3`` and ``qwen``
-  (chatml with Qwen's default system prompt). Their special markers are written as text
-  (``<|im_start|>``, ``<|begin_of_text|>``, ...) and become single tokens only if the
-  tokenizer knows them; otherwise the literal characters are encoded. BOS: ``llama3`` writes
-  ``<|begin_of_text|>`` itself; the others prepend the tokenizer's BOS only when the
-  tokenizer adds one by itself to plain text (as Llama tokenizers do), so BOS is never doubled.
+* a LLaMA-Factory template name (`TEMPLATES`: llama3, qwen3, mistral, gemma, ...): the same
+  tokens, labels and stop words as LLaMA-Factory (`FormatTemplate`). Special markers are
+  written as text (``<|im_start|>``, ``<|eot_id|>``, ...) and become single tokens only if the
+  tokenizer knows them; otherwise their characters are encoded (LLaMA-Factory would add the
+  stop words to the vocabulary instead).
 
 Segments are tokenised one by one, which is what training and generation both see; for
 tokenizers that merge across segment boundaries this can differ slightly from tokenising
@@ -24,8 +22,10 @@ the whole rendered string at once.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from rlhfkit.errors import fail
@@ -36,14 +36,18 @@ Pair = tuple[list[int], list[int]]
 Pieces = tuple[list[tuple[list, list]], list]
 
 
-class _Eos:
-    """Placeholder for the tokenizer's EOS token in a built-in format."""
+class _Marker:
+    """Placeholder for the tokenizer's BOS or EOS token in a built-in format."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def __repr__(self) -> str:
-        return "EOS"
+        return self.name
 
 
-EOS = _Eos()
+BOS = _Marker("BOS")
+EOS = _Marker("EOS")
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
@@ -63,26 +67,42 @@ def check_messages(messages: Messages) -> None:
 
 
 class Template:
-    """Base class: subclasses implement `_text_pairs` (and may override `stop_token_ids`)."""
+    """Base class: subclasses implement `_pieces` (and may override `stop_token_ids`).
+
+    The base encodes by `_pieces` (the `auto` template); `FormatTemplate` overrides the public
+    methods with LLaMA-Factory's encoding.
+    """
 
     name: str
+    default_system: str = ""  # used when a conversation has no system prompt
+    efficient_eos: bool = False  # replies end with no EOS of their own; see FormatTemplate
 
-    def encode_turns(self, tokenizer: Any, messages: Messages, system: str | None = None) -> list[Pair]:
+    def encode_turns(self, tokenizer: Any, messages: Messages, system: str | None = None,
+                     mask_history: bool = False) -> list[Pair]:
         """For each assistant turn, (prompt_ids, response_ids); a trailing user turn is ignored.
 
         Concatenating the pairs gives the whole conversation; every response ends with the
-        turn terminator the model must learn to generate.
+        turn terminator the model must learn to generate. `mask_history` (only the last reply is
+        trained) changes how reasoning templates treat earlier thoughts.
         """
         check_messages(messages)
-        pairs, _ = self._pieces(tokenizer, list(messages), system)
+        pairs, _ = self._pieces(tokenizer, list(messages), system or self.default_system or None)
         return [(self._ids(tokenizer, p), self._ids(tokenizer, r)) for p, r in pairs]
+
+    def encode_reply(self, tokenizer: Any, messages: Messages, system: str | None = None) -> Pair:
+        """(prompt_ids, reply_ids) of a conversation ending with an assistant reply (RM pairs, scoring)."""
+        if not messages or messages[-1]["role"] != "assistant":
+            raise fail("encode_reply: the conversation must end with an assistant reply")
+        turns = self.encode_turns(tokenizer, messages, system)
+        prompt = [token for pair in turns[:-1] for part in pair for token in part] + turns[-1][0]
+        return prompt, turns[-1][1]
 
     def encode_prompt(self, tokenizer: Any, messages: Messages, system: str | None = None) -> list[int]:
         """The ids of a conversation ending with a user turn, plus the generation prompt."""
         check_messages(messages)
         if not messages or messages[-1]["role"] != "user":
             raise fail("encode_prompt: the conversation must end with a user turn")
-        pairs, tail = self._pieces(tokenizer, list(messages), system)
+        pairs, tail = self._pieces(tokenizer, list(messages), system or self.default_system or None)
         ids: list[int] = []
         for prompt, response in pairs:
             ids += self._ids(tokenizer, prompt) + self._ids(tokenizer, response)
@@ -94,11 +114,15 @@ class Template:
         A conversation ending with a user turn includes the generation prompt.
         """
         check_messages(messages)
-        pairs, tail = self._pieces(tokenizer, list(messages), system)
+        pairs, tail = self._pieces(tokenizer, list(messages), system or self.default_system or None)
         pieces = [piece for pair in pairs for part in pair for piece in part]
         if messages and messages[-1]["role"] == "user":
             pieces += tail
         return "".join(tokenizer.eos_token if piece is EOS else str(piece) for piece in pieces)
+
+    def eos_id(self, tokenizer: Any) -> int | None:
+        """The id that ends a reply in training data (the tokenizer's EOS unless a template replaces it)."""
+        return tokenizer.eos_token_id
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         """Ids that end a reply: the tokenizer's EOS plus the template's turn terminator."""
@@ -130,85 +154,13 @@ class Template:
         return ids + encode_text(tokenizer, text)
 
 
-@dataclass(frozen=True)
-class FormatTemplate(Template):
-    """A built-in template described by format strings with a ``{content}`` slot.
+def get_template(name: str | None, tokenizer: Any, default_system: str | None = None,
+                 enable_thinking: bool | None = True, preserve_thinking: bool = False) -> Template:
+    """The template called `name`, or the tokenizer's own for None/"auto".
 
-    `user` includes the generation prompt that follows it; `assistant` is the reply plus
-    its terminator (a tuple of text and `EOS`); `separator` follows each reply and is part
-    of the next prompt; `prefix` starts the conversation (then `system`, if any).
+    `default_system` replaces the template's default system prompt; `enable_thinking` and
+    `preserve_thinking` set how reasoning templates treat thoughts (`FormatTemplate`).
     """
-
-    name: str
-    user: str
-    assistant: tuple = ("{content}", EOS)
-    system: str = "{content}"
-    separator: str = ""
-    prefix: str = ""
-    default_system: str | None = None
-    stop_words: tuple[str, ...] = ()
-
-    def _pieces(self, tokenizer: Any, messages: list[dict[str, str]], system: str | None) -> Pieces:
-        system = system if system is not None else self.default_system
-        head = self.prefix + (self.system.replace("{content}", system) if system else "")
-        pairs: list[tuple[list, list]] = []
-        prompt = [head]
-        for message in messages:
-            if message["role"] == "user":
-                prompt.append(self.user.replace("{content}", message["content"]))
-            else:
-                content = message["content"]
-                reply = [p.replace("{content}", content) if isinstance(p, str) else p for p in self.assistant]
-                pairs.append((prompt, reply))
-                prompt = [self.separator]
-        first = pairs[0][0] if pairs else prompt
-        first.insert(0, self._bos(tokenizer, "".join(first)))
-        return pairs, prompt
-
-    def _bos(self, tokenizer: Any, start: str) -> str:
-        """The tokenizer's BOS text if it adds BOS to plain text itself and `start` lacks it."""
-        bos = tokenizer.bos_token
-        if self.prefix or tokenizer.bos_token_id is None or not bos or start.startswith(bos):
-            return ""
-        bos_id = tokenizer.bos_token_id
-        adds_bos = tokenizer.encode("a", add_special_tokens=True)[:1] == [bos_id] != encode_text(tokenizer, "a")[:1]
-        return bos if adds_bos else ""
-
-    def _stop_words(self, tokenizer: Any) -> list[str]:
-        return list(self.stop_words)
-
-
-_CHATML_USER = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
-_CHATML_SYSTEM = "<|im_start|>system\n{content}<|im_end|>\n"
-QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-
-TEMPLATES: dict[str, FormatTemplate] = {
-    "default": FormatTemplate(
-        "default", user="Human: {content}\nAssistant: ", system="System: {content}\n", separator="\n"
-    ),
-    "empty": FormatTemplate("empty", user="{content}", system="{content}\n"),
-    "chatml": FormatTemplate(
-        "chatml", user=_CHATML_USER, assistant=("{content}<|im_end|>",), system=_CHATML_SYSTEM,
-        separator="\n", stop_words=("<|im_end|>",),
-    ),
-    "qwen": FormatTemplate(
-        "qwen", user=_CHATML_USER, assistant=("{content}<|im_end|>",), system=_CHATML_SYSTEM,
-        separator="\n", default_system=QWEN_DEFAULT_SYSTEM, stop_words=("<|im_end|>",),
-    ),
-    "llama3": FormatTemplate(
-        "llama3",
-        user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        assistant=("{content}<|eot_id|>",),
-        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
-        prefix="<|begin_of_text|>",
-        stop_words=("<|eot_id|>",),
-    ),
-}
-
-
-def get_template(name: str | None, tokenizer: Any) -> Template:
-    """The template called `name`, or the tokenizer's own for None/"auto"."""
     key = (name or "auto").strip().lower()
     if key == "auto":
         from rlhfkit.data.jinja_template import TokenizerTemplate
@@ -216,13 +168,47 @@ def get_template(name: str | None, tokenizer: Any) -> Template:
         if not getattr(tokenizer, "chat_template", None):
             raise fail(
                 "template: the tokenizer has no chat_template, so template 'auto' cannot be used; "
-                f"set template: to one of {', '.join(TEMPLATES)}"
+                "set template: to a LLaMA-Factory template name (listed in docs/data.md), e.g. chatml"
             )
-        return TokenizerTemplate()
-    if key not in TEMPLATES:
-        names = ", ".join(TEMPLATES)
-        raise fail(f"template: unknown template {name!r}; use 'auto' (the tokenizer's own) or one of {names}")
-    template = TEMPLATES[key]
-    if EOS in template.assistant and tokenizer.eos_token_id is None:
+        template = TokenizerTemplate()
+        if default_system is not None:
+            template.default_system = default_system
+        return template
+    from rlhfkit.data.template_library import TEMPLATES
+
+    check_template_name(name)
+    template = dataclasses.replace(TEMPLATES[key], enable_thinking=enable_thinking,
+                                   preserve_thinking=preserve_thinking)
+    if default_system is not None:
+        template = dataclasses.replace(template, default_system=default_system)
+    if template.uses_eos() and template.eos_id(tokenizer) is None:
         raise fail(f"template: {key!r} ends replies with EOS, but the tokenizer has no eos_token; use another template")
     return template
+
+
+def check_template_name(name: str | None, where: str = "template") -> None:
+    """Refuse a name that is neither auto nor a built-in, suggesting the closest."""
+    from rlhfkit.data.template_library import TEMPLATES
+
+    key = (name or "auto").strip().lower()
+    if key != "auto" and key not in TEMPLATES:
+        close = difflib.get_close_matches(key, TEMPLATES, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        if re.search(r"vl\b|vl_|\dv\b|llava|vision|audio|omni|ocr|video|pixtral|paligemma|mllama|minicpm_[vo]", key):
+            hint = "it looks like a template for vision or audio models, which are not supported; "
+        raise fail(f"{where}: unknown template {name!r}; {hint}use 'auto' (the tokenizer's own chat template) "
+                   f"or one of {', '.join(sorted(TEMPLATES))}")
+
+
+def template_for(data: Any, tokenizer: Any) -> Template:
+    """`get_template` with the template keys of a config's data section."""
+    return get_template(data.template, tokenizer, data.default_system, data.enable_thinking, data.preserve_thinking)
+
+
+def __getattr__(name: str) -> Any:
+    """`TEMPLATES` (the LLaMA-Factory-named built-ins) is loaded on first use: it builds on this module."""
+    if name == "TEMPLATES":
+        from rlhfkit.data.template_library import TEMPLATES
+
+        return TEMPLATES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

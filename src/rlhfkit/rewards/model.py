@@ -90,9 +90,9 @@ class SeparateModelReward:
             return batch.sequence_ids, batch.sequence_mask
         rows = []
         for messages, system, response in zip(batch.messages, batch.systems, batch.responses):
-            turns = self.template.encode_turns(self.tokenizer, messages + [{"role": "assistant", "content": response}],
-                                               system)
-            rows.append({"input_ids": [t for prompt, reply in turns for t in prompt + reply]})
+            prompt, reply = self.template.encode_reply(
+                self.tokenizer, messages + [{"role": "assistant", "content": response}], system)
+            rows.append({"input_ids": prompt + reply})
         collated = collate_prompts(rows, self.tokenizer.pad_token_id)
         return collated["input_ids"], collated["attention_mask"]
 

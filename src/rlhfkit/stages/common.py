@@ -11,9 +11,9 @@ import torch
 from rlhfkit.checkpoint import check_finite
 from rlhfkit.config import Config
 from rlhfkit.data import (
-    get_template,
     load_examples,
     resolve_datasets,
+    template_for,
     tokenize_pairwise,
     tokenize_prompts,
     tokenize_sft,
@@ -59,7 +59,7 @@ def load_stage_data(config: Config, tokenizer) -> StageData:
     """Read, template and tokenize the datasets of `config` for its stage; split off validation."""
     d = config.data
     kind = KIND_BY_STAGE[config.finetuning.stage]
-    template = get_template(d.template, tokenizer)
+    template = template_for(d, tokenizer)
     hub = {"cache_dir": config.model.cache_dir, "token": config.model.hf_hub_token}
     examples = load_examples(resolve_datasets(d.dataset, d.dataset_dir, **hub), kind, d.max_samples)
     train, stats = _tokenize(config, examples, tokenizer, template)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from rlhfkit.config import Config
-from rlhfkit.data import get_template
+from rlhfkit.data import get_template, template_for
 from rlhfkit.errors import RlhfkitError, fail
 from rlhfkit.models.adapters import (
     adapter_base_path,
@@ -186,7 +186,7 @@ def build_reward_source(spec: RewardSpec, config: Config, models: PPOModels, tok
                          quantization_key="reward_model_quantization_bit")
     head = ValueHead.load(spec.path, model.config.get_text_config().hidden_size).to(device)
     same = _same_vocab(rm_tokenizer, tokenizer)
-    template = None if same else get_template(config.data.template, rm_tokenizer)
+    template = None if same else template_for(config.data, rm_tokenizer)
     return SeparateModelReward(model, head, rm_tokenizer, template, same, spec.name, chunk)
 
 
@@ -203,7 +203,7 @@ def _classifier_rendering(config: Config, tokenizer, rm_tokenizer):
     own = get_template(None if getattr(rm_tokenizer, "chat_template", None) else config.data.template, rm_tokenizer)
     if not _same_vocab(rm_tokenizer, tokenizer):
         return own, False
-    policy = get_template(config.data.template, tokenizer)
+    policy = template_for(config.data, tokenizer)
     messages, system = PROBES
     alike = []
     for probe_system in (None, system):
