@@ -15,10 +15,11 @@ def run_stage(config: Config) -> dict[str, float]:
         from rlhfkit.config import IGNORED_KEYS
 
         logger.info("note: key '%s' has no effect here (%s)", key, IGNORED_KEYS[key])
+    from rlhfkit.run_lock import RunLocks
     from rlhfkit.training.control import StopSignals
 
     stage = config.finetuning.stage
-    with StopSignals():
+    with StopSignals(), RunLocks():  # the output folder's lock, taken by the stage's start_run
         if stage == "sft":
             from rlhfkit.stages.sft import run_sft
 
