@@ -211,8 +211,8 @@ class CheckpointManager:
             elif _is_full_model(model):
                 _load_full_model(model, path)
                 if value_head is not None:
-                    _copy_tensors(path, {"value_head": value_head},
-                                  {f"value_head.{k}": v for k, v in load_file(str(path / "value_head.safetensors")).items()})
+                    head = load_file(str(path / "value_head.safetensors"))
+                    _copy_tensors(path, {"value_head": value_head}, {f"value_head.{k}": v for k, v in head.items()})
             else:
                 _copy_tensors(path, modules, load_file(str(path / TRAINABLE_FILE)))
             if not sharded:
@@ -262,7 +262,9 @@ def _load_optimizer(optimizer, state: dict[str, Any], path: Path) -> None:
 
 def _load_full_model(model, path: Path) -> None:
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_file(str(path / name)))

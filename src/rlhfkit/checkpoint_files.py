@@ -258,9 +258,9 @@ class CheckpointWriting:
         if failed:
             if self.accelerator.is_main_process:
                 shutil.rmtree(self.staging, ignore_errors=True)
-            raise fail(f"could not write checkpoint {self.final}: {problem or 'another process failed to write its part'}"
-                       "; the partial checkpoint was removed. Free space there (or choose another output_dir), "
-                       "then resume with resume_from_checkpoint: true")
+            problem = problem or "another process failed to write its part"
+            raise fail(f"could not write checkpoint {self.final}: {problem}; the partial checkpoint was removed. "
+                       "Free space there (or choose another output_dir), then resume with resume_from_checkpoint: true")
 
 
 def write_problem(err: Exception, path: Path) -> str | None:

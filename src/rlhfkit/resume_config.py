@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 UNCHANGED_TRAJECTORY = frozenset({
     # where and how often results are written, and what is shown
-    *(f.name for f in dataclasses.fields(SECTIONS["output"])), *(f.name for f in dataclasses.fields(SECTIONS["export"])),
+    *(f.name for section in ("output", "export") for f in dataclasses.fields(SECTIONS[section])),
     "eval_steps", "resume_from_checkpoint", "resume_ignore_config_changes", "max_bad_steps",
     # the same computation, at most rounded differently or faster
     "per_device_eval_batch_size", "cpu_speedups", "gradient_checkpointing", "torch_compile",
@@ -86,10 +86,12 @@ def check_resume_config(recorded: dict[str, Any] | None, config: Config, checkpo
                    f"shapes, which the checkpoint cannot provide; restore {'/'.join(c[0] for c in structural)} or "
                    "start a new run in another output_dir")
     if not config.training.resume_ignore_config_changes:
-        raise fail(f"cannot resume {checkpoint} exactly: the config changed since it was written ({describe(changes)}); "
+        raise fail(f"cannot resume {checkpoint} exactly: the config changed since it was written "
+                   f"({describe(changes)}); "
                    "restore those values, or set resume_ignore_config_changes: true to continue with the new ones")
     if report:
-        logger.warning("resume_ignore_config_changes: continuing %s with changed keys: %s", checkpoint, describe(changes))
+        logger.warning("resume_ignore_config_changes: continuing %s with changed keys: %s", checkpoint,
+                       describe(changes))
     return changes
 
 
