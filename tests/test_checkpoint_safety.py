@@ -137,6 +137,34 @@ def test_a_planted_pickle_is_refused_and_never_runs(run_copy, tmp_path, capsys, 
     assert not marker.exists()
 
 
+def test_distributed_checkpoint_metadata_admits_only_its_own_classes(tmp_path):
+    """FSDP checkpoints hold PyTorch distributed-checkpoint folders, whose `.metadata` DCP reads with
+    plain `pickle.load`: it is checked first."""
+    import torch.distributed.checkpoint as dcp
+
+    from rlhfkit.checkpoint_files import DamagedFile, check_sharded_state
+    from rlhfkit.errors import RlhfkitError
+
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    folder = tmp_path / "sharded_state"
+    with pytest.warns(UserWarning):  # one process without a process group: DCP says so
+        dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                 checkpoint_id=str(folder / "pytorch_model_fsdp_0"))
+    check_sharded_state(folder)
+    metadata = folder / "pytorch_model_fsdp_0" / ".metadata"
+    _truncate(metadata)
+    with pytest.raises(DamagedFile):
+        check_sharded_state(folder)
+    marker = tmp_path / "code-ran"
+    metadata.write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(RlhfkitError, match="refusing"):
+        check_sharded_state(folder)
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------------ damaged checkpoints
 
 

@@ -124,7 +124,7 @@ class _DistributedCheckpointMetadata(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
 
 
-def _check_sharded_state(folder: Path) -> None:
+def check_sharded_state(folder: Path) -> None:
     """The sharded training state accelerate wrote (FSDP): its pickled files load with weights_only
     (accelerate reads them so), its DCP metadata holds only DCP's own classes.
 
@@ -172,7 +172,7 @@ def check_checkpoint(path: Path, full_model: bool) -> None:
     for safetensors in sorted(path.glob("*.safetensors")):
         _check_safetensors(safetensors)
     if (path / SHARDED_STATE_DIR).is_dir():
-        _check_sharded_state(path / SHARDED_STATE_DIR)
+        check_sharded_state(path / SHARDED_STATE_DIR)
     else:
         load_plain(path / OPTIMIZER_FILE, map_location="cpu", mmap=True)
         weights = ["model.safetensors"] if full_model else [TRAINABLE_FILE]
