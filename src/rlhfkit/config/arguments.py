@@ -169,7 +169,9 @@ class TrainingArguments:
     eval_steps: Optional[int] = None
     """Evaluate every this many steps (default: only at the end)."""
     resume_from_checkpoint: Any = None
-    """Resume from a checkpoint: true (the latest in output_dir, or a fresh start if none) or a checkpoint folder."""
+    """Resume from a checkpoint: true (the latest whole one in output_dir, or a fresh start if none) or a checkpoint folder; the config must match the one that wrote it."""
+    resume_ignore_config_changes: bool = False
+    """Resume even though trajectory keys (learning rate, schedule, data, batch sizes, seed, models, ...) changed since the checkpoint: listed in a warning, they take effect from the checkpoint on (not the LoRA shape or finetuning_type)."""
     max_bad_steps: int = 5
     """Stop after this many consecutive updates skipped for NaN/Inf loss, gradients or rewards."""
     cpu_speedups: str = "auto"

@@ -15,13 +15,14 @@ def run_stage(config: Config) -> dict[str, float]:
         from rlhfkit.config import IGNORED_KEYS
 
         logger.info("note: key '%s' has no effect here (%s)", key, IGNORED_KEYS[key])
+    from rlhfkit.run_lock import RunLocks
     from rlhfkit.training.control import StopSignals
 
     from rlhfkit.hub import resolve_config_paths
 
     resolve_config_paths(config)  # hub ids -> local snapshot folders
     stage = config.finetuning.stage
-    with StopSignals():
+    with StopSignals(), RunLocks():  # the output folder's lock, taken by the stage's start_run
         if stage == "sft":
             from rlhfkit.stages.sft import run_sft
 

@@ -15,18 +15,45 @@ from torch import nn
 from rlhfkit.checkpoint import RunCheckpoints
 from rlhfkit.config import Config
 from rlhfkit.cpu.speedups import CpuSpeedups
+from rlhfkit.errors import RlhfkitError, fail
+from rlhfkit.run_lock import hold_lock
 from rlhfkit.tracking.trainer_log import TrainerLog
 from rlhfkit.training.control import NonFiniteGuard, StopSignals, active_signals
+from rlhfkit.training.distributed import global_sums
 from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_and_step
-from rlhfkit.training.runtime import build_accelerator, check_output_dir, seed_everything, seed_per_process
+from rlhfkit.training.runtime import (
+    build_accelerator,
+    check_output_dir,
+    check_output_empty,
+    seed_everything,
+    seed_per_process,
+)
 
 
 def start_run(config: Config) -> tuple[Accelerator, Path]:
     """The accelerator, the shared seed (the same initial weights on every process) and the
-    checked output folder."""
+    checked output folder, locked for this run."""
     accelerator = build_accelerator(config)
     seed_everything(config.training.seed)
-    return accelerator, check_output_dir(config)
+    output_dir = check_output_dir(config)
+    lock_output_dir(accelerator, output_dir)
+    check_output_empty(config, output_dir)  # under the lock: no other run fills the folder meanwhile
+    return accelerator, output_dir
+
+
+def lock_output_dir(accelerator: Accelerator, output_dir: Path) -> None:
+    """One run per output_dir: the main process takes its lock (held until the stage ends); when
+    another run holds it, every process stops with the same one line."""
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            hold_lock(output_dir)
+        except RlhfkitError as err:
+            refusal = str(err)
+    if accelerator.num_processes > 1 and global_sums(accelerator, refusal is not None)[0] and refusal is None:
+        refusal = f"output_dir {output_dir} is in use by another run; wait for it to end, or choose another output_dir"
+    if refusal is not None:
+        raise fail(refusal)
 
 
 @dataclass

@@ -59,10 +59,15 @@ def samples_table(rows: list[dict[str, Any]], max_rows: int = 16, max_chars: int
 
 
 class TensorBoardWriter:
-    """Writes scalars and sample tables under `output_dir/runs`; the file is created on first use."""
+    """Writes scalars and sample tables under `output_dir/runs`; the file is created on first use.
 
-    def __init__(self, output_dir: str | Path) -> None:
+    `purge_step`: a resumed run's first step; TensorBoard then hides the events of that step and
+    later ones that earlier event files hold (written by the interrupted run after its checkpoint).
+    """
+
+    def __init__(self, output_dir: str | Path, purge_step: int | None = None) -> None:
         self.log_dir = Path(output_dir) / RUNS_DIR
+        self.purge_step = purge_step
         self._writer = None
 
     @property
@@ -70,7 +75,7 @@ class TensorBoardWriter:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.log_dir))
+            self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)
         return self._writer
 
     def scalars(self, step: int, record: dict[str, Any]) -> None:

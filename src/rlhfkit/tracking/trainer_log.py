@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence, TextIO
@@ -24,7 +25,7 @@ from typing import Any, Sequence, TextIO
 import torch
 
 from rlhfkit.tracking.progress import Progress, console_line, format_seconds, format_stats
-from rlhfkit.tracking.samples import append_samples, sample_rows
+from rlhfkit.tracking.samples import SAMPLES_FILE, append_samples, sample_rows
 from rlhfkit.tracking.tensorboard import TensorBoardWriter
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ class TrainerLog:
 
             stage = config.finetuning.stage
             if enabled and "tensorboard" in report_to_list(config.output.report_to):
-                self.tensorboard = TensorBoardWriter(self.output_dir)
+                # resumed: TensorBoard hides the events an interrupted run wrote after the checkpoint
+                self.tensorboard = TensorBoardWriter(self.output_dir, purge_step=start_step + 1 if start_step else None)
             self.plot = enabled and bool(config.output.plot_loss)
         self.stage = stage
         self.progress = Progress(total_steps, start_step, stage, stream, enabled)
@@ -144,3 +146,34 @@ def read_trainer_log(output_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+STEP_KEYS = {LOG_FILE: "current_steps", SAMPLES_FILE: "step"}
+"""The per-step JSON-lines files of a run and the key holding each line's step."""
+
+
+def truncate_logs(output_dir: str | Path, step: int) -> None:
+    """Keep only the lines of steps up to `step` in trainer_log.jsonl and samples.jsonl, so that a run
+    resumed from the checkpoint of `step` writes each later step once. A line that does not parse
+    (torn by a kill mid-write) is dropped too. A file that changes is replaced atomically."""
+    for name, key in STEP_KEYS.items():
+        path = Path(output_dir) / name
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        kept, dropped = [], 0
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+                keep = record[key] <= step
+            except (ValueError, TypeError, KeyError):
+                keep = False
+            if keep:
+                kept.append(line)
+            else:
+                dropped += 1
+        if dropped or not text.endswith("\n"):  # a whole last line without its newline: the next would join it
+            staging = path.with_name(f".{name}.tmp")
+            staging.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(staging, path)
+            logger.info("%s: dropped %d line(s) after step %d (rewritten by the resumed run)", name, dropped, step)

@@ -18,6 +18,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from rlhfkit.config import Config
 from rlhfkit.errors import fail
+from rlhfkit.run_lock import LOCK_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -138,14 +139,10 @@ def _fill_deepspeed_config(accelerator: Accelerator, config: Config) -> None:
 
 
 def check_output_dir(config: Config) -> Path:
-    """Refuse a non-empty output_dir unless overwriting or resuming; never create it here."""
+    """Refuse an output_dir that is a file, inside a file or not writable; never create it here."""
     path = Path(config.output.output_dir)
     if path.exists() and not path.is_dir():
         raise fail(f"output_dir {path} is a file; choose a folder path")
-    resuming = str(config.training.resume_from_checkpoint).lower() not in ("none", "false", "")
-    if path.is_dir() and any(path.iterdir()) and not (config.output.overwrite_output_dir or resuming):
-        raise fail(f"output_dir {path} is not empty; set overwrite_output_dir: true, resume with "
-                   "resume_from_checkpoint: true, or choose another folder")
     existing = path
     while not existing.exists():
         existing = existing.parent
@@ -156,3 +153,13 @@ def check_output_dir(config: Config) -> Path:
     except OSError as err:
         raise fail(f"output_dir {path} is not writable ({err.strerror}); choose a folder you can write to") from None
     return path
+
+
+def check_output_empty(config: Config, path: Path) -> None:
+    """Refuse a non-empty output_dir (its lock file aside) unless overwriting or resuming."""
+    resuming = str(config.training.resume_from_checkpoint).lower() not in ("none", "false", "")
+    if config.output.overwrite_output_dir or resuming or not path.is_dir():
+        return
+    if any(entry.name != LOCK_FILE for entry in path.iterdir()):
+        raise fail(f"output_dir {path} is not empty; set overwrite_output_dir: true, resume with "
+                   "resume_from_checkpoint: true, or choose another folder")
