@@ -11,10 +11,11 @@ logger = logging.getLogger(__name__)
 
 def run_stage(config: Config) -> dict[str, float]:
     """Run the stage named by `config.finetuning.stage`; return its final statistics."""
-    for key in config.ignored_keys:
-        from rlhfkit.config import IGNORED_KEYS
+    from rlhfkit.config.arguments import DEFAULT_ONLY_KEYS, IGNORED_KEYS
 
-        logger.info("note: key '%s' has no effect here (%s)", key, IGNORED_KEYS[key])
+    for key in config.ignored_keys:
+        logger.info("note: key '%s' has no effect here (%s)", key,
+                    IGNORED_KEYS[key] if key in IGNORED_KEYS else DEFAULT_ONLY_KEYS[key][1])
     from rlhfkit.training.control import StopSignals
 
     stage = config.finetuning.stage
