@@ -329,8 +329,7 @@ IGNORED_KEYS: dict[str, str] = {
     "gradient_checkpointing_kwargs": "gradient checkpointing is always non-reentrant (the same gradients)",
     "ddp_find_unused_parameters": "DDP is set up by accelerate",
     "predict_with_generate": "`rlhfkit eval` generates",
-    **{key: "a setting of LLaMA-Factory's dpo and kto stages, which have no counterpart here; without effect in "
-            "sft, rm and ppo (as in LLaMA-Factory)"
+    **{key: "a setting of LLaMA-Factory's dpo and kto stages; no effect in sft, rm and ppo (nor in LLaMA-Factory)"
        for key in ("pref_beta", "pref_ftx", "pref_bco_weight", "pref_loss", "dpo_label_smoothing", "kto_chosen_weight",
                    "kto_rejected_weight", "simpo_gamma", "ld_alpha")},
 }
