@@ -2,7 +2,7 @@
 
 1. data      pairwise rows -> (prompt + chosen, prompt + rejected) token ids; split off validation
 2. model     tokenizer, base, LoRA / full / freeze, value head (hidden -> 1)
-3. optimizer AdamW over the trainable LM weights and the head
+3. optimizer `optim` (AdamW by default) over the trainable LM weights and the head
 4. loop      loss = -log sigmoid(r_chosen - r_rejected), scores read at the last real token;
              micro-batches accumulate to the step's pair count; accuracy logged
 5. save      adapter or full model, tokenizer and value_head.safetensors (what PPO loads)

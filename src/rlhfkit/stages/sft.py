@@ -2,7 +2,7 @@
 
 1. data      read, template, tokenize; split off validation
 2. model     tokenizer, base, LoRA / full / freeze
-3. optimizer AdamW + LR schedule with warm-up
+3. optimizer `optim` (AdamW by default) + LR schedule with warm-up
 4. loop      per optimizer step: micro-batches (grad accumulation), loss normalised by the step's
              label-token count so accumulation equals one large batch; clip; step; log; evaluate
 5. save      adapter or full model plus tokenizer
