@@ -193,7 +193,6 @@ def _sft_keys(tiny_model_dir, tmp_path, **keys):
 
 
 def test_wandb_offline_and_tensorboard_get_every_record(tiny_model_dir, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     for name in ("WANDB_DIR", "WANDB_PROJECT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -231,6 +230,25 @@ def test_a_missing_tracker_package_fails_in_one_line_naming_it(tmp_path, monkeyp
     assert trackers_module.tracker_names(cpu_config({**BASE, "report_to": ["none"]})) == []
     assert "report_to is 'neptune'; allowed: none, all, tensorboard, wandb, mlflow, swanlab" in \
         _one_line_error({"report_to": "neptune"})
+
+
+def test_a_tracker_that_cannot_start_fails_in_one_line(tmp_path, monkeypatch):
+    """wandb without a login (here: its start raising wandb's own error) stops the run naming it and
+    what to do; the trackers started before it are finished."""
+    import accelerate.tracking
+    import wandb.errors
+
+    def no_login(self):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(accelerate.tracking.WandBTracker, "start", no_login)
+    config = cpu_config({**BASE, "output_dir": str(tmp_path / "o"), "report_to": "tensorboard,wandb"})
+    accelerator = build_accelerator(config)
+    with pytest.raises(RlhfkitError, match=r"^<config>: report_to: wandb could not start \(UsageError: No API key "
+                                           r"configured\. Use `wandb login` to log in\.\); run `wandb login`, set "
+                                           r"WANDB_MODE=offline, or remove wandb from report_to$"):
+        trackers_module.start_trackers(accelerator, config, tmp_path / "o")
+    assert accelerator.trackers == []
 
 
 # ------------------------------------------------------------------- input tokens seen

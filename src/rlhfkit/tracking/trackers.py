@@ -128,11 +128,31 @@ class Trackers:
             self.accelerator.trackers = []
 
 
+START_HINTS = {"wandb": "run `wandb login`, set WANDB_MODE=offline, or remove wandb from report_to"}
+
+
 def start_trackers(accelerator, config: Config, output_dir: str | Path) -> Trackers:
     """Start the trackers the accelerator was built with (`tracker_instances`), on the main process,
-    with the configuration as hyperparameters."""
-    if accelerator.log_with:
-        if accelerator.is_main_process:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)  # wandb writes into it
+    with the configuration as hyperparameters. A tracker that cannot start (wandb without a login,
+    an unreachable mlflow server) stops the run in one line naming it."""
+    trackers = Trackers(accelerator)
+    if not accelerator.log_with:
+        return trackers
+    if accelerator.is_main_process:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)  # wandb writes into it
+    try:
         accelerator.init_trackers(PROJECT, config=hyperparameters(config))
-    return Trackers(accelerator)
+    except Exception as err:  # noqa: BLE001 - each tracker's package raises its own types
+        for tracker in trackers.active:  # those that started
+            try:
+                tracker.finish()
+            except Exception:  # noqa: BLE001 - one that did not start cannot finish
+                pass
+        accelerator.trackers = []
+        package = type(err).__module__.split(".")[0]
+        name = package if package in TRACKER_PACKAGES else "a tracker"
+        detail = str(err).splitlines()[0] if str(err) else ""
+        hint = START_HINTS.get(name, "fix its set-up or remove it from report_to")
+        raise fail(f"{config.source}: report_to: {name} could not start ({type(err).__name__}: {detail}); {hint}") \
+            from None
+    return trackers
