@@ -227,7 +227,8 @@ def test_a_missing_tracker_package_fails_in_one_line_naming_it(tmp_path, monkeyp
             build_accelerator(config)
     names = trackers_module.tracker_names(cpu_config({**BASE, "report_to": "all"}))
     assert names == ["tensorboard", "wandb"]  # all: the installed ones
-    assert trackers_module.tracker_names(cpu_config({**BASE, "report_to": ["none"]})) == []
+    for nothing in (["none"], None, "none"):
+        assert trackers_module.tracker_names(cpu_config({**BASE, "report_to": nothing})) == []
     assert "report_to is 'neptune'; allowed: none, all, tensorboard, wandb, mlflow, swanlab" in \
         _one_line_error({"report_to": "neptune"})
 

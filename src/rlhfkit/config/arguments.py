@@ -101,7 +101,7 @@ class TrainingArguments:
     optim: str = "adamw_torch"
     """Optimizer: adamw_torch, adamw_torch_fused, adamw_8bit or paged_adamw_8bit (bitsandbytes), adafactor or sgd."""
     lr_scheduler_type: str = "linear"
-    """LR schedule after warm-up: linear, cosine, cosine_with_min_lr, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, warmup_stable_decay."""
+    """LR schedule after warm-up: linear, cosine, cosine_with_min_lr, cosine_warmup_with_min_lr, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, warmup_stable_decay."""
     lr_scheduler_kwargs: Any = None
     """Extra arguments of the schedule, a mapping or its JSON text: e.g. {"min_lr_rate": 0.1} (cosine_with_min_lr needs min_lr or min_lr_rate); warmup_stable_decay defaults to LLaMA-Factory's 1/3 stable, 2/3 decay."""
     warmup_ratio: float = 0.0

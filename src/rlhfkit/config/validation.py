@@ -44,7 +44,9 @@ def _positive(source: str, key: str, value: float, allow_zero: bool = False) -> 
 
 
 def report_to_list(value) -> list[str]:
-    """`report_to` as a list of tracker names ('none' removed; 'all' kept, see `tracking.trackers`)."""
+    """`report_to` as a list of tracker names ('none' and null removed; 'all' kept, see `tracking.trackers`)."""
+    if value is None:
+        return []
     items = value if isinstance(value, list) else str(value).split(",")
     return [str(v).strip() for v in items if v is not None and str(v).strip() and str(v).strip() != "none"]
 
