@@ -190,7 +190,6 @@ def _validate_ppo(config: "Config") -> None:
         raise fail(f"{src}: PPO needs sampled rollouts; set do_sample: true")
 
 
-
 def _validate_optimizer(config: "Config") -> None:
     """optim, the form of lr_scheduler_kwargs and of deepspeed (the schedule's arguments and the
     DeepSpeed file are checked when the run starts: `training.optim.check_optimizer`)."""
