@@ -131,6 +131,9 @@ def stage_config(work: dict, lora: bool, steps: int, output_dir: str, micro_batc
         "max_new_tokens": work["response_tokens"], "min_new_tokens": work["response_tokens"],
         "temperature": work["temperature"], "top_k": 0, "top_p": 1.0, "do_sample": True,
         "torch_dtype": "float32", "seed": work["seed"], "logging_steps": 1, "save_steps": 0,
+        # Explicit since checkpointing became the default: the results in README.md were measured
+        # without it (as TRL's PPO runs; LLaMA-Factory's checkpoints by default).
+        "gradient_checkpointing": False,
     }
     return values
 

@@ -338,13 +338,20 @@ class OneProcessAccelerator:
         loss.backward()
 
 
+# What `cpu_config` and `write_cpu_config` set unless the test's values say otherwise: the CPU (see
+# `cpu_config`), and no gradient checkpointing (on by default, as in LLaMA-Factory), whose recomputed
+# forward passes only cost the tiny models' runs time; tests/test_llamafactory_keys.py runs the default.
+CPU_TEST_KEYS = {"device": "cpu", "gradient_checkpointing": False}
+
+
 def cpu_config(values: dict, check: bool = True):
     """`build_config(values)` with the run pinned to the CPU (``device: cpu``) unless `values` names a
     device: tests compare runs with each other and with CPU computations, which another device's
-    kernels (and their non-deterministic reductions) would change."""
+    kernels (and their non-deterministic reductions) would change. Gradient checkpointing is off
+    unless `values` sets it (`CPU_TEST_KEYS`)."""
     from rlhfkit.config import build_config
 
-    return build_config({"device": "cpu", **values}, check=check)
+    return build_config({**CPU_TEST_KEYS, **values}, check=check)
 
 
 # --------------------------------------------------------------------------------- files
@@ -388,8 +395,8 @@ def write_config(path: Path, values: dict) -> Path:
 
 
 def write_cpu_config(path: Path, values: dict) -> Path:
-    """`write_config` with the run pinned to the CPU (see `cpu_config`)."""
-    return write_config(path, {"device": "cpu", **values})
+    """`write_config` with the run pinned to the CPU and no gradient checkpointing (see `cpu_config`)."""
+    return write_config(path, {**CPU_TEST_KEYS, **values})
 
 
 # Reward functions for `reward_model_type: function`, as `<file>:<name>`.

@@ -44,7 +44,7 @@ def test_llamafactory_ppo_example_is_accepted():
     ({"learning_rate": -1.0}, "learning_rate must be > 0"),
     ({"lora_rank": 2.5}, "'lora_rank' must be an integer"),
     ({"bf16": "yes"}, "'bf16' must be true or false"),
-    ({"stage": "dpo"}, "stage is 'dpo'; allowed: sft, rm, ppo"),
+    ({"stage": "dpo"}, "stage 'dpo' is not supported (we have sft, rm, ppo; "),
     ({"finetuning_type": "qlora"}, "allowed: lora, full, freeze"),
     ({"bf16": True, "fp16": True}, "choose one"),
     ({"warmup_ratio": 1.5}, "warmup_ratio must be in [0, 1)"),

@@ -55,7 +55,8 @@ def _update_profile(keys: dict, monkeypatch) -> tuple[int, int]:
 
 
 def test_gradient_checkpointing_engages_in_the_update_and_saves_less(ppo_keys, tmp_path, monkeypatch):
-    plain_calls, plain_saved = _update_profile({**ppo_keys, "output_dir": str(tmp_path / "plain")}, monkeypatch)
+    plain_calls, plain_saved = _update_profile({**ppo_keys, "output_dir": str(tmp_path / "plain"),
+                                                "gradient_checkpointing": False}, monkeypatch)
     monkeypatch.undo()
     calls, saved = _update_profile({**ppo_keys, "output_dir": str(tmp_path / "checkpointed"),
                                     "gradient_checkpointing": True}, monkeypatch)

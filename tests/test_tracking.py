@@ -15,7 +15,9 @@ from rlhfkit.tracking.plots import curve, plot_file_name, smooth, smoothing_weig
 from rlhfkit.tracking.progress import console_line, format_stats
 from rlhfkit.tracking.samples import read_samples, sample_rows
 from rlhfkit.tracking.tensorboard import RUNS_DIR, samples_table, scalar_tag
+from rlhfkit.tracking.trackers import start_trackers
 from rlhfkit.tracking.trainer_log import TrainerLog, read_trainer_log
+from rlhfkit.training.runtime import build_accelerator
 
 def _config(tmp_path, **keys):
     values = dict(stage="ppo", model_name_or_path="m", dataset="d", output_dir=str(tmp_path), reward_model="x:y",
@@ -26,6 +28,11 @@ def _config(tmp_path, **keys):
 class FakeTerminal(io.StringIO):
     def isatty(self) -> bool:
         return True
+
+
+def started_trackers(config):
+    """The trackers of `config.report_to`, started as `prepare_training` starts them."""
+    return start_trackers(build_accelerator(config), config, config.output.output_dir)
 
 
 # ------------------------------------------------------------------------------ pure helpers
@@ -81,7 +88,7 @@ def test_sample_rows_and_table():
 def test_trainer_log_writes_everything(tmp_path, caplog):
     config = _config(tmp_path, report_to="tensorboard", plot_loss=True)
     log = TrainerLog(tmp_path, 3, console_keys=("reward", "kl", "loss", "seconds_per_step"), config=config,
-                     stream=io.StringIO())
+                     stream=io.StringIO(), trackers=started_trackers(config))
     assert not (tmp_path / RUNS_DIR).exists()  # nothing is written before the first step
     with caplog.at_level(logging.INFO, logger="rlhfkit.tracking.progress"):
         for step in (1, 2, 3):

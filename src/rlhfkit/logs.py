@@ -15,8 +15,8 @@ def setup_logging(debug: bool = False) -> None:
     logging.basicConfig(level=level, format="%(message)s", force=True)
     for name in ("transformers", "datasets", "accelerate", "peft", "urllib3", "httpx", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING if not debug else logging.INFO)
-    # bitsandbytes' CPU backend warns on import that an optional kernel package is absent; it falls back.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR if not debug else logging.INFO)
+    # bitsandbytes warns on import (via peft) about optional CPU kernels it did not find
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR if not debug else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -133,25 +133,29 @@ class TrainingArguments:
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated into one optimizer step."""
     learning_rate: float = 5e-5
-    """Peak learning rate of AdamW."""
+    """Peak learning rate."""
     num_train_epochs: float = 3.0
     """Passes over the training data (ignored when max_steps > 0)."""
     max_steps: int = -1
     """Total optimizer steps (PPO: PPO steps, one rollout batch each); -1 derives it from num_train_epochs."""
+    optim: str = "adamw_torch"
+    """Optimizer: adamw_torch, adamw_torch_fused, adamw_8bit or paged_adamw_8bit (bitsandbytes), adafactor or sgd."""
     lr_scheduler_type: str = "linear"
-    """LR schedule after warm-up: linear, cosine, constant, constant_with_warmup, polynomial, inverse_sqrt, ..."""
+    """LR schedule after warm-up: linear, cosine, cosine_with_min_lr, cosine_warmup_with_min_lr, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, warmup_stable_decay."""
+    lr_scheduler_kwargs: Any = None
+    """Extra arguments of the schedule, a mapping or its JSON text: e.g. {"min_lr_rate": 0.1} (cosine_with_min_lr needs min_lr or min_lr_rate); warmup_stable_decay defaults to LLaMA-Factory's 1/3 stable, 2/3 decay."""
     warmup_ratio: float = 0.0
     """Fraction of the total steps used for linear warm-up."""
     warmup_steps: int = 0
     """Warm-up steps (overrides warmup_ratio when > 0)."""
     weight_decay: float = 0.0
-    """AdamW weight decay (not applied to biases and norms)."""
+    """Weight decay (not applied to biases and norms)."""
     adam_beta1: float = 0.9
-    """AdamW beta1."""
+    """AdamW beta1 (adamw_* optimizers)."""
     adam_beta2: float = 0.999
-    """AdamW beta2."""
+    """AdamW beta2 (adamw_* optimizers)."""
     adam_epsilon: float = 1e-8
-    """AdamW epsilon."""
+    """AdamW epsilon (adamw_* optimizers)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
     seed: int = 42
@@ -160,8 +164,10 @@ class TrainingArguments:
     """Compute in bfloat16 (trainable parameters stay float32)."""
     fp16: bool = False
     """Compute in float16 (trainable parameters stay float32)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    gradient_checkpointing: Optional[bool] = None
+    """Recompute activations in the backward pass to save memory; unset: on unless disable_gradient_checkpointing (LLaMA-Factory's default), false: off."""
+    disable_gradient_checkpointing: bool = False
+    """LLaMA-Factory's switch: true turns gradient checkpointing off (when gradient_checkpointing is unset)."""
     torch_compile: bool = False
     """Compile each transformer block with torch.compile (fused kernels, fewer saved activations) after a one-off compilation on the first steps; generation stays eager."""
     torch_compile_memory_budget: float = 1.0
@@ -174,6 +180,8 @@ class TrainingArguments:
     """Resume even though trajectory keys (learning rate, schedule, data, batch sizes, seed, models, ...) changed since the checkpoint: listed in a warning, they take effect from the checkpoint on (not the LoRA shape or finetuning_type)."""
     max_bad_steps: int = 5
     """Stop after this many consecutive updates skipped for NaN/Inf loss, gradients or rewards."""
+    deepspeed: Any = None
+    """DeepSpeed config, a JSON file or a mapping, applied through accelerate's DeepSpeedPlugin; needs the deepspeed package, an accelerator and a launcher (accelerate launch, torchrun or deepspeed)."""
     cpu_speedups: str = "auto"
     """CPU-only speed-ups (malloc settings and huge pages, kept gradient and vocabulary buffers, sparse embedding gradients, lean LoRA decode, inverse-CDF sampling): auto (on for a CPU device in one process) or off. Results are the same up to float rounding."""
 
@@ -299,7 +307,21 @@ class OutputArguments:
     save_total_limit: Optional[int] = None
     """Keep at most this many checkpoints (oldest pruned first)."""
     report_to: Any = "none"
-    """Loggers besides trainer_log.jsonl: none or tensorboard."""
+    """Trackers besides trainer_log.jsonl, one or a list: none, all (each of the following that is installed), tensorboard, wandb, mlflow, swanlab."""
+    run_name: Optional[str] = None
+    """Name of the run in wandb, mlflow and swanlab (default: output_dir)."""
+    include_num_input_tokens_seen: Any = False
+    """Log num_input_tokens_seen, the training tokens so far summed over processes: true or non_padding counts non-padding tokens, all counts padding too."""
+    use_swanlab: bool = False
+    """LLaMA-Factory's SwanLab switch: true adds swanlab to report_to."""
+    swanlab_project: Optional[str] = None
+    """SwanLab project (default: rlhfkit)."""
+    swanlab_workspace: Optional[str] = None
+    """SwanLab workspace (default: your own)."""
+    swanlab_run_name: Optional[str] = None
+    """SwanLab experiment name (default: run_name)."""
+    swanlab_mode: Optional[str] = None
+    """SwanLab mode: cloud, local, offline or disabled (default: SwanLab's)."""
     plot_loss: bool = False
     """Write PNG curves of the logged statistics at the end."""
     push_to_hub: bool = False
@@ -354,6 +376,48 @@ IGNORED_KEYS: dict[str, str] = {
     "use_fast_tokenizer": "fast tokenizers are always used",
     "skip_special_tokens": "special tokens are always skipped when decoding",
     "streaming": "datasets are read into memory",
-    "run_name": "runs are named by output_dir",
     "disable_tqdm": "the progress bar hides itself when the output is not a terminal",
+    "logging_first_step": "step 1 is always logged",
+    "save_safetensors": "weights are always saved as safetensors",
+    "use_reentrant_gc": "gradient checkpointing is always non-reentrant (the same gradients)",
+    "gradient_checkpointing_kwargs": "gradient checkpointing is always non-reentrant (the same gradients)",
+    "ddp_find_unused_parameters": "DDP is set up by accelerate",
+    "predict_with_generate": "`rlhfkit eval` generates",
+    **{key: "a setting of LLaMA-Factory's dpo and kto stages; no effect in sft, rm and ppo (nor in LLaMA-Factory)"
+       for key in ("pref_beta", "pref_ftx", "pref_bco_weight", "pref_loss", "dpo_label_smoothing", "kto_chosen_weight",
+                   "kto_rejected_weight", "simpo_gamma", "ld_alpha")},
+}
+
+# LLaMA-Factory keys accepted only at the value that changes nothing (its default; unset counts too):
+# key -> (that value, why another value is refused).
+DEFAULT_ONLY_KEYS: dict[str, tuple[Any, str]] = {
+    "packing": (False, "sequences are padded per micro-batch, never packed"),
+    "neat_packing": (False, "sequences are padded per micro-batch, never packed"),
+    "neftune_noise_alpha": (0, "NEFTune embedding noise is not implemented"),
+    "use_galore": (False, "the GaLore optimizer is not implemented; optim lists the optimizers"),
+    "use_apollo": (False, "the APOLLO optimizer is not implemented; optim lists the optimizers"),
+    "use_badam": (False, "the BAdam optimizer is not implemented; optim lists the optimizers"),
+    "use_adam_mini": (False, "the Adam-mini optimizer is not implemented; optim lists the optimizers"),
+    "use_muon": (False, "the Muon optimizer is not implemented; optim lists the optimizers"),
+    "use_llama_pro": (False, "LLaMA Pro block expansion is not implemented"),
+    "use_dft_loss": (False, "the SFT loss is token cross-entropy only"),
+    "use_asft_loss": (False, "the SFT loss is token cross-entropy only"),
+    "use_eaft_loss": (False, "the SFT loss is token cross-entropy only"),
+    "pure_bf16": (False, "trainable weights and optimizer state stay float32; bf16: true computes in bfloat16"),
+    "use_unsloth": (False, "Unsloth is not integrated"),
+    "use_unsloth_gc": (False, "Unsloth is not integrated"),
+    "enable_liger_kernel": (False, "Liger kernels are not integrated; torch_compile fuses each block"),
+    "upcast_layernorm": (False, "frozen norms keep the weights' dtype (trainable weights are float32)"),
+    "upcast_lmhead_output": (False, "losses and log-probabilities always take the softmax in float32"),
+    "shift_attn": (False, "shift short attention (S^2-Attn) is not implemented"),
+    "mixture_of_depths": (None, "mixture-of-depths conversion is not implemented"),
+    "disable_shuffling": (False, "the training data is always shuffled (by seed)"),
+    "load_best_model_at_end": (False, "the saved model is the last step's; checkpoints keep the others"),
+    "early_stopping_steps": (None, "early stopping is not implemented"),
+    "tokenized_path": (None, "tokenized datasets are not cached"),
+    "freeze_extra_modules": (None, "freeze trains only the layers named by freeze_trainable_layers"),
+    "swanlab_api_key": (None, "keep keys out of configs: set SWANLAB_API_KEY or run `swanlab login`"),
+    "swanlab_logdir": (None, "SwanLab's local logs go where SwanLab puts them"),
+    "swanlab_lark_webhook_url": (None, "SwanLab's Lark notifications are not set up"),
+    "swanlab_lark_secret": (None, "SwanLab's Lark notifications are not set up"),
 }

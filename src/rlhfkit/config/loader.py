@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from rlhfkit.config.arguments import (
+    DEFAULT_ONLY_KEYS,
     IGNORED_KEYS,
     SECTIONS,
     DataArguments,
@@ -23,7 +24,7 @@ from rlhfkit.config.arguments import (
     PPOArguments,
     TrainingArguments,
 )
-from rlhfkit.config.validation import validate
+from rlhfkit.config.validation import check_default_only, check_stage, resolve_gradient_checkpointing, validate
 from rlhfkit.errors import fail
 
 
@@ -58,7 +59,8 @@ KEY_OWNERS = _key_owners()
 
 def closest_key(key: str) -> str | None:
     """The valid key that looks most like `key`, if any is close."""
-    match = difflib.get_close_matches(key, list(KEY_OWNERS) + list(IGNORED_KEYS), n=1, cutoff=0.6)
+    match = difflib.get_close_matches(key, list(KEY_OWNERS) + list(IGNORED_KEYS) + list(DEFAULT_ONLY_KEYS), n=1,
+                                      cutoff=0.6)
     return match[0] if match else None
 
 
@@ -157,11 +159,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(values: dict[str, Any], source: str = "<config>", check: bool = True) -> Config:
-    """Turn a flat mapping of keys into a validated `Config`."""
+    """Turn a flat mapping of keys into a validated `Config`.
+
+    A stage we do not have is refused first, before the keys that belong to it.
+    """
     config = Config(source=source)
+    if check:
+        check_stage(source, values.get("stage", config.finetuning.stage))
     for key, value in values.items():
         key = str(key)
         if key in IGNORED_KEYS:
+            config.ignored_keys.append(key)
+            continue
+        if key in DEFAULT_ONLY_KEYS:
+            check_default_only(source, key, value, *DEFAULT_ONLY_KEYS[key])
             config.ignored_keys.append(key)
             continue
         if key not in KEY_OWNERS:
@@ -171,6 +182,7 @@ def build_config(values: dict[str, Any], source: str = "<config>", check: bool =
         section, f = KEY_OWNERS[key]
         coerced = _coerce(key, value, _HINTS[section][f.name], source)
         setattr(getattr(config, section), key, coerced)
+    resolve_gradient_checkpointing(config.training)
     if check:
         validate(config)
     return config

@@ -7,7 +7,7 @@ import dataclasses
 import inspect
 import textwrap
 
-from rlhfkit.config.arguments import IGNORED_KEYS, SECTIONS
+from rlhfkit.config.arguments import DEFAULT_ONLY_KEYS, IGNORED_KEYS, SECTIONS
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -44,6 +44,11 @@ def render_reference() -> str:
         lines.append("")
     lines += ["## Accepted LLaMA-Factory keys without effect", "", "| key | why |", "|---|---|"]
     lines += [f"| `{key}` | {why} |" for key, why in IGNORED_KEYS.items()]
+    lines += ["", "## LLaMA-Factory keys accepted only at their default", "",
+              "Another value stops the run with the reason; see [llamafactory.md](llamafactory.md).", "",
+              "| key | accepted value | why another is refused |", "|---|---|---|"]
+    lines += [f"| `{key}` | {'unset' if value is None else f'`{str(value).lower()}` or unset'} | {why} |"
+              for key, (value, why) in DEFAULT_ONLY_KEYS.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from rlhfkit.errors import fail
@@ -10,14 +11,22 @@ if TYPE_CHECKING:
     from rlhfkit.config.loader import Config
 
 STAGES = ("sft", "rm", "ppo")
+# LLaMA-Factory's other stages, with what to do instead.
+OTHER_STAGES = {
+    "pt": "pre-training on raw text is not implemented",
+    "dpo": "to learn from preference pairs, train a reward model with stage rm, then run stage ppo",
+    "kto": "to learn from preference labels, train a reward model with stage rm, then run stage ppo",
+}
 FINETUNING_TYPES = ("lora", "full", "freeze")
 REWARD_MODEL_TYPES = ("lora", "full", "api", "function")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-    "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+    "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
 )
-REPORT_TO = ("none", "tensorboard")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor", "sgd")
+REPORT_TO = ("none", "all", "tensorboard", "wandb", "mlflow", "swanlab")
+NUM_INPUT_TOKENS_SEEN = {False: "no", "no": "no", True: "non_padding", "non_padding": "non_padding", "all": "all"}
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
@@ -38,9 +47,33 @@ def _positive(source: str, key: str, value: float, allow_zero: bool = False) -> 
 
 
 def report_to_list(value) -> list[str]:
-    """`report_to` as a list of logger names ('none' removed)."""
+    """`report_to` as a list of tracker names ('none' and null removed; 'all' kept, see `tracking.trackers`)."""
+    if value is None:
+        return []
     items = value if isinstance(value, list) else str(value).split(",")
-    return [v.strip() for v in items if v and v.strip() and v.strip() != "none"]
+    return [str(v).strip() for v in items if v is not None and str(v).strip() and str(v).strip() != "none"]
+
+
+def check_stage(source: str, stage) -> None:
+    """Refuse a stage we do not have, naming the ones we have (checked before any other key)."""
+    if stage in STAGES:
+        return
+    why = OTHER_STAGES.get(stage, "it is not one of LLaMA-Factory's stages either")
+    raise fail(f"{source}: stage '{stage}' is not supported (we have {', '.join(STAGES)}; {why})")
+
+
+def check_default_only(source: str, key: str, value, default, why: str) -> None:
+    """A LLaMA-Factory key we accept only at the value that changes nothing (`DEFAULT_ONLY_KEYS`)."""
+    if value is None or value == default or str(value).lower() == str(default).lower():
+        return
+    fix = "remove the key" if default is None else f"remove the key or set it to {str(default).lower()}"
+    raise fail(f"{source}: {key}: {value!r} is not supported ({why}); {fix}")
+
+
+def resolve_gradient_checkpointing(training) -> None:
+    """gradient_checkpointing unset: on unless disable_gradient_checkpointing (LLaMA-Factory's default)."""
+    if training.gradient_checkpointing is None:
+        training.gradient_checkpointing = not training.disable_gradient_checkpointing
 
 
 def check_infer_backend(source: str, value: str) -> None:
@@ -55,7 +88,7 @@ def validate(config: "Config") -> None:
     src = config.source
     m, d, f, t, g, p, o = (config.model, config.data, config.finetuning, config.training,
                            config.generation, config.ppo, config.output)
-    _choice(src, "stage", f.stage, STAGES)
+    check_stage(src, f.stage)
     _choice(src, "finetuning_type", f.finetuning_type, FINETUNING_TYPES)
     _choice(src, "torch_dtype", m.torch_dtype, DTYPES)
     _choice(src, "device", m.device, ("auto", "cpu"))
@@ -74,6 +107,14 @@ def validate(config: "Config") -> None:
     from rlhfkit.data.templates import check_template_name  # here: importing rlhfkit.data loads torch
 
     check_template_name(d.template, f"{src}: template")
+    seen = o.include_num_input_tokens_seen
+    if not isinstance(seen, (bool, str)) or seen not in NUM_INPUT_TOKENS_SEEN:
+        raise fail(f"{src}: include_num_input_tokens_seen is {o.include_num_input_tokens_seen!r}; "
+                   "allowed: true, false, non_padding, all, no")
+    if t.disable_gradient_checkpointing and t.gradient_checkpointing:
+        raise fail(f"{src}: gradient_checkpointing: true and disable_gradient_checkpointing: true contradict; "
+                   "remove one")
+    _validate_optimizer(config)
     if not m.model_name_or_path:
         raise fail(f"{src}: model_name_or_path is required; set it to a model folder")
     if not o.output_dir:
@@ -211,3 +252,22 @@ def _validate_ppo(config: "Config") -> None:
     _positive(src, "top_k", g.top_k, allow_zero=True)
     if not g.do_sample:
         raise fail(f"{src}: PPO needs sampled rollouts; set do_sample: true")
+
+
+def _validate_optimizer(config: "Config") -> None:
+    """optim, the form of lr_scheduler_kwargs and of deepspeed (the schedule's arguments and the
+    DeepSpeed file are checked when the run starts: `training.optim.check_optimizer`)."""
+    src, t = config.source, config.training
+    _choice(src, "optim", t.optim, OPTIMIZERS)
+    kwargs = t.lr_scheduler_kwargs
+    if isinstance(kwargs, str):  # LLaMA-Factory's web UI writes JSON text
+        try:
+            kwargs = json.loads(kwargs) if kwargs.strip() else None
+        except json.JSONDecodeError as err:
+            raise fail(f"{src}: lr_scheduler_kwargs is not valid JSON ({err.msg}); write a mapping such as "
+                       '{"min_lr_rate": 0.1}') from None
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise fail(f"{src}: lr_scheduler_kwargs must be a mapping such as {{min_lr_rate: 0.1}}, got {kwargs!r}")
+    t.lr_scheduler_kwargs = kwargs or {}
+    if t.deepspeed is not None and not isinstance(t.deepspeed, (str, dict)):
+        raise fail(f"{src}: deepspeed must be the path of a DeepSpeed JSON file or a mapping, got {t.deepspeed!r}")

@@ -11,14 +11,14 @@ logger = logging.getLogger(__name__)
 
 def run_stage(config: Config) -> dict[str, float]:
     """Run the stage named by `config.finetuning.stage`; return its final statistics."""
-    for key in config.ignored_keys:
-        from rlhfkit.config import IGNORED_KEYS
+    from rlhfkit.config.arguments import DEFAULT_ONLY_KEYS, IGNORED_KEYS
 
-        logger.info("note: key '%s' has no effect here (%s)", key, IGNORED_KEYS[key])
+    for key in config.ignored_keys:
+        logger.info("note: key '%s' has no effect here (%s)", key,
+                    IGNORED_KEYS[key] if key in IGNORED_KEYS else DEFAULT_ONLY_KEYS[key][1])
+    from rlhfkit.hub import resolve_config_paths
     from rlhfkit.run_lock import RunLocks
     from rlhfkit.training.control import StopSignals
-
-    from rlhfkit.hub import resolve_config_paths
 
     resolve_config_paths(config)  # hub ids -> local snapshot folders
     stage = config.finetuning.stage

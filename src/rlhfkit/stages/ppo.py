@@ -204,7 +204,10 @@ def run_ppo(config: Config) -> dict[str, float]:
             # 7. control and statistics
             record = step_statistics(run, generated, evaluated, rollout, rewards, kl, returns, kl_controller,
                                      sizes.rollout * group * world)
-            record.update(update_stats, **group_stats, **score_stats, epoch=round(plan.epoch, 4), **timings,
+            # the prompt and response tokens of this process's rollout, once (not per PPO epoch)
+            tokens = run.count_input_tokens(int(query_mask.sum() + generated.response_mask.sum()),
+                                            query_ids.numel() + generated.response_ids.numel())
+            record.update(update_stats, **group_stats, **score_stats, **tokens, epoch=round(plan.epoch, 4), **timings,
                           seconds_per_step=time.time() - step_start,
                           tokens_per_second=float(generated.response_mask.sum()) / max(timings["time/rollout"], 1e-9))
             run.log.advance(step)

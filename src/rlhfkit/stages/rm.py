@@ -2,7 +2,7 @@
 
 1. data      pairwise rows -> (prompt + chosen, prompt + rejected) token ids; split off validation
 2. model     tokenizer, base, LoRA / full / freeze, value head (hidden -> 1)
-3. optimizer AdamW over the trainable LM weights and the head
+3. optimizer `optim` (AdamW by default) over the trainable LM weights and the head
 4. loop      loss = -log sigmoid(r_chosen - r_rejected), scores read at the last real token;
              micro-batches accumulate to the step's pair count; accuracy logged
 5. save      adapter or full model, tokenizer and value_head.safetensors (what PPO loads)
@@ -83,11 +83,11 @@ def run_rm(config: Config) -> dict[str, float]:
             if batch_plan.step >= total_steps:
                 break
             step = batch_plan.step + 1
-            loss, accuracy, margin = rm_step(run, data.train, batch_plan.indices, tokenizer.pad_token_id)
+            loss, accuracy, margin, tokens = rm_step(run, data.train, batch_plan.indices, tokenizer.pad_token_id)
             grad_norm, _ = run.optimizer_step(loss, step)
             stats = {"loss": loss, "accuracy": accuracy, "margin": margin, "grad_norm": grad_norm,
                      "lr": run.scheduler.get_last_lr()[0], "epoch": round(batch_plan.epoch, 4),
-                     "skipped_steps": run.guard.total}
+                     "skipped_steps": run.guard.total, **tokens}
             run.end_step(step, total_steps, stats, evaluate=evaluate if data.eval else None)
         # 5. evaluate and save
         run.log.close()  # progress bar, TensorBoard, plots
@@ -99,9 +99,11 @@ def run_rm(config: Config) -> dict[str, float]:
     return final
 
 
-def rm_step(run: Training, items: list[dict], indices: list[int], pad_token_id: int) -> tuple[float, float, float]:
+def rm_step(run: Training, items: list[dict], indices: list[int], pad_token_id: int
+            ) -> tuple[float, float, float, dict]:
     """Accumulate one optimizer step's gradients over this process's micro-batches of pairs; the
-    step's mean loss, accuracy and margin over all processes.
+    step's mean loss, accuracy and margin over all processes, and `Training.count_input_tokens`'s
+    statistic (chosen and rejected sequences both count).
 
     Each pair's loss is divided by the step's pair count, so accumulation (and several processes)
     equal one large batch; a process's padding rows (`rank_share`) weigh 0.
@@ -112,9 +114,10 @@ def rm_step(run: Training, items: list[dict], indices: list[int], pad_token_id: 
     rank_indices, real = rank_share(indices, accelerator.process_index, world)
     weights = (torch.arange(len(rank_indices)) < real).float().to(accelerator.device)  # 0: padding
     micros = micro_batches(list(range(len(rank_indices))), t.per_device_train_batch_size)
-    loss_sum, correct, margin = 0.0, 0.0, 0.0
+    loss_sum, correct, margin, positions = 0.0, 0.0, 0.0, 0
     for index, micro in enumerate(micros):
         batch = collate_pairwise([items[rank_indices[i]] for i in micro], pad_token_id)
+        positions += batch["input_ids"].numel()
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         weight = weights[micro[0]:micro[-1] + 1]
         with micro_batch_context(accelerator, run.model, index == len(micros) - 1), accelerator.autocast():
@@ -125,4 +128,6 @@ def rm_step(run: Training, items: list[dict], indices: list[int], pad_token_id: 
         correct += float(((chosen > rejected).float() * weight).sum())
         margin += float(((chosen - rejected).detach() * weight).sum())
     loss, accuracy, margin = (value / step_pairs for value in global_sums(accelerator, loss_sum, correct, margin))
-    return loss, accuracy, margin
+    real_tokens = sum(len(items[i]["chosen_input_ids"]) + len(items[i]["rejected_input_ids"])
+                      for i in rank_indices[:real])
+    return loss, accuracy, margin, run.count_input_tokens(real_tokens, positions)

@@ -1,6 +1,7 @@
 """The set-up every stage shares: accelerator, seeds and output folder (`start_run`), then
-optimizer, schedule, gradient block, checkpoints, resume and log around the trained module
-(`prepare_training`), and the optimizer step with its non-finite guard (`Training.optimizer_step`).
+optimizer, schedule, gradient block, checkpoints, resume, trackers and log around the trained module
+(`prepare_training`), the optimizer step with its non-finite guard (`Training.optimizer_step`) and
+the count of input tokens seen (`Training.count_input_tokens`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from torch import nn
 
 from rlhfkit.checkpoint import RunCheckpoints
 from rlhfkit.config import Config
+from rlhfkit.config.validation import NUM_INPUT_TOKENS_SEEN
 from rlhfkit.cpu.speedups import CpuSpeedups
 from rlhfkit.errors import RlhfkitError, fail
 from rlhfkit.run_lock import hold_lock
+from rlhfkit.tracking.trackers import start_trackers
 from rlhfkit.tracking.trainer_log import TrainerLog
 from rlhfkit.training.control import NonFiniteGuard, StopSignals, active_signals
 from rlhfkit.training.distributed import global_sums
-from rlhfkit.training.optim import build_optimizer, build_scheduler, clip_and_step
+from rlhfkit.training.optim import build_optimizer, build_scheduler, check_optimizer, clip_and_step
 from rlhfkit.training.runtime import (
     build_accelerator,
     check_output_dir,
@@ -32,8 +35,10 @@ from rlhfkit.training.runtime import (
 
 def start_run(config: Config) -> tuple[Accelerator, Path]:
     """The accelerator, the shared seed (the same initial weights on every process) and the
-    checked output folder, locked for this run."""
+    checked output folder, locked for this run; the optimizer's and schedule's settings are checked
+    here, before the data and the model load."""
     accelerator = build_accelerator(config)
+    check_optimizer(config, accelerator.device)
     seed_everything(config.training.seed)
     output_dir = check_output_dir(config)
     lock_output_dir(accelerator, output_dir)
@@ -75,12 +80,15 @@ class Training:
     log: TrainerLog
     resumed: dict[str, Any]
     """The resumed checkpoint's stage state; ``{"step": 0}`` on a fresh start."""
+    num_input_tokens_seen: int = 0
+    """Input tokens trained on so far over all processes (`include_num_input_tokens_seen`)."""
 
     def __enter__(self) -> "Training":
         return self
 
     def __exit__(self, *exc) -> None:
         self.speedups.release()
+        self.log.trackers.finish()  # after an error too (a no-op once `log.close` ran)
 
     def optimizer_step(self, loss: float, step: int) -> tuple[float, bool]:
         """Clip and step unless the loss or the gradient norm is not finite; (norm, stepped)."""
@@ -89,6 +97,21 @@ class Training:
                              self.config.training.max_grad_norm, self.params, skip=skip,
                              keep_gradients=self.speedups.keep_gradients)
         return norm, not skip and self.guard.ok(norm, what="gradients", step=step)
+
+    @property
+    def token_counting(self) -> str:
+        """How input tokens are counted: no, non_padding or all (`include_num_input_tokens_seen`)."""
+        return NUM_INPUT_TOKENS_SEEN[self.config.output.include_num_input_tokens_seen]
+
+    def count_input_tokens(self, non_padding: int, padded: int) -> dict[str, int]:
+        """Add this process's input tokens of a step -- without padding, or every position of its
+        batches -- summed over all processes; returns ``{"num_input_tokens_seen": total so far}``, or
+        ``{}`` when not counting. Collective: every process calls it once per step."""
+        if self.token_counting == "no":
+            return {}
+        (step_tokens,) = global_sums(self.accelerator, non_padding if self.token_counting == "non_padding" else padded)
+        self.num_input_tokens_seen += int(step_tokens)
+        return {"num_input_tokens_seen": self.num_input_tokens_seen}
 
     def end_step(self, step: int, total_steps: int, stats: dict[str, Any],
                  evaluate: Callable[[], dict[str, float]] | None = None) -> None:
@@ -105,8 +128,8 @@ class Training:
 
     def after_step(self, step: int, total_steps: int, state: dict[str, Any] | None = None) -> None:
         """Checkpoint when due or signalled (with the guard's and the stage's `state`)."""
-        self.checkpoints.after_step(step, total_steps, self.signals, {"guard": self.guard.state_dict(),
-                                                                       **(state or {})})
+        self.checkpoints.after_step(step, total_steps, self.signals, {
+            "guard": self.guard.state_dict(), "num_input_tokens_seen": self.num_input_tokens_seen, **(state or {})})
 
 
 def prepare_training(config: Config, accelerator: Accelerator, output_dir: Path, module: nn.Module,
@@ -136,6 +159,6 @@ def prepare_training(config: Config, accelerator: Accelerator, output_dir: Path,
     if "guard" in resumed:
         guard.load_state_dict(resumed["guard"])
     log = TrainerLog(output_dir, total_steps, enabled=accelerator.is_main_process, console_keys=console_keys,
-                     start_step=resumed["step"], config=config)
+                     start_step=resumed["step"], config=config, trackers=start_trackers(accelerator, config, output_dir, resumed["step"]))
     return Training(config, accelerator, prepared, optimizer, scheduler, params, speedups, checkpoints, guard,
-                    active_signals(), log, resumed)
+                    active_signals(), log, resumed, num_input_tokens_seen=resumed.get("num_input_tokens_seen", 0))

@@ -2,7 +2,7 @@
 
 1. data      read, template, tokenize; split off validation
 2. model     tokenizer, base, LoRA / full / freeze
-3. optimizer AdamW + LR schedule with warm-up
+3. optimizer `optim` (AdamW by default) + LR schedule with warm-up
 4. loop      per optimizer step: micro-batches (grad accumulation), loss normalised by the step's
              label-token count so accumulation equals one large batch; clip; step; log; evaluate
 5. save      adapter or full model plus tokenizer
@@ -78,10 +78,10 @@ def run_sft(config: Config) -> dict[str, float]:
             if batch_plan.step >= total_steps:
                 break
             step = batch_plan.step + 1
-            step_loss = sft_step(run, data.train, batch_plan.indices, tokenizer.pad_token_id)
+            step_loss, tokens = sft_step(run, data.train, batch_plan.indices, tokenizer.pad_token_id)
             grad_norm, _ = run.optimizer_step(step_loss, step)
             stats = {"loss": step_loss, "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0],
-                     "epoch": round(batch_plan.epoch, 4), "skipped_steps": run.guard.total}
+                     "epoch": round(batch_plan.epoch, 4), "skipped_steps": run.guard.total, **tokens}
             run.end_step(step, total_steps, stats, evaluate=evaluate if data.eval else None)
         # 5. evaluate and save
         run.log.close()  # progress bar, TensorBoard, plots
@@ -93,9 +93,9 @@ def run_sft(config: Config) -> dict[str, float]:
     return final
 
 
-def sft_step(run: Training, items: list[dict], indices: list[int], pad_token_id: int) -> float:
+def sft_step(run: Training, items: list[dict], indices: list[int], pad_token_id: int) -> tuple[float, dict]:
     """Accumulate one optimizer step's gradients over this process's micro-batches; the step's mean
-    token loss over all processes.
+    token loss over all processes, and `Training.count_input_tokens`'s statistic.
 
     The step's label-token count over all processes normalises every micro-batch's sum, so
     accumulation (and several processes) equal one large batch.
@@ -106,6 +106,8 @@ def sft_step(run: Training, items: list[dict], indices: list[int], pad_token_id:
     micros = micro_batches(rank_indices, t.per_device_train_batch_size)
     batches = [collate_sft([items[i] for i in m], pad_token_id) for m in micros]
     padding_rows(batches, real)
+    tokens = run.count_input_tokens(sum(len(items[i]["input_ids"]) for i in rank_indices[:real]),
+                                    sum(b["input_ids"].numel() for b in batches))
     local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     (step_tokens,) = global_sums(accelerator, local_tokens)
     step_tokens = max(step_tokens, 1.0)
@@ -117,7 +119,7 @@ def sft_step(run: Training, items: list[dict], indices: list[int], pad_token_id:
             accelerator.backward(nll * world / step_tokens)  # DDP averages over processes
         step_loss += float(nll.detach()) / step_tokens
     (step_loss,) = global_sums(accelerator, step_loss)
-    return step_loss
+    return step_loss, tokens
 
 
 def padding_rows(batches: list[dict[str, torch.Tensor]], real: int) -> None:

@@ -1,15 +1,17 @@
 """What a training run shows and records: trainer_log.jsonl (LLaMA-Factory's fields plus ours),
-the console (progress bar on a terminal, one concise line per logging step), TensorBoard events
-(`report_to: tensorboard`), samples.jsonl (PPO) and PNG curves (`plot_loss: true`).
+the console (progress bar on a terminal, one concise line per logging step), the trackers of
+`report_to` (TensorBoard events, wandb, ...: `tracking.trackers`), samples.jsonl (PPO) and PNG
+curves (`plot_loss: true`).
 
 A stage loop uses one `TrainerLog`::
 
-    log = TrainerLog(output_dir, total_steps, enabled=is_main_process, console_keys=("loss",), config=config)
+    log = TrainerLog(output_dir, total_steps, enabled=is_main_process, console_keys=("loss",), config=config,
+                     trackers=start_trackers(accelerator, config, output_dir))
     for step in ...:
         log.advance(step)              # every step: moves the progress bar
         if step % logging_steps == 0:
-            log.log(step, stats)       # trainer_log.jsonl, console line, TensorBoard scalars
-    log.close()                        # closes the bar and event file; writes the plots
+            log.log(step, stats)       # trainer_log.jsonl, console line, trackers
+    log.close()                        # closes the bar and the trackers; writes the plots
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from rlhfkit.tracking.progress import Progress, console_line, format_seconds, format_stats
 from rlhfkit.tracking.samples import SAMPLES_FILE, append_samples, sample_rows
-from rlhfkit.tracking.tensorboard import TensorBoardWriter
+from rlhfkit.tracking.trackers import Trackers
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +47,15 @@ class TrainerLog:
     """Appends one JSON line per logged step and shows it on the console, TensorBoard and in plots.
 
     Only the main process writes or prints (`enabled`); `start_step` lets a resumed run keep its
-    step count and ETA continuous. With `config`, its `report_to`, `plot_loss` and `stage` keys
-    switch on TensorBoard, the plots and the bar's label. `stream` is where the progress bar
-    goes (default stderr); the bar is shown only when it is a terminal.
+    step count and ETA continuous. With `config`, its `plot_loss` and `stage` keys switch on the
+    plots and the bar's label; `trackers` (`tracking.trackers.start_trackers`) get every record
+    and sample table. `stream` is where the progress bar goes (default stderr); the bar is shown
+    only when it is a terminal.
     """
 
     def __init__(self, output_dir: str | Path, total_steps: int, enabled: bool = True,
                  console_keys: tuple[str, ...] = ("loss",), start_step: int = 0, config: Any = None,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, trackers: Trackers | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / LOG_FILE
         self.total_steps = total_steps
@@ -63,15 +66,10 @@ class TrainerLog:
         self.history: list[dict[str, Any]] = []
         self._last_time, self._last_step = self.start_time, start_step
         stage = ""
-        self.tensorboard: TensorBoardWriter | None = None
+        self.trackers = trackers if trackers is not None and enabled else Trackers(None)
         self.plot = False
         if config is not None:
-            from rlhfkit.config import report_to_list
-
             stage = config.finetuning.stage
-            if enabled and "tensorboard" in report_to_list(config.output.report_to):
-                # resumed: TensorBoard hides the events an interrupted run wrote after the checkpoint
-                self.tensorboard = TensorBoardWriter(self.output_dir, purge_step=start_step + 1 if start_step else None)
             self.plot = enabled and bool(config.output.plot_loss)
         self.stage = stage
         self.progress = Progress(total_steps, start_step, stage, stream, enabled)
@@ -101,8 +99,7 @@ class TrainerLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-            if self.tensorboard is not None:
-                self.tensorboard.scalars(step, record)
+            self.trackers.log(step, record)
             self.advance(step)
             if console:
                 shown = format_stats(record, self.console_keys)
@@ -121,14 +118,12 @@ class TrainerLog:
             return
         rows = sample_rows(step, prompts, responses, source_scores, rewards, kl)
         append_samples(self.output_dir, rows)
-        if self.tensorboard is not None:
-            self.tensorboard.samples(step, rows)
+        self.trackers.samples(step, rows)
 
     def close(self) -> list[Path]:
-        """Finish the bar and the event file; write the plots if `plot_loss`. Returns the plots."""
+        """Finish the bar and the trackers; write the plots if `plot_loss`. Returns the plots."""
         self.progress.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        self.trackers.finish()
         if not (self.plot and self.enabled):
             return []
         from rlhfkit.tracking.plots import plot_curves

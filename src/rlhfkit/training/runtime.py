@@ -19,6 +19,8 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from rlhfkit.config import Config
 from rlhfkit.errors import fail
 from rlhfkit.run_lock import LOCK_FILE
+from rlhfkit.tracking.trackers import tracker_instances
+from rlhfkit.training.deepspeed import check_deepspeed_runnable, deepspeed_plugin
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,9 @@ def _no_accelerator_device() -> bool:
 
 
 def build_accelerator(config: Config) -> Accelerator:
-    """An Accelerator for this run: mixed precision from bf16/fp16, CPU when asked explicitly.
+    """An Accelerator for this run: mixed precision from bf16/fp16, CPU when asked explicitly, the
+    trackers of `report_to` (`tracking.trackers`) and DeepSpeed from the `deepspeed` key
+    (`training.deepspeed`).
 
     Gradient accumulation is done by the stage loops themselves (they know the token counts), so
     the Accelerator is created with one accumulation step. Two additions to accelerate's own
@@ -66,7 +70,13 @@ def build_accelerator(config: Config) -> Accelerator:
     # process group (PartialState) but forget the previous run's settings.
     AcceleratorState._reset_state(reset_partial_state=False)
     cpu = config.model.device == "cpu" or (_launched_processes() > 1 and _no_accelerator_device())
-    accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
+    trackers = tracker_instances(config)  # a missing tracker package fails here, before anything loads
+    plugin = None
+    if config.training.deepspeed is not None:
+        plugin = deepspeed_plugin(config)
+        check_deepspeed_runnable(config, accelerator_available=not _no_accelerator_device())
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what `accelerate launch --use_deepspeed` sets
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, log_with=trackers or None, deepspeed_plugin=plugin)
     if accelerator.num_processes > 1:
         atexit.unregister(_destroy_process_group)  # once per process, however many stages it runs
         atexit.register(_destroy_process_group)
