@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from rlhfkit.data.templates import check_template_name
 from rlhfkit.errors import fail
 
 if TYPE_CHECKING:
@@ -104,8 +105,6 @@ def validate(config: "Config") -> None:
     _choice(src, "cpu_speedups", t.cpu_speedups, ("auto", "off"))
     for name in report_to_list(o.report_to):
         _choice(src, "report_to", name, REPORT_TO)
-    from rlhfkit.data.templates import check_template_name  # here: importing rlhfkit.data loads torch
-
     check_template_name(d.template, f"{src}: template")
     seen = o.include_num_input_tokens_seen
     if not isinstance(seen, (bool, str)) or seen not in NUM_INPUT_TOKENS_SEEN:

@@ -13,42 +13,30 @@ Typical use::
 
 from __future__ import annotations
 
-from rlhfkit.data.collators import collate_pairwise, collate_prompts, collate_sft, pad_sequences
-from rlhfkit.data.dataset_info import DatasetSpec, detect_spec, resolve_datasets
-from rlhfkit.data.example import Example
-from rlhfkit.data.format_template import FormatTemplate
-from rlhfkit.data.processing import (
-    IGNORE_INDEX,
-    TokenizeStats,
-    tokenize_pairwise,
-    tokenize_prompts,
-    tokenize_sft,
-)
-from rlhfkit.data.readers import KINDS, load_examples
-from rlhfkit.data.splits import train_val_split
-from rlhfkit.data.template_library import TEMPLATES
-from rlhfkit.data.templates import Template, get_template, template_for
+import importlib
 
-__all__ = [
-    "IGNORE_INDEX",
-    "KINDS",
-    "TEMPLATES",
-    "DatasetSpec",
-    "Example",
-    "FormatTemplate",
-    "Template",
-    "TokenizeStats",
-    "collate_pairwise",
-    "collate_prompts",
-    "collate_sft",
-    "detect_spec",
-    "get_template",
-    "template_for",
-    "load_examples",
-    "pad_sequences",
-    "resolve_datasets",
-    "tokenize_pairwise",
-    "tokenize_prompts",
-    "tokenize_sft",
-    "train_val_split",
-]
+# Names load on first use (PEP 562), so that `rlhfkit.data.templates` can be imported without
+# torch (the collators need it): the config check of template names runs before torch is imported.
+_SOURCES = {
+    "collate_pairwise": "collators", "collate_prompts": "collators", "collate_sft": "collators",
+    "pad_sequences": "collators",
+    "DatasetSpec": "dataset_info", "detect_spec": "dataset_info", "resolve_datasets": "dataset_info",
+    "Example": "example",
+    "FormatTemplate": "format_template",
+    "IGNORE_INDEX": "processing", "TokenizeStats": "processing", "tokenize_pairwise": "processing",
+    "tokenize_prompts": "processing", "tokenize_sft": "processing",
+    "KINDS": "readers", "load_examples": "readers",
+    "train_val_split": "splits",
+    "TEMPLATES": "template_library",
+    "Template": "templates", "get_template": "templates", "template_for": "templates",
+}
+
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str):
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)
+    globals()[name] = value
+    return value
