@@ -1,4 +1,7 @@
-"""The one exception type for problems the user can fix (bad config, data, paths)."""
+"""The one exception type for problems the user can fix (bad config, data, paths), and how
+messages show values."""
+
+import reprlib
 
 
 class RlhfkitError(Exception):
@@ -11,3 +14,17 @@ class RlhfkitError(Exception):
 def fail(message: str) -> "RlhfkitError":
     """Build an `RlhfkitError`; used as `raise fail(...)` to keep call sites short."""
     return RlhfkitError(message)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 2, 4, 4, 4
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
+
+
+def shown(value: object) -> str:
+    """`repr(value)` cut to a few dozen characters, in time bounded whatever its size: error messages
+    show the start of a huge or deeply nested value, never all of it."""
+    try:
+        return _SHORT.repr(value)
+    except ValueError:  # an int too long to print
+        return f"<{type(value).__name__}>"

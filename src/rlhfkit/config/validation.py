@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
-from rlhfkit.errors import fail
+from rlhfkit.errors import fail, shown
 
 if TYPE_CHECKING:
     from rlhfkit.config.loader import Config
@@ -25,7 +26,7 @@ LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", 
 
 def _choice(source: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise fail(f"{source}: {key} is '{value}'; allowed: {', '.join(allowed)}")
+        raise fail(f"{source}: {key} is {shown(value)}; allowed: {', '.join(allowed)}")
 
 
 def _positive(source: str, key: str, value: float, allow_zero: bool = False) -> None:
@@ -108,6 +109,8 @@ def _validate_ppo(config: "Config") -> None:
                    "or a reward_models list")
     if p.reward_model and p.reward_models:
         raise fail(f"{src}: set either reward_model or reward_models, not both")
+    if p.reward_models:
+        check_reward_models(src, p.reward_models)
     for key in ("ppo_epochs", "ppo_buffer_size", "kl_horizon", "max_new_tokens"):
         owner = g if key == "max_new_tokens" else p
         _positive(src, key, getattr(owner, key))
@@ -147,3 +150,20 @@ def _validate_ppo(config: "Config") -> None:
     _positive(src, "top_k", g.top_k, allow_zero=True)
     if not g.do_sample:
         raise fail(f"{src}: PPO needs sampled rollouts; set do_sample: true")
+
+
+def check_reward_models(source: str, entries: list) -> None:
+    """Each `reward_models` entry: a mapping with `path`, and optionally `type`, `name` and `weight`
+    (a finite number)."""
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise fail(f"{source}: reward_models[{index}] must be a mapping with at least 'path' "
+                       "(and type, weight, name)")
+        unknown = set(map(str, entry)) - {"path", "type", "weight", "name"}
+        if unknown:
+            raise fail(f"{source}: reward_models[{index}] has unknown key(s) {shown(sorted(unknown))}; "
+                       "allowed: path, type, weight, name")
+        _choice(source, f"reward_models[{index}].type", entry.get("type", "lora"), REWARD_MODEL_TYPES)
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise fail(f"{source}: reward_models[{index}].weight must be a finite number, got {shown(weight)}")

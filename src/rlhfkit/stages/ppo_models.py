@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from rlhfkit.config import Config
+from rlhfkit.config.validation import check_reward_models
 from rlhfkit.data import get_template
 from rlhfkit.errors import fail
 from rlhfkit.models.adapters import adapter_base_path, check_adapter_dir, merge_adapters, setup_finetuning, split_paths
@@ -74,18 +75,10 @@ def reward_specs(config: Config) -> list[RewardSpec]:
     p = config.ppo
     if not p.reward_models:
         return [RewardSpec(p.reward_model, p.reward_model_type, 1.0, p.reward_model_type)]
+    check_reward_models(config.source, p.reward_models)
     specs = []
     for index, entry in enumerate(p.reward_models):
-        if not isinstance(entry, dict) or "path" not in entry:
-            raise fail(f"{config.source}: reward_models[{index}] must be a mapping with at least 'path' "
-                       "(and type, weight, name)")
-        unknown = set(entry) - {"path", "type", "weight", "name"}
-        if unknown:
-            raise fail(f"{config.source}: reward_models[{index}] has unknown key(s) {sorted(unknown)}; "
-                       "allowed: path, type, weight, name")
         kind = entry.get("type", "lora")
-        if kind not in ("lora", "full", "api", "function"):
-            raise fail(f"{config.source}: reward_models[{index}].type is '{kind}'; allowed: lora, full, api, function")
         specs.append(RewardSpec(str(entry["path"]), kind, float(entry.get("weight", 1.0)),
                                 str(entry.get("name", f"{kind}{index}"))))
     return specs
