@@ -131,7 +131,7 @@ class TrainingArguments:
     resume_from_checkpoint: Any = None
     """Resume from a checkpoint: true (the latest in output_dir, or a fresh start if none) or a checkpoint folder."""
     max_bad_steps: int = 5
-    """Stop after this many consecutive updates skipped for NaN/Inf loss, gradients or rewards."""
+    """Stop (exit 2) after this many updates in a row skipped for NaN/Inf loss, gradients or rewards."""
     cpu_speedups: str = "auto"
     """CPU-only speed-ups (malloc settings and huge pages, kept gradient and vocabulary buffers, sparse embedding gradients, lean LoRA decode, inverse-CDF sampling): auto (on for a CPU device in one process) or off. Results are the same up to float rounding."""
 
@@ -233,7 +233,7 @@ class PPOArguments:
     missing_eos_penalty: Optional[float] = None
     """Subtract this from the score of responses that never produced EOS (unset disables)."""
     reward_api_timeout: float = 30.0
-    """Seconds before an HTTP reward request times out."""
+    """Seconds an HTTP reward request may take in all (connecting and every read) before it times out."""
     reward_api_retries: int = 3
     """Retries of a failed HTTP reward request (exponential backoff) before the run stops."""
 

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from rlhfkit.config import FinetuningArguments, ModelArguments, TrainingArguments
 from rlhfkit.errors import fail
+from rlhfkit.models.weight_files import model_weight_files, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ def _check_model_path(path: str, require_config: bool = True) -> None:
         raise fail(f"model path {path} does not exist; set model_name_or_path to a model folder")
     if require_config and local.is_dir() and not (local / "config.json").is_file():
         raise fail(f"{path} has no config.json; it is not a Hugging Face model folder")
+    if local.is_dir() and (local / "config.json").is_file():
+        read_json(local / "config.json")
 
 
 def load_tokenizer(model_args: ModelArguments, path: str | None = None):
@@ -51,8 +56,8 @@ def load_tokenizer(model_args: ModelArguments, path: str | None = None):
     _check_model_path(path, require_config=not (Path(path).expanduser() / "tokenizer_config.json").is_file())
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise fail(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # a damaged tokenizer file fails in many ways (tokenizers raises plain Exception)
+        raise fail(f"cannot load a tokenizer from {path}: {first_line(err)}") from err
     if tokenizer.eos_token_id is None:
         raise fail(f"the tokenizer in {path} has no EOS token; set eos_token in its tokenizer_config.json")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -65,6 +70,11 @@ def load_tokenizer(model_args: ModelArguments, path: str | None = None):
         logger.info("PAD set to %r (id %d), distinct from EOS", tokenizer.pad_token, tokenizer.pad_token_id)
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message on one line, cut to 200 characters, for a one-line error."""
+    return " ".join(str(err).split())[:200] or type(err).__name__
 
 
 def _attn_implementation(model_args: ModelArguments) -> str | None:
@@ -83,14 +93,25 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """Load a causal LM from `path` in `dtype` onto `device` (None leaves it on the CPU for accelerate)."""
     _check_model_path(path)
-    kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
+    if Path(path).expanduser().is_dir():  # a folder's weights are checked before transformers reads them
+        model_weight_files(Path(path).expanduser())
+    kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code, "use_safetensors": True}
     attn = _attn_implementation(model_args)
     if attn is not None:
         kwargs["attn_implementation"] = attn
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise fail(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError, StrictDataclassError) as err:
+        if isinstance(err, torch.OutOfMemoryError):
+            raise
+        if "ignore_mismatched_sizes" in str(err):
+            raise fail(f"the weights in {path} do not fit its config.json: tensors of another shape; "
+                       "copy or save the model again") from err
+        raise fail(f"cannot load a causal LM from {path}: {first_line(err)}") from err
+    missing = sorted(set(info["missing_keys"]) | {key[0] for key in info["mismatched_keys"]})
+    if missing:  # transformers would start them from random values
+        raise fail(f"the weights in {path} do not fit its config.json: {len(missing)} tensors missing or of "
+                   f"another shape ({', '.join(missing[:3])}, ...); copy or save the model again")
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer is not None:

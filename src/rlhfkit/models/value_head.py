@@ -10,6 +10,7 @@ from torch import nn
 
 from rlhfkit.errors import fail
 from rlhfkit.models.forward import forward_reading_values
+from rlhfkit.models.weight_files import check_safetensors
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -48,10 +49,14 @@ class ValueHead(nn.Module):
         if not path.is_file():
             raise fail(f"{path} not found: {directory} is not a reward model folder of this tool "
                        "(train one with `stage: rm`, which saves the value head there)")
+        check_safetensors(path)
         tensors = load_file(str(path))
-        if "summary.weight" not in tensors:
-            raise fail(f"{path} has no 'summary.weight'; it is not a value head written by rlhfkit")
-        saved_hidden = tensors["summary.weight"].shape[-1]
+        weight, bias = tensors.get("summary.weight"), tensors.get("summary.bias")
+        if set(tensors) != {"summary.weight", "summary.bias"} or weight.dim() != 2 or weight.shape[0] != 1 \
+                or bias.shape != (1,):
+            raise fail(f"{path} does not hold a value head (summary.weight (1, hidden), summary.bias (1,)); "
+                       "it was not written by rlhfkit")
+        saved_hidden = weight.shape[-1]
         if hidden_size is not None and saved_hidden != hidden_size:
             raise fail(f"{path} was trained for hidden size {saved_hidden}, but the model has {hidden_size}; "
                        "the reward model must share the policy's base model")
