@@ -141,7 +141,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = parse_yaml(raw, f"override '{shown(key)}'") if raw.strip() else None
+        value = parse_yaml(raw, f"override {shown(key)}") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key, value

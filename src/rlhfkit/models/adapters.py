@@ -13,8 +13,8 @@ from safetensors import SafetensorError
 from transformers import PreTrainedModel
 
 from rlhfkit.config import FinetuningArguments
-from rlhfkit.errors import fail
-from rlhfkit.models.loading import POLICY_ADAPTER, apply_freeze, first_line, upcast_trainable_parameters
+from rlhfkit.errors import fail, one_line
+from rlhfkit.models.loading import POLICY_ADAPTER, apply_freeze, upcast_trainable_parameters
 from rlhfkit.models.weight_files import check_adapter_weights, read_json
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def loading_adapter(path: str) -> Iterator[None]:
     except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as err:
         if isinstance(err, torch.OutOfMemoryError):
             raise
-        raise fail(f"cannot load the LoRA adapter {path}: {first_line(err)}; was it trained on this base "
+        raise fail(f"cannot load the LoRA adapter {path}: {one_line(err)}; was it trained on this base "
                    "model?") from err
 
 

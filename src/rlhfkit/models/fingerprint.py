@@ -10,6 +10,7 @@ after merging a fine-tune into it, changes it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,8 +19,7 @@ from pathlib import Path
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from rlhfkit.errors import fail
-from rlhfkit.models.loading import first_line
+from rlhfkit.errors import fail, one_line
 from rlhfkit.models.weight_files import model_weight_files, read_json
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def base_structure(path: str, trust_remote_code: bool = False) -> dict:
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # a damaged config.json fails in many ways
-        raise fail(f"cannot read the model config of {path}: {first_line(err)}") from err
+        raise fail(f"cannot read the model config of {path}: {one_line(err)}") from err
     text = config.get_text_config()
     return {key: config.model_type if key == "model_type" else getattr(text, key, None) for key in STRUCTURE_KEYS}
 
@@ -48,18 +48,15 @@ def weights_fingerprint(folders: list[str | Path]) -> str:
         folder = Path(folder)
         files = [folder / "adapter_model.safetensors"] if (folder / "adapter_config.json").is_file() \
             else model_weight_files(folder)
-        tensors = []
-        for file in files:
-            with safe_open(str(file), "pt") as handle:
-                tensors += [(name, file) for name in handle.keys()]
-        for name, file in sorted(tensors):
-            with safe_open(str(file), "pt") as handle:
+        with contextlib.ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(str(file), "pt")) for file in files]
+            for name, handle in sorted((name, handle) for handle in handles for name in handle.keys()):
                 piece = handle.get_slice(name)
                 shape = piece.get_shape()
                 first = piece[:1] if shape else handle.get_tensor(name)
-            values = first.reshape(-1)[:VALUES_PER_TENSOR].float().contiguous()
-            digest.update(f"{name}{list(shape)}".encode())
-            digest.update(values.numpy().tobytes())
+                values = first.reshape(-1)[:VALUES_PER_TENSOR].float().contiguous()
+                digest.update(f"{name}{list(shape)}".encode())
+                digest.update(values.numpy().tobytes())
     return "sha256:" + digest.hexdigest()
 
 

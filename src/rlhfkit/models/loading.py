@@ -6,13 +6,13 @@ import logging
 from pathlib import Path
 
 import torch
-from torch import nn
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from rlhfkit.config import FinetuningArguments, ModelArguments, TrainingArguments
-from rlhfkit.errors import fail
+from rlhfkit.errors import fail, one_line
 from rlhfkit.models.weight_files import model_weight_files, read_json
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def load_tokenizer(model_args: ModelArguments, path: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     except Exception as err:  # a damaged tokenizer file fails in many ways (tokenizers raises plain Exception)
-        raise fail(f"cannot load a tokenizer from {path}: {first_line(err)}") from err
+        raise fail(f"cannot load a tokenizer from {path}: {one_line(err)}") from err
     if tokenizer.eos_token_id is None:
         raise fail(f"the tokenizer in {path} has no EOS token; set eos_token in its tokenizer_config.json")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -70,11 +70,6 @@ def load_tokenizer(model_args: ModelArguments, path: str | None = None):
         logger.info("PAD set to %r (id %d), distinct from EOS", tokenizer.pad_token, tokenizer.pad_token_id)
     tokenizer.padding_side = "left"
     return tokenizer
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's message on one line, cut to 200 characters, for a one-line error."""
-    return " ".join(str(err).split())[:200] or type(err).__name__
 
 
 def _attn_implementation(model_args: ModelArguments) -> str | None:
@@ -107,7 +102,7 @@ def load_causal_lm(
         if "ignore_mismatched_sizes" in str(err):
             raise fail(f"the weights in {path} do not fit its config.json: tensors of another shape; "
                        "copy or save the model again") from err
-        raise fail(f"cannot load a causal LM from {path}: {first_line(err)}") from err
+        raise fail(f"cannot load a causal LM from {path}: {one_line(err)}") from err
     missing = sorted(set(info["missing_keys"]) | {key[0] for key in info["mismatched_keys"]})
     if missing:  # transformers would start them from random values
         raise fail(f"the weights in {path} do not fit its config.json: {len(missing)} tensors missing or of "
