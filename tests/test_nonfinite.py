@@ -13,11 +13,12 @@ import torch
 
 import rlhfkit.stages.ppo as ppo_stage
 import rlhfkit.stages.sft as sft_stage
-from conftest import cpu_config, write_cpu_config
+from conftest import OneProcessAccelerator, cpu_config, write_cpu_config
 from rlhfkit.cli import main
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.stages import run_stage
 from rlhfkit.training.control import NonFiniteGuard
+from rlhfkit.training.probe import check_outputs_finite
 
 
 @pytest.fixture
@@ -139,3 +140,15 @@ def test_stop_keeps_and_names_the_last_checkpoint(tmp_path, ppo_values, monkeypa
     assert "2 consecutive updates had non-finite rewards" in str(info.value)
     assert f"resume from the last checkpoint, {out / 'checkpoint-3'}" in str(info.value)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+
+def test_the_probe_leaves_the_random_streams_alone():
+    """A checkpoint's probe pass must not move the run's random numbers (dropout draws from them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, attention_dropout=0.5)).train()
+    before = torch.get_rng_state()
+    check_outputs_finite(OneProcessAccelerator(), model, torch.tensor([[5, 6, 7, 8]]), "a checkpoint")
+    assert torch.equal(torch.get_rng_state(), before)

@@ -34,8 +34,9 @@ def check_outputs_finite(accelerator, prepared, ids: torch.Tensor, what: str, ou
     """
     unwrapped = accelerator.unwrap_model(prepared)
     with_values = isinstance(unwrapped, ModelWithValueHead) and unwrapped.value_head is not None
-    devices = [ids.device] if ids.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), accelerator.autocast():
+    on_accelerator = ids.device.type != "cpu"  # its random stream is forked too
+    with torch.random.fork_rng(devices=[ids.device] if on_accelerator else [],
+                               device_type=ids.device.type if on_accelerator else None), accelerator.autocast():
         extra = {"with_values": True} if with_values else {}
         output = causal_lm_forward(prepared, ids, torch.ones_like(ids), **extra)
         bad = not bool(torch.isfinite(output.logits).all())
