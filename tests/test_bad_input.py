@@ -4,6 +4,9 @@ and nothing written to (or removed from) output_dir."""
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,6 +86,51 @@ def _long_prompts(tmp_path, **keys):
                 **keys)
 
 
+def _damaged_model(tmp_path: Path, model_dir: Path, name: str, content: bytes, remove: str | None = None) -> dict:
+    """A copy of the tiny model with file `name` holding `content` (and `remove` deleted)."""
+    folder = tmp_path / "damaged-model"
+    shutil.copytree(model_dir, folder)
+    if remove:
+        (folder / remove).unlink()
+    (folder / name).write_bytes(content)
+    return {"model_name_or_path": str(folder)}
+
+
+def _half(path: Path) -> bytes:
+    data = path.read_bytes()
+    return data[: len(data) // 2]
+
+
+def _more_layers(model_dir: Path) -> bytes:
+    config = json.loads((model_dir / "config.json").read_text())
+    return json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}).encode()
+
+
+def _adapter(tmp_path: Path, model_dir: Path) -> Path:
+    """A LoRA adapter folder for the tiny model, as peft saves it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "adapter"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(folder)
+    return folder
+
+
+def _damaged_adapter(tmp_path: Path, model_dir: Path, name: str, content: bytes) -> dict:
+    folder = _adapter(tmp_path, model_dir)
+    if name != "adapter_model.safetensors":
+        (folder / "adapter_model.safetensors").unlink()
+    (folder / name).write_bytes(content if content else _half(folder / name))
+    return {"finetuning_type": "lora", "adapter_name_or_path": str(folder)}
+
+
+def _reward_with_damaged_head(tmp_path: Path, model_dir: Path) -> dict:
+    folder = _adapter(tmp_path, model_dir)
+    (folder / "value_head.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    return _ppo(tmp_path, reward_model=str(folder))
+
+
 MATRIX = [
     pytest.param(lambda tmp, model: {"dataset": str(tmp / "nope.jsonl")}, "nope.jsonl", id="missing-dataset-file"),
     pytest.param(_bad_json_line, "line 2", id="malformed-json-line"),
@@ -111,6 +159,24 @@ MATRIX = [
     pytest.param(lambda tmp, model: _long_prompts(tmp, overlong_prompts="error"), "cutoff_len",
                  id="overlong-prompt-refused"),
     pytest.param(lambda tmp, model: _long_prompts(tmp), "were dropped", id="every-prompt-dropped"),
+    pytest.param(lambda tmp, model: _damaged_model(tmp, model, "model.safetensors", _half(model / "model.safetensors")),
+                 "model.safetensors is damaged", id="truncated-base-weights"),
+    pytest.param(lambda tmp, model: _damaged_model(tmp, model, "model.safetensors", b"not weights at all" * 50),
+                 "model.safetensors is damaged", id="garbage-base-weights"),
+    pytest.param(lambda tmp, model: _damaged_model(tmp, model, "config.json", b'{"model_type": "llama",'),
+                 "config.json is not valid JSON", id="broken-config-json"),
+    pytest.param(lambda tmp, model: _damaged_model(tmp, model, "config.json", _more_layers(model)),
+                 "do not fit its config.json", id="config-with-more-layers-than-weights"),
+    pytest.param(lambda tmp, model: _damaged_model(tmp, model, "model.safetensors.index.json",
+                                                   b'{"weight_map": {"lm_head.weight": "model-00002.safetensors"}}',
+                                                   remove="model.safetensors"),
+                 "model-00002.safetensors not found", id="missing-shard"),
+    pytest.param(lambda tmp, model: _damaged_model(tmp, model, "tokenizer.json", b'{"version": "1.0"}'),
+                 "cannot load a tokenizer", id="broken-tokenizer"),
+    pytest.param(lambda tmp, model: _damaged_adapter(tmp, model, "adapter_model.safetensors", b""),
+                 "adapter_model.safetensors is damaged", id="truncated-adapter-weights"),
+    pytest.param(lambda tmp, model: _reward_with_damaged_head(tmp, model), "value_head.safetensors is damaged",
+                 id="garbage-value-head"),
 ]
 
 
@@ -127,3 +193,24 @@ def test_non_empty_output_dir_is_kept(tmp_path: Path, base: dict, capsys):
     (out / "adapter_model.safetensors").write_bytes(b"precious")
     _run_and_check(capsys, write_cpu_config(tmp_path / "config.yaml", base), "not empty", out)
     assert (out / "adapter_model.safetensors").read_bytes() == b"precious"
+
+
+class _Payload:
+    """Unpickling this makes the folder `marker`: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("target", ["model", "adapter"])
+def test_pickled_weights_are_refused_unread(tmp_path: Path, tiny_model_dir: Path, base: dict, capsys, target):
+    marker = tmp_path / "payload-ran"
+    payload = pickle.dumps(_Payload(marker))
+    change = (_damaged_model(tmp_path, tiny_model_dir, "pytorch_model.bin", payload, remove="model.safetensors")
+              if target == "model" else _damaged_adapter(tmp_path, tiny_model_dir, "adapter_model.bin", payload))
+    _run_and_check(capsys, write_cpu_config(tmp_path / "config.yaml", {**base, **change}),
+                   "holds pickled weights, which rlhfkit never loads", Path(base["output_dir"]))
+    assert not marker.exists()

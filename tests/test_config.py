@@ -97,3 +97,105 @@ def test_the_config_knows_the_estimators_and_aggregations_rl_implements():
     assert validation.GROUP_ESTIMATORS == estimators.GROUP_ADVANTAGE_ESTIMATORS
     assert validation.LOSS_AGGREGATIONS == policy_losses.LOSS_AGGREGATIONS
     assert KL_ESTIMATORS == ("k1", "k2", "k3")
+
+
+# ------------------------------------------------------------------ hostile YAML and overrides
+
+PPO = dict(BASE, stage="ppo", reward_model="m:f", reward_model_type="function")
+
+
+def _yaml(tmp_path: Path, text: str | bytes) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def _base_yaml(values: dict) -> str:
+    return "".join(f"{key}: {value}\n" for key, value in values.items())
+
+
+@pytest.mark.parametrize("yaml_lines, overrides, key", [
+    ("", ["learning_rate=nan"], "learning_rate"),
+    ("", ["num_train_epochs=inf"], "num_train_epochs"),
+    ("", ["temperature=nan"], "temperature"),
+    ("learning_rate: .inf\n", [], "learning_rate"),
+    ("max_grad_norm: -.inf\n", [], "max_grad_norm"),
+    ("reward_clip: .nan\n", [], "reward_clip"),
+    ("adam_epsilon: 1" + "0" * 400 + "\n", [], "adam_epsilon"),  # an int beyond float's range
+])
+def test_nan_and_inf_are_refused_where_a_number_is_meant(tmp_path, yaml_lines, overrides, key):
+    path = _yaml(tmp_path, _base_yaml(PPO) + yaml_lines)
+    with pytest.raises(RlhfkitError) as info:
+        load_config(path, overrides)
+    assert f"'{key}' must be a finite number" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("weight", [".nan", ".inf", "true", "heavy"])
+def test_reward_weights_must_be_finite_numbers(tmp_path, weight):
+    values = dict(PPO, reward_model=None)
+    path = _yaml(tmp_path, _base_yaml({k: v for k, v in values.items() if v is not None})
+                 + f"reward_models:\n  - path: m:f\n    type: function\n    weight: {weight}\n")
+    with pytest.raises(RlhfkitError, match=r"reward_models\[0\].weight must be a finite number"):
+        load_config(path)
+
+
+def test_duplicate_keys_name_the_key_and_both_lines(tmp_path):
+    path = _yaml(tmp_path, "stage: sft\nlearning_rate: 1.0e-5\ndataset: d\nlearning_rate: 1.0e-3\n")
+    with pytest.raises(RlhfkitError) as info:
+        load_config(path)
+    assert "key 'learning_rate' appears twice (lines 2 and 4)" in str(info.value) and "c.yaml" in str(info.value)
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path):
+    path = _yaml(tmp_path, _base_yaml(BASE) + "reward_models:\n  - &judge {path: a:f, type: function, weight: 1}\n"
+                 "  - <<: *judge\n    weight: 2\nstage: ppo\n")
+    assert [entry["weight"] for entry in load_config(path).ppo.reward_models] == [1, 2]
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """Each level lists the one before nine times: 9**levels values once expanded, a few hundred bytes written."""
+    names = [f"l{i}" for i in range(levels + 1)]
+    lines = [f"{names[0]}: &{names[0]} [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{name}: &{name} [{', '.join(['*' + previous] * 9)}]" for previous, name in zip(names, names[1:])]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (_alias_bomb() + "learning_rate: *l9\n", "once its aliases (*name) are expanded"),  # 387 million values
+    ("learning_rate: &a [1, *a]\n", "an alias refers to the value that contains it"),
+    ("lora_target: &s " + "x" * 400_000 + "\nadditional_target: [" + ", ".join(["*s"] * 50) + "]\n",
+     "once its aliases (*name) are expanded"),  # 20 million characters from 400 KB
+    ("learning_rate: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested too deeply"),
+])
+def test_alias_bombs_and_deep_nesting_are_refused_before_any_value_is_formatted(tmp_path, text, fragment):
+    with pytest.raises(RlhfkitError) as info:
+        load_config(_yaml(tmp_path, text))
+    assert fragment in str(info.value) and "c.yaml" in str(info.value) and len(str(info.value)) < 300
+
+
+def test_an_override_alias_bomb_is_refused(tmp_path):
+    bomb = "{" + ", ".join(_alias_bomb().splitlines()) + "}"  # the same mapping on one line
+    with pytest.raises(RlhfkitError, match="once its aliases"):
+        load_config(_yaml(tmp_path, _base_yaml(BASE)), [f"learning_rate={bomb}"])
+
+
+def test_a_type_error_shows_only_the_start_of_a_large_value(tmp_path):
+    path = _yaml(tmp_path, _base_yaml(BASE) + "learning_rate: [" + ", ".join(["123456789"] * 50_000) + "]\n")
+    with pytest.raises(RlhfkitError) as info:
+        load_config(path)
+    assert "'learning_rate' must be a number, got [123456789, 123456789" in str(info.value)
+    assert len(str(info.value)) < 200
+
+
+def test_a_config_over_the_size_limit_is_refused_unread(tmp_path):
+    path = _yaml(tmp_path, _base_yaml(BASE) + "# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(RlhfkitError, match=r"c.yaml is larger than 1048576 bytes"):
+        load_config(path)
+
+
+def test_invalid_utf8_names_the_file_and_byte(tmp_path):
+    text = b"stage: sft\ndataset: caf\xe9\n"  # Latin-1's e-acute
+    path = _yaml(tmp_path, text)
+    with pytest.raises(RlhfkitError) as info:
+        load_config(path)
+    assert f"{path}: invalid UTF-8 at byte offset {text.index(0xE9)} " in str(info.value)

@@ -56,7 +56,9 @@ def _no_proxy(monkeypatch):
 class RewardServer:
     """LLaMA-Factory's reward API on 127.0.0.1: POST {"model", "messages": [text, ...]} -> {"scores"}.
 
-    `behaviour(request_number, payload)` returns (status, body bytes); requests are recorded.
+    `behaviour(request_number, payload)` returns (status, body) or (status, body, headers): the body
+    as bytes, or as chunks (an iterable of bytes, then headers give its Content-Length) written
+    and flushed one at a time. Requests are recorded.
     """
 
     def __init__(self, behaviour):
@@ -67,12 +69,21 @@ class RewardServer:
             def do_POST(self):  # noqa: N802 - http.server's naming
                 payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append(payload)
-                status, body = behaviour(len(server.requests), payload)
+                status, body, *extra = behaviour(len(server.requests), payload)
+                headers = {"Content-Type": "application/json", **(extra[0] if extra else {})}
+                if isinstance(body, bytes):
+                    headers.setdefault("Content-Length", str(len(body)))
+                    body = [body]
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    for chunk in body:
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up
+                    pass
 
             def log_message(self, *args):
                 pass
@@ -143,6 +154,9 @@ def test_api_retries_after_http_500():
     (b'{"scores": [1.0, 2.0]}', "2 scores for 3 responses"),
     (b'{"scores": [1.0, NaN, 2.0]}', "non-finite"),
     (b'{"scores": ["a", "b", "c"]}', "non-numeric"),
+    (b'{"scores": [true, false, true]}', "non-numeric"),
+    (b'{"scores": ["1.5", "2", "3"]}', "non-numeric"),
+    (b'{"scores": [1, 2, 1' + b"0" * 400 + b']}', "non-finite"),
 ])
 def test_api_bad_replies_fail_after_retries(body, pattern):
     with RewardServer(lambda number, payload: (200, body)) as server:
@@ -179,6 +193,56 @@ def test_api_timeout_is_retried_then_fails():
         release.set()
     assert time.time() - started < 1.9
     assert "\n" not in str(info.value) and server.url in str(info.value)
+
+
+def test_api_timeout_bounds_the_whole_request():
+    """A reply sent one byte every 0.5 s keeps each read within a 1 s timeout, but not the request:
+    it is cut off once reward_api_timeout has passed since it began."""
+    import time
+
+    reply = json.dumps({"scores": [0.0] * len(PROMPTS)}).encode()
+
+    def drip():
+        for byte in reply:
+            time.sleep(0.5)
+            yield bytes([byte])
+
+    with RewardServer(lambda number, payload: (200, drip(), {"Content-Length": str(len(reply))})) as server:
+        started = time.monotonic()
+        with pytest.raises(RlhfkitError) as info:
+            ApiReward(server.url, timeout=1, retries=0).score(_batch(PROMPTS, RESPONSES))
+        elapsed = time.monotonic() - started
+    assert elapsed < 1 + 1.0  # the timeout plus slack for a loaded machine; the drip takes 0.5 s x 30 bytes
+    assert "no complete reply within reward_api_timeout=1" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_api_follows_a_redirect_with_the_same_post(code):
+    def behaviour(number, payload):
+        if number == 1:
+            return code, b"", {"Location": "/v2/score"}
+        return 200, json.dumps({"scores": [count_a(text) for text in payload["messages"]]}).encode()
+
+    with RewardServer(behaviour) as server:
+        scores = ApiReward(server.url, timeout=5, retries=0).score(_batch(PROMPTS, RESPONSES))
+    assert scores.tolist() == [count_a(p) + count_a(r) for p, r in zip(PROMPTS, RESPONSES)]
+    assert len(server.requests) == 2 and server.requests[0] == server.requests[1]
+
+
+def test_api_refuses_a_redirect_off_http():
+    with RewardServer(lambda number, payload: (302, b"", {"Location": "ftp://127.0.0.1:21/score"})) as server:
+        with pytest.raises(RlhfkitError) as info:
+            ApiReward(server.url, timeout=5, retries=3, backoff=0.01).score(_batch(PROMPTS, RESPONSES))
+    assert "redirect to 'ftp://127.0.0.1:21/score', which is not an http(s) URL" in str(info.value)
+    assert len(server.requests) == 1  # refused at once, not retried
+
+
+def test_api_follows_at_most_three_redirects():
+    with RewardServer(lambda number, payload: (307, b"", {"Location": f"/hop{number}"})) as server:
+        with pytest.raises(RlhfkitError) as info:
+            ApiReward(server.url, timeout=5, retries=3, backoff=0.01).score(_batch(PROMPTS, RESPONSES))
+    assert "more than 3 redirects" in str(info.value)
+    assert len(server.requests) == 4  # the request and the three redirects followed
 
 
 def test_api_unreachable_server_fails_cleanly():

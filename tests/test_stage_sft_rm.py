@@ -7,6 +7,7 @@ transformers / peft calls (not rlhfkit's loaders) to check what a user would get
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -19,6 +20,7 @@ from conftest import (
     COMPARABLE_ADAM_EPSILON,
     EOS_ID,
     EPS32,
+    TINY_HIDDEN,
     adamw_weight_tolerance,
     chat_prompt_ids,
     cpu_config,
@@ -27,6 +29,7 @@ from conftest import (
     write_jsonl,
 )
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.models.fingerprint import FINGERPRINT_FILE, weights_fingerprint
 from rlhfkit.models.forward import sequence_scores
 from rlhfkit.models.value_head import VALUE_HEAD_FILE, ValueHead
 from rlhfkit.stages import run_stage
@@ -206,6 +209,10 @@ def test_rm_lora_learns_preference_and_reloads(tiny_model_dir, tmp_path, prefere
     assert not any("summary" in k for k in load_file(str(out / "adapter_model.safetensors")))
     # LLaMA-Factory's layout: it reads this folder as a LoRA reward model (see test_foreign_models).
     assert set(load_file(str(out / VALUE_HEAD_FILE))) == {"v_head.summary.weight", "v_head.summary.bias"}
+    # The base is recorded for PPO's check: its structure and the fingerprint of its weights.
+    recorded = json.loads((out / FINGERPRINT_FILE).read_text())
+    assert recorded["structure"]["hidden_size"] == TINY_HIDDEN and recorded["merged_adapters"] == []
+    assert recorded["weights"] == weights_fingerprint([tiny_model_dir])
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model = PeftModel.from_pretrained(base, out).eval()

@@ -28,7 +28,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -317,14 +317,19 @@ class RunCheckpoints:
                 shutil.rmtree(stale, ignore_errors=True)
         return state
 
-    def after_step(self, step: int, total_steps: int, signals, state: dict[str, Any]) -> None:
-        """Checkpoint when due or when a stop signal arrived (at any process); then honour the signal."""
+    def after_step(self, step: int, total_steps: int, signals, state: dict[str, Any],
+                   before_save: Callable[[], None] | None = None) -> None:
+        """Checkpoint when due or when a stop signal arrived (at any process); then honour the signal.
+
+        `before_save`, called on every process before a checkpoint is written, may refuse it by raising."""
         from rlhfkit.training.control import StopRequested
 
         stop = bool(signals.received)
         if self.manager.accelerator.num_processes > 1:  # all processes stop together, or none does
             stop = global_sums(self.manager.accelerator, stop)[0] > 0
         if self.manager.due(step, total_steps) or (stop and step < total_steps):
+            if before_save is not None:
+                before_save()
             self.manager.save(step, self.modules, self.optimizer, self.scheduler, self.tokenizer,
                               {**state, "config": config_record(self.config)}, self.model, self.value_head,
                               self.prepared)

@@ -179,7 +179,7 @@ class TrainingArguments:
     resume_ignore_config_changes: bool = False
     """Resume even though trajectory keys (learning rate, schedule, data, batch sizes, seed, models, ...) changed since the checkpoint: listed in a warning, they take effect from the checkpoint on (not the LoRA shape or finetuning_type)."""
     max_bad_steps: int = 5
-    """Stop after this many consecutive updates skipped for NaN/Inf loss, gradients or rewards."""
+    """Stop (exit 2) after this many updates in a row skipped for NaN/Inf loss, gradients or rewards."""
     deepspeed: Any = None
     """DeepSpeed config, a JSON file or a mapping, applied through accelerate's DeepSpeedPlugin; needs the deepspeed package, an accelerator and a launcher (accelerate launch, torchrun or deepspeed)."""
     cpu_speedups: str = "auto"
@@ -287,7 +287,7 @@ class PPOArguments:
     missing_eos_penalty: Optional[float] = None
     """Subtract this from the score of responses that never produced EOS (unset disables)."""
     reward_api_timeout: float = 30.0
-    """Seconds before an HTTP reward request times out."""
+    """Seconds an HTTP reward request may take in all (connecting and every read) before it times out."""
     reward_api_retries: int = 3
     """Retries of a failed HTTP reward request (exponential backoff) before the run stops."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ from rlhfkit.config.arguments import (
     TrainingArguments,
 )
 from rlhfkit.config.validation import check_default_only, check_stage, resolve_gradient_checkpointing, validate
-from rlhfkit.errors import fail
+from rlhfkit.config.yaml_files import parse_yaml, read_yaml
+from rlhfkit.errors import fail, shown
 
 
 @dataclass
@@ -103,13 +105,21 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
             except ValueError:
                 pass
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int beyond float's range
+                number = math.inf
+        elif isinstance(value, str):
+            try:
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise fail(f"{where}: key '{key}' must be a finite number, got {shown(value)}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -124,7 +134,7 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
             return value
     else:
         return value
-    raise fail(f"{where}: key '{key}' must be {expected.get(hint, str(hint))}, got {value!r}")
+    raise fail(f"{where}: key '{key}' must be {expected.get(hint, str(hint))}, got {shown(value)}")
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -133,29 +143,10 @@ def _parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw, f"override {shown(key)}") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key, value
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Load a YAML mapping with the safe loader; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise fail(f"config file {path} does not exist; pass the path of a YAML file")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise fail(f"{path}{line}: {problem}; fix the YAML syntax") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise fail(f"{path}: the config must be a mapping of key: value lines")
-    return loaded
 
 
 def build_config(values: dict[str, Any], source: str = "<config>", check: bool = True) -> Config:
@@ -178,7 +169,7 @@ def build_config(values: dict[str, Any], source: str = "<config>", check: bool =
         if key not in KEY_OWNERS:
             suggestion = closest_key(key)
             hint = f"; did you mean '{suggestion}'?" if suggestion else "; see docs/configuration.md for the keys"
-            raise fail(f"{source}: unknown key '{key}'{hint}")
+            raise fail(f"{source}: unknown key {shown(key)}{hint}")
         section, f = KEY_OWNERS[key]
         coerced = _coerce(key, value, _HINTS[section][f.name], source)
         setattr(getattr(config, section), key, coerced)

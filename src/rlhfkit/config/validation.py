@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING
 
 from rlhfkit.data.templates import check_template_name
-from rlhfkit.errors import fail
+from rlhfkit.errors import fail, shown
 
 if TYPE_CHECKING:
     from rlhfkit.config.loader import Config
@@ -38,7 +39,7 @@ LORA_ONLY_KEYS = ("use_dora", "use_rslora", "loraplus_lr_ratio", "pissa_init")
 
 def _choice(source: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise fail(f"{source}: {key} is '{value}'; allowed: {', '.join(allowed)}")
+        raise fail(f"{source}: {key} is {shown(value)}; allowed: {', '.join(allowed)}")
 
 
 def _positive(source: str, key: str, value: float, allow_zero: bool = False) -> None:
@@ -87,8 +88,7 @@ def check_infer_backend(source: str, value: str) -> None:
 def validate(config: "Config") -> None:
     """Check ranges and combinations; raise RlhfkitError naming the key(s) at fault."""
     src = config.source
-    m, d, f, t, g, p, o = (config.model, config.data, config.finetuning, config.training,
-                           config.generation, config.ppo, config.output)
+    m, d, f, t, p, o = config.model, config.data, config.finetuning, config.training, config.ppo, config.output
     check_stage(src, f.stage)
     _choice(src, "finetuning_type", f.finetuning_type, FINETUNING_TYPES)
     _choice(src, "torch_dtype", m.torch_dtype, DTYPES)
@@ -212,6 +212,8 @@ def _validate_ppo(config: "Config") -> None:
                    "or a reward_models list")
     if p.reward_model and p.reward_models:
         raise fail(f"{src}: set either reward_model or reward_models, not both")
+    if p.reward_models:
+        check_reward_models(src, p.reward_models)
     for key in ("ppo_epochs", "ppo_buffer_size", "kl_horizon", "max_new_tokens"):
         owner = g if key == "max_new_tokens" else p
         _positive(src, key, getattr(owner, key))
@@ -270,3 +272,18 @@ def _validate_optimizer(config: "Config") -> None:
     t.lr_scheduler_kwargs = kwargs or {}
     if t.deepspeed is not None and not isinstance(t.deepspeed, (str, dict)):
         raise fail(f"{src}: deepspeed must be the path of a DeepSpeed JSON file or a mapping, got {t.deepspeed!r}")
+def check_reward_models(source: str, entries: list) -> None:
+    """Each `reward_models` entry: a mapping with `path`, and optionally `type`, `name` and `weight`
+    (a finite number)."""
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise fail(f"{source}: reward_models[{index}] must be a mapping with at least 'path' "
+                       "(and type, weight, name)")
+        unknown = set(map(str, entry)) - {"path", "type", "weight", "name"}
+        if unknown:
+            raise fail(f"{source}: reward_models[{index}] has unknown key(s) {shown(sorted(unknown))}; "
+                       "allowed: path, type, weight, name")
+        _choice(source, f"reward_models[{index}].type", entry.get("type", "lora"), REWARD_MODEL_TYPES)
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise fail(f"{source}: reward_models[{index}].weight must be a finite number, got {shown(weight)}")

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.errors import fail
+from rlhfkit.errors import fail, one_line
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
@@ -68,17 +68,13 @@ def first_row(path: Path) -> Row | None:
     return next(iter_rows(path), None)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _read_text(file: Path) -> str:
     try:
         return file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        raise fail(f"{file}: not valid UTF-8 text ({_one_line(error)}); re-save it as UTF-8") from None
+        raise fail(f"{file}: not valid UTF-8 text ({one_line(error)}); re-save it as UTF-8") from None
     except OSError as error:
-        reason = _one_line(error.strerror or error)
+        reason = one_line(error.strerror or error)
         raise fail(f"{file}: cannot read ({reason}); check the path and permissions") from None
 
 
@@ -142,7 +138,7 @@ def _csv_rows(file: Path) -> Iterator[Row]:
                 )
             yield source, {key: value for key, value in row.items() if key is not None}
     except csv.Error as error:
-        raise fail(f"{file} line {reader.line_num}: malformed CSV ({_one_line(error)}); fix the file") from None
+        raise fail(f"{file} line {reader.line_num}: malformed CSV ({one_line(error)}); fix the file") from None
 
 
 def _parquet_rows(file: Path) -> Iterator[Row]:
@@ -151,6 +147,6 @@ def _parquet_rows(file: Path) -> Iterator[Row]:
     try:
         table = pq.read_table(file)
     except Exception as error:  # pyarrow raises several types for broken files
-        raise fail(f"{file}: cannot read Parquet ({_one_line(error)}); check the file") from None
+        raise fail(f"{file}: cannot read Parquet ({one_line(error)}); check the file") from None
     for index, row in enumerate(table.to_pylist(), start=1):
         yield f"{file} row {index}", row

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 from pathlib import Path
+from typing import Iterator
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from transformers import PreTrainedModel
 
 from rlhfkit.config import FinetuningArguments
-from rlhfkit.errors import fail
+from rlhfkit.errors import fail, one_line
 from rlhfkit.models.loading import POLICY_ADAPTER, apply_freeze, upcast_trainable_parameters
 from rlhfkit.models.quantization import is_quantized, prepare_for_kbit_training
+from rlhfkit.models.weight_files import check_adapter_weights, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -23,17 +27,38 @@ def split_paths(value: str | None) -> list[str]:
 
 
 def check_adapter_dir(path: str) -> None:
-    """Fail clearly unless `path` holds a peft adapter."""
+    """Fail clearly unless `path` holds a peft adapter (its weights are checked when loaded)."""
     if not Path(path).is_dir():
         raise fail(f"adapter folder {path} does not exist; check adapter_name_or_path")
     if not (Path(path) / "adapter_config.json").is_file():
         raise fail(f"{path} has no adapter_config.json; it is not a LoRA adapter folder")
+    read_json(Path(path) / "adapter_config.json")
 
 
 def adapter_base_path(path: str) -> str | None:
     """The base model an adapter folder was trained on, as recorded by peft."""
-    config = json.loads((Path(path) / "adapter_config.json").read_text())
-    return config.get("base_model_name_or_path")
+    return read_json(Path(path) / "adapter_config.json").get("base_model_name_or_path")
+
+
+@contextlib.contextmanager
+def loading_adapter(path: str) -> Iterator[None]:
+    """Check the adapter folder `path` and its weights; inside, a failure of peft's loading becomes one
+    line naming the folder."""
+    check_adapter_dir(path)
+    check_adapter_weights(path)
+    try:
+        yield
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as err:
+        if isinstance(err, torch.OutOfMemoryError):
+            raise
+        raise fail(f"cannot load the LoRA adapter {path}: {one_line(err)}; was it trained on this base "
+                   "model?") from err
+
+
+def load_frozen_adapter(peft_model, path: str, name: str) -> None:
+    """Load the adapter folder `path` into `peft_model` as the frozen adapter `name`."""
+    with loading_adapter(path):
+        peft_model.load_adapter(path, adapter_name=name, is_trainable=False)
 
 
 def embedding_module_names(model: PreTrainedModel) -> list[str]:
@@ -74,8 +99,8 @@ def lora_config(finetuning: FinetuningArguments, train_embeddings: list[str] | N
 def merge_adapters(model: PreTrainedModel, paths: list[str]) -> PreTrainedModel:
     """Merge each adapter in `paths` into the base weights, in order."""
     for path in paths:
-        check_adapter_dir(path)
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        with loading_adapter(path):
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
         logger.info("merged adapter %s into the base weights", path)
     return model
 
@@ -90,6 +115,12 @@ def apply_frozen_adapters(model: PreTrainedModel, paths: list[str], key: str = "
                    "update); merge the adapters first with `rlhfkit export`")
     check_adapter_dir(paths[0])
     return PeftModel.from_pretrained(model, paths[0], is_trainable=False)
+def merged_adapter_paths(finetuning: FinetuningArguments, adapter_paths: list[str]) -> list[str]:
+    """The adapters `setup_finetuning` merges into the base: all but the last, which LoRA resumes, unless
+    `create_new_adapter` or another finetuning_type merges that too."""
+    if finetuning.finetuning_type == "lora" and adapter_paths and not finetuning.create_new_adapter:
+        return adapter_paths[:-1]
+    return list(adapter_paths)
 
 
 def setup_finetuning(
@@ -119,12 +150,12 @@ def setup_finetuning(
         return model
     if trainable and is_quantized(model):
         model = prepare_for_kbit_training(model)
-    resume = adapter_paths[-1] if adapter_paths and not finetuning.create_new_adapter else None
-    to_merge = adapter_paths[:-1] if resume else adapter_paths
+    to_merge = merged_adapter_paths(finetuning, adapter_paths)
+    resume = adapter_paths[-1] if len(to_merge) < len(adapter_paths) else None
     model = merge_adapters(model, to_merge)
     if resume is not None:
-        check_adapter_dir(resume)
-        model = PeftModel.from_pretrained(model, resume, adapter_name=POLICY_ADAPTER, is_trainable=trainable)
+        with loading_adapter(resume):
+            model = PeftModel.from_pretrained(model, resume, adapter_name=POLICY_ADAPTER, is_trainable=trainable)
         logger.info("resumed adapter %s for training", resume)
     else:
         embeddings = embedding_module_names(model) if resize_vocab else None

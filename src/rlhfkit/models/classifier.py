@@ -19,6 +19,7 @@ from rlhfkit.config import ModelArguments
 from rlhfkit.errors import fail
 from rlhfkit.models.loading import attn_implementation, check_model_path
 from rlhfkit.models.value_head import ValueHead
+from rlhfkit.models.weight_files import model_weight_files
 
 
 def classifier_labels(path: str | Path) -> int | None:
@@ -50,11 +51,12 @@ def load_reward_classifier(path: str, model_args: ModelArguments, dtype: torch.d
                            tokenizer) -> tuple[nn.Module, ValueHead]:
     """(frozen backbone on `device`, its score map as a float32 `ValueHead`) of the classifier in `path`."""
     check_model_path(path)
+    model_weight_files(Path(path))  # damaged or pickled weights: one line naming the file
     labels = classifier_labels(path)
     if labels != 1:
         raise fail(f"{path} is a sequence classifier with {labels} labels; a reward model needs num_labels: 1 "
                    "(one score per sequence)")
-    kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code, "use_safetensors": True}
     if attn_implementation(model_args) is not None:
         kwargs["attn_implementation"] = attn_implementation(model_args)
     try:

@@ -7,14 +7,17 @@ import logging
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from rlhfkit.config import FinetuningArguments, ModelArguments, TrainingArguments
-from rlhfkit.errors import fail
+from rlhfkit.errors import fail, one_line
 from rlhfkit.hub import hub_id_of
 from rlhfkit.models.quantization import bnb_config
 from rlhfkit.models.rope import apply_rope_scaling
+from rlhfkit.models.weight_files import model_weight_files, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ def check_model_path(path: str, require_config: bool = True) -> None:
         raise fail(f"model path {path} does not exist; set model_name_or_path to a model folder")
     if require_config and local.is_dir() and not (local / "config.json").is_file():
         raise fail(f"{path} has no config.json; it is not a Hugging Face model folder")
+    if local.is_dir() and (local / "config.json").is_file():
+        read_json(local / "config.json")
 
 
 def load_tokenizer(model_args: ModelArguments, path: str | None = None):
@@ -55,8 +60,8 @@ def load_tokenizer(model_args: ModelArguments, path: str | None = None):
     check_model_path(path, require_config=not (Path(path).expanduser() / "tokenizer_config.json").is_file())
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise fail(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # a damaged tokenizer file fails in many ways (tokenizers raises plain Exception)
+        raise fail(f"cannot load a tokenizer from {path}: {one_line(err)}") from err
     if tokenizer.eos_token_id is None:
         raise fail(f"the tokenizer in {path} has no EOS token; set eos_token in its tokenizer_config.json")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -111,7 +116,9 @@ def load_causal_lm(
     is longer (`resize_vocab`: rounded up to a multiple of 64).
     """
     check_model_path(path)
-    kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
+    if Path(path).expanduser().is_dir():  # a folder's weights are checked before transformers reads them
+        model_weight_files(Path(path).expanduser())
+    kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code, "use_safetensors": True}
     attn = attn_implementation(model_args)
     if attn is not None:
         kwargs["attn_implementation"] = attn
@@ -122,9 +129,18 @@ def load_causal_lm(
         if model_args.rope_scaling is not None:
             kwargs["config"] = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
             apply_rope_scaling(kwargs["config"], model_args.rope_scaling, max_length)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise fail(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError, StrictDataclassError) as err:
+        if isinstance(err, torch.OutOfMemoryError):
+            raise
+        if "ignore_mismatched_sizes" in str(err):
+            raise fail(f"the weights in {path} do not fit its config.json: tensors of another shape; "
+                       "copy or save the model again") from err
+        raise fail(f"cannot load a causal LM from {path}: {one_line(err)}") from err
+    missing = sorted(set(info["missing_keys"]) | {key[0] for key in info["mismatched_keys"]})
+    if missing:  # transformers would start them from random values
+        raise fail(f"the weights in {path} do not fit its config.json: {len(missing)} tensors missing or of "
+                   f"another shape ({', '.join(missing[:3])}, ...); copy or save the model again")
     if hub_id_of(path):  # saved adapters name the hub id as their base, not the cache folder
         model.name_or_path = model.config.name_or_path = hub_id_of(path)
     if tokenizer is not None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from rlhfkit.errors import fail
 from rlhfkit.models.forward import forward_reading_values
+from rlhfkit.models.weight_files import check_safetensors
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 HEAD_PREFIX = "v_head."
@@ -110,6 +111,8 @@ def read_head_state(directory: str | Path) -> dict[str, torch.Tensor]:
     """
     directory = Path(directory)
     path = directory / VALUE_HEAD_FILE
+    if path.is_file():
+        check_safetensors(path)  # a truncated or garbage file: one line naming it
     tensors = load_file(str(path)) if path.is_file() else _head_in_model_weights(directory)
     if not tensors:
         pickled = _pickled_head(directory)
@@ -120,7 +123,7 @@ def read_head_state(directory: str | Path) -> dict[str, torch.Tensor]:
                    f"{VALUE_HEAD_FILE} nor v_head.* weights in its safetensors); train one with `stage: rm`")
     state = {key[len(HEAD_PREFIX):] if key.startswith(HEAD_PREFIX) else key: value for key, value in tensors.items()}
     if set(state) != {"summary.weight", "summary.bias"} or state["summary.weight"].dim() != 2 \
-            or state["summary.weight"].shape[0] != 1:
+            or state["summary.weight"].shape[0] != 1 or state["summary.bias"].shape != (1,):
         where = path if path.is_file() else directory
         raise fail(f"{where} holds {sorted(tensors)[:4]}, not one value head (v_head.summary.weight of shape "
                    "(1, hidden) and v_head.summary.bias); it is not a reward model's head")

@@ -43,11 +43,16 @@ class RewardSource(Protocol):
 
 
 def checked_scores(name: str, values, expected: int) -> torch.Tensor:
-    """Validate a source's output: right count, numbers, finite; one-line errors otherwise."""
+    """Validate a source's output: right count, numbers (not booleans or strings), finite; one-line
+    errors otherwise."""
     try:
-        scores = [float(v) for v in values]
+        values = list(values)
+        if not all(map(_is_number, values)):
+            raise TypeError
+        scores = [_finite_or_inf(v) for v in values]
     except (TypeError, ValueError):
-        raise fail(f"reward source '{name}' returned non-numeric scores; it must return {expected} floats") from None
+        raise fail(f"reward source '{name}' returned non-numeric scores (a boolean or a string is not a score); "
+                   f"it must return {expected} floats") from None
     if len(scores) != expected:
         raise fail(f"reward source '{name}' returned {len(scores)} scores for {expected} responses; "
                    "it must return exactly one per response")
@@ -56,6 +61,21 @@ def checked_scores(name: str, values, expected: int) -> torch.Tensor:
         raise fail(f"reward source '{name}' returned a non-finite score (sample {bad[0]}: {scores[bad[0]]}); "
                    "make it return finite floats")
     return torch.tensor(scores, dtype=torch.float32)
+
+
+def _is_number(value) -> bool:
+    """Whether `value` is a number (a Python, NumPy or 0-d tensor one) and not a boolean or a string."""
+    if isinstance(value, (bool, str, bytes)):
+        return False
+    return str(getattr(value, "dtype", "")) not in ("bool", "torch.bool")
+
+
+def _finite_or_inf(value) -> float:
+    """`float(value)`, with an integer beyond float's range as infinity (then refused as non-finite)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def build_scoring_batch(tokenizer, items: list[dict], query_ids: torch.Tensor, query_mask: torch.Tensor,

@@ -30,6 +30,7 @@ from rlhfkit.models.loading import (
 )
 from rlhfkit.models.saving import save_pretrained_model, split_trained
 from rlhfkit.training.distributed import is_sharded
+from rlhfkit.training.probe import check_outputs_finite, probe_ids
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +113,16 @@ def trainable_named_parameters(*modules) -> list[tuple[str, torch.nn.Parameter]]
 
 def save_trained(accelerator, prepared, modules: dict[str, torch.nn.Module], tokenizer, output_dir,
                  config: Config | None = None) -> None:
-    """The end-of-run save: check the weights, gather them if sharded, write on the main process;
-    with `config`, also its PiSSA conversion (pissa_convert) and the Hub upload (push_to_hub).
+    """The end-of-run save: check the weights and their outputs on a probe text, gather them if
+    sharded, write on the main process; with `config`, also its PiSSA conversion (pissa_convert)
+    and the Hub upload (push_to_hub).
 
-    Every process calls this (the check and the gathering are collective). `prepared` is the
+    Every process calls this (the checks and the gathering are collective). `prepared` is the
     module accelerate prepared (a causal LM or a ModelWithValueHead); `modules` its trainable parts.
     """
     check_finite(modules, accelerator)
+    check_outputs_finite(accelerator, prepared, probe_ids(tokenizer, accelerator.device),
+                         f"the trained model to {output_dir}", output_dir)
     full_state = accelerator.get_state_dict(prepared) if is_sharded(accelerator) else None
     if accelerator.is_main_process:
         model, model_state, value_head = split_trained(accelerator.unwrap_model(prepared), full_state)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +18,20 @@ from typing import Any
 import torch
 
 from rlhfkit.config import Config
+from rlhfkit.config.validation import check_reward_models
 from rlhfkit.data import get_template, template_for
 from rlhfkit.errors import RlhfkitError, fail
 from rlhfkit.models.adapters import (
     adapter_base_path,
     apply_frozen_adapters,
     check_adapter_dir,
+    load_frozen_adapter,
     setup_finetuning,
     split_paths,
 )
 from rlhfkit.models.classifier import classifier_labels, load_reward_classifier
 from rlhfkit.models.compile import compile_blocks
+from rlhfkit.models.fingerprint import check_reward_base
 from rlhfkit.models.forward import backbone_scores
 from rlhfkit.models.loading import (
     disable_dropout,
@@ -82,18 +84,10 @@ def reward_specs(config: Config) -> list[RewardSpec]:
     p = config.ppo
     if not p.reward_models:
         return [RewardSpec(p.reward_model, p.reward_model_type, 1.0, p.reward_model_type)]
+    check_reward_models(config.source, p.reward_models)
     specs = []
     for index, entry in enumerate(p.reward_models):
-        if not isinstance(entry, dict) or "path" not in entry:
-            raise fail(f"{config.source}: reward_models[{index}] must be a mapping with at least 'path' "
-                       "(and type, weight, name)")
-        unknown = set(entry) - {"path", "type", "weight", "name"}
-        if unknown:
-            raise fail(f"{config.source}: reward_models[{index}] has unknown key(s) {sorted(unknown)}; "
-                       "allowed: path, type, weight, name")
         kind = entry.get("type", "lora")
-        if kind not in ("lora", "full", "api", "function"):
-            raise fail(f"{config.source}: reward_models[{index}].type is '{kind}'; allowed: lora, full, api, function")
         specs.append(RewardSpec(str(entry["path"]), kind, float(entry.get("weight", 1.0)),
                                 str(entry.get("name", f"{kind}{index}"))))
     return specs
@@ -103,26 +97,14 @@ def _same_vocab(a, b) -> bool:
     return len(a) == len(b) and a.get_vocab() == b.get_vocab()
 
 
-def _config_without_name(path: str) -> dict:
-    config = json.loads((Path(path) / "config.json").read_text())
-    for key in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"):
-        config.pop(key, None)
-    return config
-
-
 def check_lora_reward(path: str, config: Config, tokenizer) -> None:
     """A LoRA RM must be an adapter with a value head, trained on the policy's base and tokenizer."""
     check_adapter_dir(path)
     if not has_value_head(path):
         raise fail(f"{Path(path) / 'value_head.safetensors'} not found: {path} is not a reward model "
                    "(train one with stage: rm)")
-    trained_on = adapter_base_path(path)
     base = config.model.model_name_or_path
-    if trained_on and Path(trained_on).is_dir() and Path(base).is_dir():
-        if Path(trained_on).resolve() != Path(base).resolve() and \
-                _config_without_name(trained_on) != _config_without_name(base):
-            raise fail(f"reward adapter {path} was trained on {trained_on}, a different base than "
-                       f"model_name_or_path {base}; use reward_model_type: full or retrain the RM on {base}")
+    check_reward_base(path, base, adapter_base_path(path), config.model.trust_remote_code)
     if (Path(path) / "tokenizer_config.json").is_file():
         rm_tokenizer = load_tokenizer(config.model, path)
         if not _same_vocab(rm_tokenizer, tokenizer):
@@ -163,7 +145,7 @@ def build_reward_source(spec: RewardSpec, config: Config, models: PPOModels, tok
             while adapter in models.policy.peft_config:
                 number += 1
                 adapter = f"{REWARD_ADAPTER}{number}"
-            models.policy.load_adapter(spec.path, adapter_name=adapter, is_trainable=False)
+            load_frozen_adapter(models.policy, spec.path, adapter)
             models.policy.base_model.set_adapter("default")
             return SharedBaseReward(models.policy, head, spec.name, chunk, adapter)
         model = _load_frozen(config.model.model_name_or_path, config, dtype, device, tokenizer, [spec.path])
@@ -247,7 +229,7 @@ def build_ppo_models(config: Config, tokenizer, device: torch.device) -> PPOMode
         models.reference = policy
         models.reference_adapter = None
         if resumed_adapter:
-            policy.load_adapter(adapters[-1], adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            load_frozen_adapter(policy, adapters[-1], REFERENCE_ADAPTER)
             policy.base_model.set_adapter("default")
             models.reference_adapter = REFERENCE_ADAPTER
     else:

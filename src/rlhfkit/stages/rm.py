@@ -5,7 +5,8 @@
 3. optimizer `optim` (AdamW by default) over the trainable LM weights and the head
 4. loop      loss = -log sigmoid(r_chosen - r_rejected), scores read at the last real token;
              micro-batches accumulate to the step's pair count; accuracy logged
-5. save      adapter or full model, tokenizer and value_head.safetensors (what PPO loads)
+5. save      adapter or full model, tokenizer and value_head.safetensors (what PPO loads); with LoRA,
+             base_model.json: the base's structure and weight fingerprint, which PPO checks its base by
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 
 from rlhfkit.config import Config
 from rlhfkit.data import collate_pairwise
+from rlhfkit.models.adapters import merged_adapter_paths, split_paths
+from rlhfkit.models.fingerprint import write_base_fingerprint
 from rlhfkit.models.forward import sequence_scores
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.value_head import ModelWithValueHead, ValueHead
@@ -96,6 +99,11 @@ def run_rm(config: Config) -> dict[str, float]:
             final.update(evaluate())
             logger.info("eval_loss=%.4f eval_accuracy=%.4f", final["eval_loss"], final["eval_accuracy"])
         save_trained(accelerator, run.model, modules, tokenizer, output_dir, config)
+        if config.finetuning.finetuning_type == "lora" and accelerator.is_main_process:  # what PPO checks the base by
+            m = config.model
+            write_base_fingerprint(output_dir, m.model_name_or_path,
+                                   merged_adapter_paths(config.finetuning, split_paths(m.adapter_name_or_path)),
+                                   m.trust_remote_code)
     return final
 
 

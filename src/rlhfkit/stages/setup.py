@@ -24,6 +24,7 @@ from rlhfkit.tracking.trainer_log import TrainerLog
 from rlhfkit.training.control import NonFiniteGuard, StopSignals, active_signals
 from rlhfkit.training.distributed import global_sums
 from rlhfkit.training.optim import build_optimizer, build_scheduler, check_optimizer, clip_and_step
+from rlhfkit.training.probe import check_outputs_finite, probe_ids
 from rlhfkit.training.runtime import (
     build_accelerator,
     check_output_dir,
@@ -80,6 +81,8 @@ class Training:
     log: TrainerLog
     resumed: dict[str, Any]
     """The resumed checkpoint's stage state; ``{"step": 0}`` on a fresh start."""
+    probe_ids: Any
+    """The probe batch ``(1, T)`` the outputs are checked on before weights are written."""
     num_input_tokens_seen: int = 0
     """Input tokens trained on so far over all processes (`include_num_input_tokens_seen`)."""
 
@@ -96,7 +99,10 @@ class Training:
         norm = clip_and_step(self.accelerator, self.model, self.optimizer, self.scheduler,
                              self.config.training.max_grad_norm, self.params, skip=skip,
                              keep_gradients=self.speedups.keep_gradients)
-        return norm, not skip and self.guard.ok(norm, what="gradients", step=step)
+        stepped = not skip and self.guard.ok(norm, what="gradients", step=step)
+        if stepped:
+            self.guard.applied()
+        return norm, stepped
 
     @property
     def token_counting(self) -> str:
@@ -127,9 +133,15 @@ class Training:
         self.after_step(step, total_steps)
 
     def after_step(self, step: int, total_steps: int, state: dict[str, Any] | None = None) -> None:
-        """Checkpoint when due or signalled (with the guard's and the stage's `state`)."""
+        """Checkpoint when due or signalled (with the guard's and the stage's `state`), once the
+        weights passed the probe."""
         self.checkpoints.after_step(step, total_steps, self.signals, {
-            "guard": self.guard.state_dict(), "num_input_tokens_seen": self.num_input_tokens_seen, **(state or {})})
+            "guard": self.guard.state_dict(), "num_input_tokens_seen": self.num_input_tokens_seen, **(state or {})},
+                                    before_save=lambda: self.check_outputs(f"checkpoint-{step}"))
+
+    def check_outputs(self, what: str) -> None:
+        """Refuse to write `what` when the model's outputs on the probe batch are not finite."""
+        check_outputs_finite(self.accelerator, self.model, self.probe_ids, what, self.checkpoints.output_dir)
 
 
 def prepare_training(config: Config, accelerator: Accelerator, output_dir: Path, module: nn.Module,
@@ -154,11 +166,12 @@ def prepare_training(config: Config, accelerator: Accelerator, output_dir: Path,
     model = next(iter(modules.values()))
     checkpoints = RunCheckpoints(config, accelerator, output_dir, modules, optimizer, scheduler, tokenizer,
                                  model, modules.get("value_head"), prepared=prepared)
-    guard = NonFiniteGuard(t.max_bad_steps)
+    guard = NonFiniteGuard(t.max_bad_steps, output_dir)
     resumed = checkpoints.resume()
     if "guard" in resumed:
         guard.load_state_dict(resumed["guard"])
     log = TrainerLog(output_dir, total_steps, enabled=accelerator.is_main_process, console_keys=console_keys,
                      start_step=resumed["step"], config=config, trackers=start_trackers(accelerator, config, output_dir, resumed["step"]))
     return Training(config, accelerator, prepared, optimizer, scheduler, params, speedups, checkpoints, guard,
-                    active_signals(), log, resumed, num_input_tokens_seen=resumed.get("num_input_tokens_seen", 0))
+                    active_signals(), log, resumed, probe_ids(tokenizer, accelerator.device),
+                    num_input_tokens_seen=resumed.get("num_input_tokens_seen", 0))

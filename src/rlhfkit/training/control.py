@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+from pathlib import Path
 
 from rlhfkit.errors import RlhfkitError
 
@@ -68,17 +69,22 @@ def active_signals() -> StopSignals:
 
 
 class NonFiniteGuard:
-    """Counts consecutive skipped updates caused by NaN/Inf; aborts after `max_bad_steps`."""
+    """Counts updates skipped for NaN/Inf: in a row and in total; stops the run after `max_bad_steps` in a row.
 
-    def __init__(self, max_bad_steps: int) -> None:
+    Only an update that was applied (`applied`) ends a run of skips: a finite reward or loss on its
+    own proves nothing when the update that follows is skipped anyway. `output_dir`, if given, is
+    searched for the checkpoint to name in the stop message.
+    """
+
+    def __init__(self, max_bad_steps: int, output_dir: str | Path | None = None) -> None:
         self.max_bad_steps = max_bad_steps
+        self.output_dir = output_dir
         self.consecutive = 0
         self.total = 0
 
     def ok(self, *values: float, what: str = "loss", step: int = 0) -> bool:
-        """True if every value is finite; otherwise count the skip (and abort when too many)."""
+        """True if every value is finite; otherwise count a skipped update (and stop when too many in a row)."""
         if all(math.isfinite(float(v)) for v in values):
-            self.consecutive = 0
             return True
         self.consecutive += 1
         self.total += 1
@@ -86,11 +92,23 @@ class NonFiniteGuard:
         if self.consecutive >= self.max_bad_steps:
             raise RlhfkitError(f"{self.consecutive} consecutive updates had non-finite {what} (max_bad_steps="
                                f"{self.max_bad_steps}); lower learning_rate, check the data or reward source, "
-                               "or resume from an earlier checkpoint")
+                               f"or resume from {resume_hint(self.output_dir)}")
         return False
+
+    def applied(self) -> None:
+        """An update was applied: the run of skipped ones is over."""
+        self.consecutive = 0
 
     def state_dict(self) -> dict:
         return {"consecutive": self.consecutive, "total": self.total}
 
     def load_state_dict(self, state: dict) -> None:
         self.consecutive, self.total = state["consecutive"], state["total"]
+
+
+def resume_hint(output_dir: str | Path | None) -> str:
+    """What a run stopped for broken weights can resume from: the last checkpoint in `output_dir`, if any."""
+    from rlhfkit.checkpoint import list_checkpoints  # the checkpoints import this module
+
+    found = list_checkpoints(output_dir) if output_dir is not None else []
+    return f"the last checkpoint, {found[-1]}" if found else "an earlier checkpoint"
