@@ -20,6 +20,7 @@ SCHEDULERS = (
 REPORT_TO = ("none", "tensorboard")
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline")
+ROLLOUT_ENGINES = ("auto", "recording", "static")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 
@@ -28,7 +29,9 @@ def _choice(source: str, key: str, value: str, allowed: tuple[str, ...]) -> None
         raise fail(f"{source}: {key} is '{value}'; allowed: {', '.join(allowed)}")
 
 
-def _positive(source: str, key: str, value: float, allow_zero: bool = False) -> None:
+def _positive(source: str, key: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None:  # a device-dependent default, filled in once the device is known
+        return
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise fail(f"{source}: {key} must be {bound}, got {value}")
@@ -58,6 +61,8 @@ def validate(config: "Config") -> None:
     _choice(src, "loss_aggregation", p.loss_aggregation, LOSS_AGGREGATIONS)
     _choice(src, "value_head_init", p.value_head_init, ("auto", "reward", "zero"))
     _choice(src, "cpu_speedups", t.cpu_speedups, ("auto", "off"))
+    _choice(src, "rollout_engine", config.generation.rollout_engine, ROLLOUT_ENGINES)
+    _choice(src, "rollout_compile", config.generation.rollout_compile, ("auto", "on", "off"))
     for name in report_to_list(o.report_to):
         _choice(src, "report_to", name, REPORT_TO)
     if not m.model_name_or_path:
@@ -78,6 +83,8 @@ def validate(config: "Config") -> None:
     for key in ("weight_decay", "max_grad_norm", "warmup_steps"):
         _positive(src, key, getattr(t, key), allow_zero=True)
     _positive(src, "save_steps", o.save_steps, allow_zero=True)
+    _positive(src, "logits_chunk_size", t.logits_chunk_size, allow_zero=True)
+    _positive(src, "stop_check_interval", config.generation.stop_check_interval)
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise fail(f"{src}: warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if not 0.0 < t.torch_compile_memory_budget <= 1.0:
@@ -129,12 +136,7 @@ def _validate_ppo(config: "Config") -> None:
     if p.filter_groups and p.num_generations < 2:
         raise fail(f"{src}: filter_groups needs groups; set num_generations to 2 or more")
     _positive(src, "reward_api_retries", p.reward_api_retries, allow_zero=True)
-    if p.rollout_batch_size is not None:
-        mini = t.per_device_train_batch_size * t.gradient_accumulation_steps
-        if p.rollout_batch_size <= 0 or p.rollout_batch_size % mini:
-            raise fail(f"{src}: rollout_batch_size {p.rollout_batch_size} is not a positive multiple of "
-                       f"per_device_train_batch_size x gradient_accumulation_steps = {mini}; change one of them")
-        p.ppo_buffer_size = p.rollout_batch_size // mini
+    derive_ppo_buffer_size(config)
     for key in ("gamma", "lam"):
         if not 0.0 <= getattr(p, key) <= 1.0:
             raise fail(f"{src}: {key} must be in [0, 1], got {getattr(p, key)}")
@@ -147,3 +149,16 @@ def _validate_ppo(config: "Config") -> None:
     _positive(src, "top_k", g.top_k, allow_zero=True)
     if not g.do_sample:
         raise fail(f"{src}: PPO needs sampled rollouts; set do_sample: true")
+
+
+def derive_ppo_buffer_size(config: "Config") -> None:
+    """`rollout_batch_size` as `ppo_buffer_size` mini-batches, once the micro-batch is known (it may
+    be a device default, filled in later: `accelerator.defaults`)."""
+    t, p = config.training, config.ppo
+    if config.finetuning.stage != "ppo" or p.rollout_batch_size is None or t.per_device_train_batch_size is None:
+        return
+    mini = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    if p.rollout_batch_size <= 0 or p.rollout_batch_size % mini:
+        raise fail(f"{config.source}: rollout_batch_size {p.rollout_batch_size} is not a positive multiple of "
+                   f"per_device_train_batch_size x gradient_accumulation_steps = {mini}; change one of them")
+    p.ppo_buffer_size = p.rollout_batch_size // mini

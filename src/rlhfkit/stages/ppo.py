@@ -187,7 +187,8 @@ def run_ppo(config: Config) -> dict[str, float]:
                                              mask=scoring.sequence_mask, response_ids=generated.response_ids,
                                              temperature=g.temperature, chunk_size=t.per_device_eval_batch_size,
                                              recorded=generated if p.logprobs_from_rollout else None,
-                                             with_values=models.value_head is not None)
+                                             with_values=models.value_head is not None,
+                                             logits_chunk_size=t.logits_chunk_size)
             # 4. shape and 5. advantages
             mask = generated.response_mask.float()
             rewards, advantages, returns, kl = estimate_advantages(p, scores, evaluated, mask, kl_controller.value,
