@@ -27,7 +27,7 @@ from conftest import (
 from rlhfkit.config import GenerationArguments
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.rollout import HFGenerator, RecordingEngine, StaticCacheEngine, build_rollout_engine
-from rlhfkit.rollout.merged import MergedCopy
+from rlhfkit.rollout.generation_copy import GenerationCopy
 
 PROMPTS = ["hello there", "a", "write abc please", "xyz", "tell me more"]
 
@@ -101,7 +101,7 @@ def test_merged_copy_equals_the_peft_model_and_leaves_the_base_alone(tiny_model_
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     peft = random_lora(base, seed=3)
     before = {name: p.detach().clone() for name, p in peft.named_parameters()}
-    copy = MergedCopy(peft)
+    copy = GenerationCopy(peft)
     ids = torch.randint(3, TINY_VOCAB, (3, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, merged = peft(input_ids=ids).logits, copy.model(input_ids=ids).logits
@@ -121,6 +121,34 @@ def test_merged_copy_equals_the_peft_model_and_leaves_the_base_alone(tiny_model_
         expected, merged = peft(input_ids=ids).logits, copy.model(input_ids=ids).logits
     torch.testing.assert_close(merged, expected, atol=atol, rtol=0)
     assert [merged_weight.data_ptr() for merged_weight, *_ in copy.merges] == pointers
+
+
+def test_a_full_policy_under_mixed_precision_decodes_on_a_copy_in_the_compute_dtype(tiny_model_dir):
+    """Float32 (trained) weights, bf16 decoding: the copy's weights are the policy's rounded once to bf16 (its
+    logits exactly those of the policy with its weights cast to bf16); the policy keeps its float32 weights;
+    `refresh` follows an update in place. Without a compute dtype a full policy needs no copy."""
+    import copy as copying
+
+    tokenizer, _, ids, mask = _setup(tiny_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    engine = StaticCacheEngine(tokenizer, HFGenerator(tokenizer, GenerationArguments(), [2]).settings, [],
+                               compile_step=False, dtype=torch.bfloat16)
+    engine.sync_weights(policy)
+    generation = engine.copy
+    assert generation is not None and generation.casts and not generation.merges
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+    with torch.no_grad():
+        for step in range(2):
+            reference = copying.deepcopy(policy)
+            for param in reference.parameters():  # the weights in bf16; buffers (rotary frequencies) as they are
+                param.data = param.data.to(torch.bfloat16)
+            expected = reference(input_ids=ids, attention_mask=mask).logits
+            assert torch.equal(generation.model(input_ids=ids, attention_mask=mask).logits, expected)
+            policy.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # an optimizer step, in place
+            engine.sync_weights(policy)
+    plain = StaticCacheEngine(tokenizer, engine.settings, [], compile_step=False)
+    plain.sync_weights(policy)
+    assert plain.copy is None  # float32 decoding reads the policy itself
 
 
 def test_static_engine_decodes_lora_on_the_merged_copy(tiny_model_dir):

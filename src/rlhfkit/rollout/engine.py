@@ -17,7 +17,7 @@ Engines (`rollout_engine`):
 * `recording` (`RecordingEngine`): the decode loop of `rollout.sampler` on the training model
   itself (`records` = `logprobs_from_rollout`), with the CPU speed-ups; the default on a CPU.
 * `static` (`rollout.static.StaticCacheEngine`): static KV cache, compiled decode step, LoRA on a
-  merged copy; the default on CUDA.
+  merged copy (full policies under mixed precision on a copy in its dtype); the default on CUDA.
 
 Adding a backend (vLLM, SGLang) means one more class with these two methods: `sync_weights` pushes
 the policy's weights into the server (for LoRA: merged ones, or the adapter), `generate` sends the
@@ -78,12 +78,14 @@ class RecordingEngine:
 
 def build_rollout_engine(args: "GenerationArguments", tokenizer, stop_token_ids: list[int], record: bool,
                          policy: torch.nn.Module, device: torch.device, sharded: bool,
-                         speedups: "CpuSpeedups | None" = None, source: str = "<config>") -> RolloutEngine:
+                         speedups: "CpuSpeedups | None" = None, source: str = "<config>",
+                         compute_dtype: torch.dtype | None = None) -> RolloutEngine:
     """The engine `rollout_engine` names for `device` (`auto`: static on CUDA, recording elsewhere).
 
     `record`: `logprobs_from_rollout`. `policy`: the (unwrapped) policy LM, to check that the static
     engine supports it; `sharded`: FSDP/ZeRO-3 training, whose weights the static engine does not
-    gather (`auto` then takes the recording loop; an explicit `static` is refused).
+    gather (`auto` then takes the recording loop; an explicit `static` is refused). `compute_dtype`:
+    mixed precision's (bf16, fp16), in which the static engine decodes; None: the weights' own.
     """
     generator = HFGenerator(tokenizer, args, stop_token_ids, speedups=speedups)
     chosen = rollout_engine_for(args.rollout_engine, device.type)
@@ -103,4 +105,4 @@ def build_rollout_engine(args: "GenerationArguments", tokenizer, stop_token_ids:
     logger.info("rollout engine: static KV cache, decode step %s, stop checks every %d tokens",
                 "compiled" if compile_step else "eager", args.stop_check_interval)
     return StaticCacheEngine(tokenizer, generator.settings, generator.stop_words, compile_step,
-                             args.stop_check_interval, draw)
+                             args.stop_check_interval, draw, compute_dtype)

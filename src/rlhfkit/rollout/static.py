@@ -6,7 +6,7 @@ that bounds a rollout by kernel launches, not by the weights it reads. Here:
 
 1. the KV cache is preallocated (transformers' `StaticCache`) for prompt + `max_new_tokens`
    positions, rounded up to `CACHE_LENGTH_MULTIPLE` so that rollouts of other prompt widths reuse
-   the same shapes, and kept from one rollout to the next (reset, same memory);
+   the same shapes, and kept from one rollout to the next (reset, same memory; a few shapes at once);
 2. attention takes an additive 4-D mask over the whole cache (``(b, 1, q, L)``: causal, padding
    and not-yet-written positions masked) that this engine builds, so nothing depends on
    transformers' mask construction for a growing cache;
@@ -16,8 +16,10 @@ that bounds a rollout by kernel launches, not by the weights it reads. Here:
 4. tokens are chosen by `rollout.sampler.next_token` (the recording loop's own sampling, so the
    same distribution as `generate`, with `torch.multinomial` off the CPU) without host
    synchronisations; whether any row still runs is asked every `stop_check_interval` tokens;
-5. a LoRA policy decodes on a merged generation copy (`rollout.merged`), refreshed by
-   `sync_weights` once per PPO step; a full policy decodes on its own weights.
+5. a LoRA policy decodes on a merged generation copy (`rollout.generation_copy`), and a fully
+   trained one under mixed precision on a copy in the compute dtype (its float32 weights would
+   double the bytes read per token); either is refreshed in place by `sync_weights` once per PPO
+   step. Otherwise the policy decodes on its own weights.
 
 Nothing is recorded: in low precision the merged weights and the cached attention differ from
 the training forward by more than rounding, so PPO's evaluate phase recomputes the old
@@ -40,12 +42,13 @@ from torch import nn
 from rlhfkit.models.compile import eager_blocks
 from rlhfkit.models.forward import position_ids_from_mask
 from rlhfkit.rollout.generation import GeneratedBatch, finish_batch
-from rlhfkit.rollout.merged import MergedCopy, UnsupportedAdapter
+from rlhfkit.rollout.generation_copy import GenerationCopy, UnsupportedAdapter
 from rlhfkit.rollout.sampler import Draw, SamplingSettings, logits_processors, multinomial_draw, next_token
 
 logger = logging.getLogger(__name__)
 
 CACHE_LENGTH_MULTIPLE = 64
+KEPT_CACHES = 4
 ATTENTION_KERNELS = ("sdpa", "eager")  # those that take an additive 4-D mask
 
 
@@ -58,8 +61,10 @@ def static_engine_unsupported(model: nn.Module) -> str | None:
     if kernel not in ATTENTION_KERNELS:
         return f"attention kernel {kernel} (the static engine's 4-D masks need one of {', '.join(ATTENTION_KERNELS)})"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "sliding_window", None) or getattr(text, "layer_types", None) and \
-            any(kind != "full_attention" for kind in text.layer_types):
+    layer_types = getattr(text, "layer_types", None)
+    windowed = any(kind != "full_attention" for kind in layer_types) if layer_types is not None \
+        else bool(getattr(text, "sliding_window", None))
+    if windowed:  # their static layers keep a window of keys, not the whole length the 4-D mask spans
         return "sliding-window or hybrid attention layers"
     return None
 
@@ -94,49 +99,60 @@ class StaticCacheEngine:
     `compile_step`: compile the decode step (``mode="reduce-overhead"``: a CUDA graph on CUDA).
     `stop_check_interval`: tokens between the host's checks for rows still running.
     `draw`: token sampler from unnormalised probabilities (torch's multinomial by default).
+    `dtype`: decode in this dtype (mixed precision's compute dtype), None: the weights' own.
     """
 
     records = False
 
     def __init__(self, tokenizer, settings: SamplingSettings, stop_words: list[str], compile_step: bool,
-                 stop_check_interval: int = 8, draw: Draw = multinomial_draw) -> None:
+                 stop_check_interval: int = 8, draw: Draw = multinomial_draw,
+                 dtype: torch.dtype | None = None) -> None:
         self.tokenizer, self.settings, self.stop_words = tokenizer, settings, stop_words
         self.compile_step, self.stop_check_interval, self.draw = compile_step, stop_check_interval, draw
+        self.dtype = dtype
         self.policy = None
-        self.copy: MergedCopy | None = None
-        self.merge_refused = False  # the policy has layers a merged copy cannot hold: decode on it directly
-        self.cache = None
-        self.cache_key: tuple | None = None
+        self.copy: GenerationCopy | None = None
+        self.no_copy = False  # decode on the policy itself: it needs no copy, or has layers a copy cannot hold
+        self.caches: dict[tuple, object] = {}  # by (decoder, rows, length), most recently used last
         self._step = None
 
     def sync_weights(self, policy, value_head=None) -> None:
-        """Decode with `policy`'s current weights: a LoRA policy's merged copy is built on the first
-        call and refreshed in place on the next ones; a full policy is decoded as it is."""
-        if hasattr(policy, "peft_config") and not self.merge_refused:
-            if self.copy is not None and self.policy is policy:
-                self.copy.refresh()
+        """Decode with `policy`'s current weights: a generation copy (a LoRA policy's merged weights,
+        weights cast to `dtype`) is built on the first call and refreshed in place on the next ones; a
+        policy that needs neither decodes as it is."""
+        if self.copy is not None and self.policy is policy:
+            self.copy.refresh()
+        elif not self.no_copy:
+            try:
+                copy = GenerationCopy(policy, self.dtype)
+            except UnsupportedAdapter as reason:
+                logger.info("static rollout engine: decoding on the policy itself (%s)", reason)
+                copy, self.no_copy = None, True
+            if copy is not None and copy.copies_anything:
+                logger.info("static rollout engine: decoding on a generation copy (%d merged LoRA layers, %d weights "
+                            "cast to %s)", len(copy.merges), len(copy.casts), self.dtype)
+                self.copy = copy
             else:
-                try:
-                    self.copy = MergedCopy(policy)
-                    logger.info("static rollout engine: LoRA decoded on a merged generation copy (%d layers)",
-                                len(self.copy.merges))
-                except UnsupportedAdapter as reason:
-                    logger.info("static rollout engine: decoding on the PEFT model (%s)", reason)
-                    self.copy, self.merge_refused = None, True
+                self.copy, self.no_copy = None, True
         self.policy = policy
 
     def _decoder(self) -> nn.Module:
         return self.copy.model if self.copy is not None else self.policy
 
     def _cache_for(self, model, rows: int, length: int):
-        """The kept cache when its shape fits, reset; else a new one (and a new compiled step)."""
+        """A kept cache of this shape, reset; else a new one. Up to `KEPT_CACHES` are kept: a compiled
+        step (and its CUDA graph) is specialised to its cache's memory, so alternating prompt widths
+        reuse theirs instead of compiling again."""
         key = (id(model), rows, length)
-        if self.cache is not None and self.cache_key == key:
-            self.cache.reset()
-            return self.cache
-        self.cache = transformers.StaticCache(config=model.config, max_cache_len=length)
-        self.cache_key = key
-        return self.cache
+        cache = self.caches.pop(key, None)
+        if cache is not None:
+            cache.reset()
+        else:
+            cache = transformers.StaticCache(config=model.config, max_cache_len=length)
+            while len(self.caches) >= KEPT_CACHES:
+                self.caches.pop(next(iter(self.caches)))
+        self.caches[key] = cache
+        return cache
 
     def _step_function(self, device: torch.device):
         if self._step is None:

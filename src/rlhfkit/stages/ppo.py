@@ -148,7 +148,8 @@ def run_ppo(config: Config) -> dict[str, float]:
         policy = run.model
         reference = attach_models(run, models)
         engine = build_rollout_engine(g, tokenizer, data.template.stop_token_ids(tokenizer), p.logprobs_from_rollout,
-                                      models.policy, device, is_sharded(accelerator), run.speedups, config.source)
+                                      models.policy, device, is_sharded(accelerator), run.speedups, config.source,
+                                      compute_dtype=torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None)
         loss_fn = PPOLoss(p.cliprange_low, p.cliprange_value, p.vf_coef, p.entropy_coef, p.cliprange_high,
                           p.kl_loss_coef, p.kl_estimator, p.loss_aggregation, g.max_new_tokens)
         kl_controller = (AdaptiveKLController(p.kl_coef, p.ppo_target, p.kl_horizon) if p.adaptive_kl
