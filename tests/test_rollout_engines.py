@@ -94,6 +94,28 @@ def test_sampling_with_one_seed_draws_the_recording_loops_tokens(tiny_model_dir,
     assert recorded.ended_with_stop.any() and not recorded.ended_with_stop.all()
 
 
+def test_a_decode_step_that_fails_to_compile_falls_back_to_the_eager_one(tiny_model_dir, monkeypatch):
+    """The compiler failing on the first step (here: a stand-in that raises) costs nothing but the speed: the
+    same tokens as the eager engine, the cache's write position put back before the eager step."""
+    tokenizer, model, ids, mask = _setup(tiny_model_dir)
+    settings = HFGenerator(tokenizer, GenerationArguments(do_sample=False, max_new_tokens=6), [2]).settings
+
+    def failing_compile(function, **kwargs):
+        def compiled(*args):
+            for layer in args[1].layers:  # as if the failed attempt had advanced the cache
+                layer.cumulative_length.add_(1)
+            raise RuntimeError("compiler unavailable")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    outputs = []
+    for compile_step in (True, False):
+        engine = StaticCacheEngine(tokenizer, settings, [], compile_step=compile_step)
+        engine.sync_weights(model)
+        outputs.append(engine.generate(ids, mask).response_ids)
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_merged_copy_equals_the_peft_model_and_leaves_the_base_alone(tiny_model_dir):
     """Float32: the copy's merged weight W + s B A and PEFT's separate products round differently (sums over the
     widest layer); the adapter's own effect on the logits is far larger. After the adapter changes, `refresh`

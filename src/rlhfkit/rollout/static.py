@@ -32,7 +32,6 @@ Shapes: ``b`` rows, ``P`` prompt width (left-padded), ``R`` new tokens, ``L`` ca
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -115,6 +114,7 @@ class StaticCacheEngine:
         self.no_copy = False  # decode on the policy itself: it needs no copy, or has layers a copy cannot hold
         self.caches: dict[tuple, object] = {}  # by (decoder, rows, length), most recently used last
         self._step = None
+        self._compiled_ran = False
 
     def sync_weights(self, policy, value_head=None) -> None:
         """Decode with `policy`'s current weights: a generation copy (a LoRA policy's merged weights,
@@ -163,6 +163,31 @@ class StaticCacheEngine:
                 self._step = decode_step
         return self._step
 
+    def _run_step(self, step, model, cache, token, position, key_valid, dtype) -> torch.Tensor:
+        """One decode step; a compiled step that fails on its first call (compilation) is replaced by
+        the eager one for the rest of the run, with the cache's write position put back."""
+        if step is decode_step:
+            with eager_blocks():  # compiled blocks (torch_compile) run their eager code
+                return step(model, cache, token, position, key_valid, dtype)
+        first = not self._compiled_ran
+        written = [layer.cumulative_length.clone() for layer in cache.layers] if first else None
+        try:
+            if token.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = step(model, cache, token, position, key_valid, dtype).clone()  # the graph's output is reused
+        except Exception as error:  # noqa: BLE001 - any compiler failure: decode eagerly instead
+            if not first:
+                raise
+            logger.warning("static rollout engine: compiling the decode step failed (%s: %s); decoding eagerly",
+                           type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            for layer, length in zip(cache.layers, written):
+                layer.cumulative_length.copy_(length)
+            self._step = decode_step
+            with eager_blocks():
+                return decode_step(model, cache, token, position, key_valid, dtype)
+        self._compiled_ran = True
+        return logits
+
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> GeneratedBatch:
         """Sample one response per row of the left-padded prompts ``(b, P)`` (after `sync_weights`)."""
@@ -202,20 +227,17 @@ class StaticCacheEngine:
         pad = torch.full((rows,), settings.pad_token_id, dtype=torch.long, device=device)
         generated = new
         # 2. decode: one token per step, the host asked every stop_check_interval tokens
-        decoding = eager_blocks() if not self.compile_step else contextlib.nullcontext()
-        with decoding:
-            for index in range(new):
-                token, _, _ = next_token(logits, sequence[:, :width + index], index, settings, processors, stop_ids,
-                                         self.draw, host_sync=False)
-                token = torch.where(running, token, pad)
-                sequence[:, width + index] = token
-                running &= ~torch.isin(token, stop_ids)
-                if index + 1 == new or ((index + 1) % self.stop_check_interval == 0 and not bool(running.any())):
-                    generated = index + 1
-                    break
-                key_valid[:, width + index] = True
-                if device.type == "cuda" and self.compile_step:
-                    torch.compiler.cudagraph_mark_step_begin()
-                logits = step(model, cache, token.unsqueeze(-1), position, key_valid, dtype).clone()
-                position = position + 1
+        for index in range(new):
+            token, _, _ = next_token(logits, sequence[:, :width + index], index, settings, processors, stop_ids,
+                                     self.draw, host_sync=False)
+            token = torch.where(running, token, pad)
+            sequence[:, width + index] = token
+            running &= ~torch.isin(token, stop_ids)
+            if index + 1 == new or ((index + 1) % self.stop_check_interval == 0 and not bool(running.any())):
+                generated = index + 1
+                break
+            key_valid[:, width + index] = True
+            logits = self._run_step(step, model, cache, token.unsqueeze(-1), position, key_valid, dtype)
+            step = self._step
+            position = position + 1
         return sequence[:, width:width + generated]
