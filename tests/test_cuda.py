@@ -47,8 +47,9 @@ def test_bf16_ppo_step_on_cuda(finetuning, tmp_path, tiny_model_dir, jsonl):
         for key in ("loss", "policy_loss", "kl", "reward", "grad_norm", "ratio_mean"):
             assert math.isfinite(record[key]), (key, record)
         assert record["response_length"] == 8
-    # bf16 logits carry ~3 significant digits; the evaluate pass runs without autocast, the update with it
-    assert abs(records[0]["ratio_mean"] - 1.0) < 0.05
+    # Both passes under bf16 autocast; they differ only in batch composition (kernels may tile the products
+    # differently: bf16 rounding of the logits, ~0.4% each), which the mean over the tokens averages down.
+    assert abs(records[0]["ratio_mean"] - 1.0) < 0.02
 
 
 def _tiny(model_dir, dtype):

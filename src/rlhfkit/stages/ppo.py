@@ -183,8 +183,8 @@ def run_ppo(config: Config) -> dict[str, float]:
                 scores, score_stats = score_batch(models, scoring, config, generated.ended_with_stop, score_moments,
                                                   accelerator, raw_scores)
                 scores = scores.to(device)
-            # 3. evaluate
-            with timed(timings, "evaluate"):
+            # 3. evaluate (in the update's precision: old and new log-probs from the same computation)
+            with timed(timings, "evaluate"), accelerator.autocast():
                 evaluated = evaluate_rollout(policy, value_head=None, reference=reference,
                                              reference_context=models.reference_context, ids=scoring.sequence_ids,
                                              mask=scoring.sequence_mask, response_ids=generated.response_ids,
