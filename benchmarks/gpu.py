@@ -192,7 +192,8 @@ def step_bound(shape: flops.ModelShape, prompts: list[int], new: int, epochs: in
     """Seconds each phase of one step needs at least (see the module docstring)."""
     peak, bandwidth = tflops * 1e12, tb_per_s * 1e12
     lengths = [p + new for p in prompts]
-    decode_flop = flops.forward_flops(shape, [n - 1 for n in lengths], len(prompts) * new, shape.lora_rank > 0)
+    # LoRA decodes on merged weights: no adapter products
+    decode_flop = flops.forward_flops(shape, [n - 1 for n in lengths], len(prompts) * new, lora=False)
     kv_bytes_per_position = shape.layers * 2 * shape.kv_width * 2  # keys and values, bf16
     kv_reads = sum(kv_bytes_per_position * (p + t) for p in prompts for t in range(new))
     decode_bytes = new * parameters * 2 + kv_reads  # every weight read once per token step
