@@ -370,3 +370,14 @@ def test_a_full_disk_while_checkpointing_leaves_no_partial_folder(finished_run, 
     assert "No space left on device" in line and str(out / ".tmp-checkpoint-2" / written) in line
     assert not list(out.glob(".tmp-checkpoint-*")) and not list(out.glob("checkpoint-*"))
     assert not (out / ".rlhfkit.lock").exists()
+
+
+def test_a_hub_token_is_never_recorded_nor_sent_to_trackers():
+    from rlhfkit.config import build_config
+    from rlhfkit.resume_config import config_record
+    from rlhfkit.tracking.trackers import hyperparameters
+
+    config = build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "hf_hub_token": "hf_secret"},
+                          check=False)
+    assert "hf_secret" not in json.dumps(config_record(config))
+    assert hyperparameters(config)["hf_hub_token"] == "***"

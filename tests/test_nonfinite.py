@@ -59,8 +59,8 @@ def test_consecutive_nan_rewards_stop_the_run(tmp_path, ppo_values, monkeypatch)
 
 def test_nan_sft_loss_leaves_weights_untouched(tmp_path, tiny_model_dir, jsonl, monkeypatch):
     original = sft_stage.token_nll_sum
-    monkeypatch.setattr(sft_stage, "token_nll_sum", lambda model, batch: (original(model, batch)[0] * float("nan"),
-                                                                           original(model, batch)[1]))
+    monkeypatch.setattr(sft_stage, "token_nll_sum", lambda model, batch, *chunk: (
+        original(model, batch, *chunk)[0] * float("nan"), original(model, batch, *chunk)[1]))
     values = dict(stage="sft", model_name_or_path=str(tiny_model_dir), finetuning_type="full", max_steps=1,
                   dataset=str(jsonl(tmp_path / "s.jsonl", [{"instruction": "a", "output": "b"}])),
                   output_dir=str(tmp_path / "out"), max_bad_steps=3, learning_rate=0.1)

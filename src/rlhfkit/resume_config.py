@@ -30,7 +30,11 @@ UNCHANGED_TRAJECTORY = frozenset({
     # the same computation, at most rounded differently or faster
     "per_device_eval_batch_size", "cpu_speedups", "gradient_checkpointing", "torch_compile",
     "torch_compile_memory_budget", "attn_implementation", "flash_attn", "device", "trust_remote_code",
-    "overlong_prompts", "reward_api_timeout", "reward_api_retries",
+    "overlong_prompts", "reward_api_timeout", "reward_api_retries", "disable_gradient_checkpointing",
+    "logits_chunk_size", "rollout_engine", "rollout_compile", "stop_check_interval", "infer_backend",
+    "cache_dir", "include_num_input_tokens_seen",
+    # secrets are never written into a checkpoint
+    "hf_hub_token",
 })
 """Keys that cannot change what the run computes; every other key is recorded and compared."""
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from rlhfkit.accelerator.defaults import apply_device_defaults
 from rlhfkit.commands.inference import inference_device, load_for_inference
 from rlhfkit.hub import resolve_config_paths
 from rlhfkit.config import Config
@@ -63,7 +64,7 @@ def check_eval_config(config: Config) -> None:
         raise fail(f"{src}: reward_model_type is '{p.reward_model_type}'; allowed: lora, full, api, function")
     if g.max_new_tokens <= 0:
         raise fail(f"{src}: max_new_tokens must be > 0, got {g.max_new_tokens}")
-    if config.training.per_device_eval_batch_size <= 0:
+    if config.training.per_device_eval_batch_size is not None and config.training.per_device_eval_batch_size <= 0:
         raise fail(f"{src}: per_device_eval_batch_size must be > 0, got {config.training.per_device_eval_batch_size}")
     if g.do_sample and g.temperature <= 0:
         raise fail(f"{src}: temperature must be > 0 when do_sample is true, got {g.temperature}")
@@ -160,6 +161,7 @@ def run_eval(config: Config, baseline: str | None = None) -> dict[str, Any]:
     baseline_rows = read_eval_samples(baseline) if baseline else None
     # 2. prompts and 3. models
     device = inference_device(m.device)
+    apply_device_defaults(config, device.type)
     model, tokenizer = load_for_inference(m, adapters, device)
     template = template_for(config.data, tokenizer)
     items = _load_prompts(config, tokenizer, template)

@@ -126,10 +126,10 @@ class FinetuningArguments:
 class TrainingArguments:
     """Optimisation loop settings."""
 
-    per_device_train_batch_size: int = 1
-    """Samples per micro-batch per process (PPO: per forward/backward pass in the update)."""
-    per_device_eval_batch_size: int = 8
-    """Samples per evaluation batch per process (also the chunk size of PPO rollout forward passes)."""
+    per_device_train_batch_size: Optional[int] = None
+    """Samples per micro-batch per process (PPO: per forward/backward pass in the update); unset: 1 on a CPU, 8 on an accelerator (set it to run the same batches everywhere)."""
+    per_device_eval_batch_size: Optional[int] = None
+    """Samples per evaluation batch per process (also the chunk size of PPO's evaluate and scoring passes); unset: 8 on a CPU, 32 on an accelerator."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated into one optimizer step."""
     learning_rate: float = 5e-5
@@ -164,6 +164,8 @@ class TrainingArguments:
     """Compute in bfloat16 (trainable parameters stay float32)."""
     fp16: bool = False
     """Compute in float16 (trainable parameters stay float32)."""
+    logits_chunk_size: Optional[int] = None
+    """Positions whose vocabulary logits exist at once in PPO's and SFT's training and evaluation passes: the LM head and log-softmax run in chunks of this many positions, gradients exact (0: off, one whole-tensor pass); unset: 0 on a CPU (its kept buffers are faster), 1024 on an accelerator."""
     gradient_checkpointing: Optional[bool] = None
     """Recompute activations in the backward pass to save memory; unset: on unless disable_gradient_checkpointing (LLaMA-Factory's default), false: off."""
     disable_gradient_checkpointing: bool = False
@@ -206,6 +208,12 @@ class GenerationArguments:
     """Repetition penalty (1.0 disables)."""
     stop_words: Optional[str] = None
     """Extra stop strings, comma-separated; a response is cut after the first one (EOS always stops)."""
+    rollout_engine: str = "auto"
+    """PPO's rollout engine: recording (the decode loop that also records log-probs and values), static (static KV cache, decode step compiled on CUDA, LoRA decoded on a merged copy), or auto (static on CUDA, recording elsewhere)."""
+    rollout_compile: str = "auto"
+    """static engine: compile the per-token decode step with torch.compile (mode reduce-overhead: CUDA graphs on CUDA): auto (on CUDA only), on or off."""
+    stop_check_interval: int = 8
+    """static engine: look for rows still running every this many tokens (one host synchronisation each), not after every token."""
 
 
 @dataclass

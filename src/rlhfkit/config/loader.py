@@ -25,6 +25,7 @@ from rlhfkit.config.arguments import (
     PPOArguments,
     TrainingArguments,
 )
+from rlhfkit.accelerator.defaults import apply_device_defaults
 from rlhfkit.config.validation import check_default_only, check_stage, resolve_gradient_checkpointing, validate
 from rlhfkit.config.yaml_files import parse_yaml, read_yaml
 from rlhfkit.errors import fail, shown
@@ -74,7 +75,7 @@ _HINTS = {name: _type_hints(cls) for name, cls in SECTIONS.items()}
 
 
 # String keys whose values include YAML 1.1's boolean words: the bool read back as the word meant.
-SWITCH_WORDS = {"cpu_speedups": {True: "auto", False: "off"}}
+SWITCH_WORDS = {"cpu_speedups": {True: "auto", False: "off"}, "rollout_compile": {True: "on", False: "off"}}
 
 
 def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
@@ -174,6 +175,8 @@ def build_config(values: dict[str, Any], source: str = "<config>", check: bool =
         coerced = _coerce(key, value, _HINTS[section][f.name], source)
         setattr(getattr(config, section), key, coerced)
     resolve_gradient_checkpointing(config.training)
+    if config.model.device == "cpu":  # the device is known already: its defaults now (no torch needed)
+        apply_device_defaults(config, "cpu")
     if check:
         validate(config)
     return config

@@ -31,6 +31,7 @@ REPORT_TO = ("none", "all", "tensorboard", "wandb", "mlflow", "swanlab")
 NUM_INPUT_TOKENS_SEEN = {False: "no", "no": "no", True: "non_padding", "non_padding": "non_padding", "all": "all"}
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline")
+ROLLOUT_ENGINES = ("auto", "recording", "static")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 FLASH_ATTN = ("auto", "disabled", "sdpa", "fa2")
 ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
@@ -42,7 +43,9 @@ def _choice(source: str, key: str, value: str, allowed: tuple[str, ...]) -> None
         raise fail(f"{source}: {key} is {shown(value)}; allowed: {', '.join(allowed)}")
 
 
-def _positive(source: str, key: str, value: float, allow_zero: bool = False) -> None:
+def _positive(source: str, key: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None:  # a device-dependent default, filled in once the device is known
+        return
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise fail(f"{source}: {key} must be {bound}, got {value}")
@@ -103,6 +106,8 @@ def validate(config: "Config") -> None:
     _choice(src, "loss_aggregation", p.loss_aggregation, LOSS_AGGREGATIONS)
     _choice(src, "value_head_init", p.value_head_init, ("auto", "reward", "zero"))
     _choice(src, "cpu_speedups", t.cpu_speedups, ("auto", "off"))
+    _choice(src, "rollout_engine", config.generation.rollout_engine, ROLLOUT_ENGINES)
+    _choice(src, "rollout_compile", config.generation.rollout_compile, ("auto", "on", "off"))
     for name in report_to_list(o.report_to):
         _choice(src, "report_to", name, REPORT_TO)
     check_template_name(d.template, f"{src}: template")
@@ -132,6 +137,8 @@ def validate(config: "Config") -> None:
     for key in ("weight_decay", "max_grad_norm", "warmup_steps"):
         _positive(src, key, getattr(t, key), allow_zero=True)
     _positive(src, "save_steps", o.save_steps, allow_zero=True)
+    _positive(src, "logits_chunk_size", t.logits_chunk_size, allow_zero=True)
+    _positive(src, "stop_check_interval", config.generation.stop_check_interval)
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise fail(f"{src}: warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if not 0.0 < t.torch_compile_memory_budget <= 1.0:
@@ -206,7 +213,7 @@ def validate_quantization(config: "Config") -> None:
 
 
 def _validate_ppo(config: "Config") -> None:
-    src, t, g, p = config.source, config.training, config.generation, config.ppo
+    src, g, p = config.source, config.generation, config.ppo
     if not p.reward_model and not p.reward_models:
         raise fail(f"{src}: stage ppo needs reward_model (an RM folder, URL or module:callable) "
                    "or a reward_models list")
@@ -235,12 +242,7 @@ def _validate_ppo(config: "Config") -> None:
     if p.filter_groups and p.num_generations < 2:
         raise fail(f"{src}: filter_groups needs groups; set num_generations to 2 or more")
     _positive(src, "reward_api_retries", p.reward_api_retries, allow_zero=True)
-    if p.rollout_batch_size is not None:
-        mini = t.per_device_train_batch_size * t.gradient_accumulation_steps
-        if p.rollout_batch_size <= 0 or p.rollout_batch_size % mini:
-            raise fail(f"{src}: rollout_batch_size {p.rollout_batch_size} is not a positive multiple of "
-                       f"per_device_train_batch_size x gradient_accumulation_steps = {mini}; change one of them")
-        p.ppo_buffer_size = p.rollout_batch_size // mini
+    derive_ppo_buffer_size(config)
     for key in ("gamma", "lam"):
         if not 0.0 <= getattr(p, key) <= 1.0:
             raise fail(f"{src}: {key} must be in [0, 1], got {getattr(p, key)}")
@@ -272,6 +274,8 @@ def _validate_optimizer(config: "Config") -> None:
     t.lr_scheduler_kwargs = kwargs or {}
     if t.deepspeed is not None and not isinstance(t.deepspeed, (str, dict)):
         raise fail(f"{src}: deepspeed must be the path of a DeepSpeed JSON file or a mapping, got {t.deepspeed!r}")
+
+
 def check_reward_models(source: str, entries: list) -> None:
     """Each `reward_models` entry: a mapping with `path`, and optionally `type`, `name` and `weight`
     (a finite number)."""
@@ -287,3 +291,16 @@ def check_reward_models(source: str, entries: list) -> None:
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise fail(f"{source}: reward_models[{index}].weight must be a finite number, got {shown(weight)}")
+
+
+def derive_ppo_buffer_size(config: "Config") -> None:
+    """`rollout_batch_size` as `ppo_buffer_size` mini-batches, once the micro-batch is known (it may
+    be a device default, filled in later: `accelerator.defaults`)."""
+    t, p = config.training, config.ppo
+    if config.finetuning.stage != "ppo" or p.rollout_batch_size is None or t.per_device_train_batch_size is None:
+        return
+    mini = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    if p.rollout_batch_size <= 0 or p.rollout_batch_size % mini:
+        raise fail(f"{config.source}: rollout_batch_size {p.rollout_batch_size} is not a positive multiple of "
+                   f"per_device_train_batch_size x gradient_accumulation_steps = {mini}; change one of them")
+    p.ppo_buffer_size = p.rollout_batch_size // mini

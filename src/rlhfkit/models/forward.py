@@ -1,4 +1,5 @@
-"""Forward passes shared by every stage: position ids from the mask, scores, selective logits."""
+"""Forward passes shared by every stage: position ids from the mask, scores, selective logits, and the
+LM head's input instead of its logits (for `rl.head_logprobs`, which applies the head in chunks)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+from torch import nn
 
 from rlhfkit.errors import fail
 
@@ -141,3 +143,55 @@ def backbone_scores(backbone, value_head, input_ids: torch.Tensor, attention_mas
                       position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     return value_head(output.last_hidden_state[rows, last_real_index(attention_mask)])  # (b, hidden) -> (b,)
+# Config attributes of models whose logits are not just ``head(last hidden state)`` (Gemma's soft
+# cap, Cohere's and Granite's scales): their heads are never bypassed.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def language_model(model):
+    """The causal LM inside `model`: through DDP/DeepSpeed (``.module``) and a `ModelWithValueHead`."""
+    while True:
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module) and not hasattr(model, "get_output_embeddings"):
+            model = inner
+        elif hasattr(model, "value_head") and isinstance(getattr(model, "model", None), nn.Module):
+            model = model.model
+        else:
+            return model
+
+
+def chunkable_head(model) -> nn.Linear | None:
+    """`model`'s LM head if its logits are exactly ``hidden @ head.weight^T``, else None.
+
+    That is: a bias-free ``nn.Linear`` holding its whole weight (not a shard: FSDP's DTensor or
+    ZeRO-3's empty placeholder), of a model that transforms its logits no further (`LOGIT_TRANSFORMS`).
+    """
+    lm = language_model(model)
+    get_head = getattr(lm, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if type(head) is not nn.Linear or head.bias is not None:
+        return None
+    weight = head.weight
+    if type(weight.data) is not torch.Tensor or weight.numel() != head.in_features * head.out_features:
+        return None
+    config = getattr(lm, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in LOGIT_TRANSFORMS:
+        if getattr(text_config, key, None) not in (None, 1, 1.0):
+            return None
+    return head
+
+
+@contextlib.contextmanager
+def head_returns_input(head: nn.Linear) -> Iterator[nn.Linear]:
+    """Inside, `head` returns its input: the model's "logits" are the last hidden states ``(..., H)``
+    at the positions that would get logits; hooks on the head still run."""
+    previous = vars(head).get("forward")  # an instance forward (the CPU's kept-buffer head) comes back after
+    head.forward = lambda hidden: hidden
+    try:
+        yield head
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous

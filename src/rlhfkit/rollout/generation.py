@@ -112,18 +112,23 @@ class HFGenerator:
                 generated = output[:, input_ids.shape[1]:]
         if was_training:
             model.train()
-        response_ids, response_mask, ended = truncate_after_stop(
-            generated, self.stop_token_ids, self.tokenizer.pad_token_id)
-        if self.stop_words:
-            cut_at_stop_words(self.tokenizer, response_ids, response_mask, ended, self.stop_words,
-                              self.tokenizer.pad_token_id)
-        # Drop columns that are padding in every row.
-        width = max(int(response_mask.sum(-1).max()), 1)
-        batch = GeneratedBatch(response_ids[:, :width], response_mask[:, :width], ended)
-        if records is not None:
-            batch.logprobs, batch.entropy = records.logprobs[:, :width], records.entropy[:, :width]
-            batch.values = None if records.values is None else records.values[:, :width]
-        return batch
+        return finish_batch(generated, records, self.stop_token_ids, self.tokenizer, self.stop_words)
+
+
+def finish_batch(generated: torch.Tensor, records, stop_token_ids: list[int], tokenizer,
+                 stop_words: list[str]) -> GeneratedBatch:
+    """Raw sampled tokens ``(b, R)`` (and a `SampledBatch` of records, or None) as a `GeneratedBatch`:
+    each response cut after its first stop token or stop word, the columns that are padding in
+    every row dropped."""
+    response_ids, response_mask, ended = truncate_after_stop(generated, stop_token_ids, tokenizer.pad_token_id)
+    if stop_words:
+        cut_at_stop_words(tokenizer, response_ids, response_mask, ended, stop_words, tokenizer.pad_token_id)
+    width = max(int(response_mask.sum(-1).max()), 1)
+    batch = GeneratedBatch(response_ids[:, :width], response_mask[:, :width], ended)
+    if records is not None:
+        batch.logprobs, batch.entropy = records.logprobs[:, :width], records.entropy[:, :width]
+        batch.values = None if records.values is None else records.values[:, :width]
+    return batch
 
 
 @contextlib.contextmanager

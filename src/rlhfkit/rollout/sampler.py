@@ -95,13 +95,16 @@ def logits_processors(settings: SamplingSettings, prompt_length: int) -> LogitsP
 MIN_REMAINING_MASS = 1e-30
 
 
-def recorded_distribution(logits: torch.Tensor, temperature: float, stop_ids: torch.Tensor, ban_stops: bool):
+def recorded_distribution(logits: torch.Tensor, temperature: float, stop_ids: torch.Tensor, ban_stops: bool,
+                          host_sync: bool = True):
     """From raw logits ``(b, v)``: ``log_softmax(logits / temperature)``, its exponential, and the
     (unnormalised) sampling probabilities when no processor but temperature and minimum length
     applies: the same with the stop tokens zeroed while `ban_stops` (what `generate`'s
     minimum-length processor gives after normalisation). A row whose stop tokens held all but
     `MIN_REMAINING_MASS` of the probability is recomputed as the softmax with their logits at
-    -inf, as the zeroed probabilities of the other tokens may have underflowed.
+    -inf, as the zeroed probabilities of the other tokens may have underflowed. `host_sync` False:
+    that softmax is computed for every row and selected on the device, instead of asking the host
+    whether any row needs it (a synchronisation per token).
     """
     scaled = logits / temperature if temperature != 1.0 else logits
     lsm = torch.log_softmax(scaled, dim=-1)  # (b, v)
@@ -111,10 +114,33 @@ def recorded_distribution(logits: torch.Tensor, temperature: float, stop_ids: to
         sampling = probs.clone()
         sampling[:, stop_ids] = 0.0
         starved = sampling.sum(-1) < MIN_REMAINING_MASS  # (b,)
-        if bool(starved.any()):
+        if not host_sync:
+            banned = torch.softmax(scaled.index_fill(-1, stop_ids, float("-inf")), dim=-1)
+            sampling = torch.where(starved.unsqueeze(-1), banned, sampling)
+        elif bool(starved.any()):
             banned = torch.softmax(scaled[starved].index_fill(-1, stop_ids, float("-inf")), dim=-1)
             sampling[starved] = banned
     return lsm, probs, sampling
+
+
+def next_token(logits: torch.Tensor, sequence: torch.Tensor, generated: int, settings: SamplingSettings,
+               processors: LogitsProcessorList | None, stop_ids: torch.Tensor, draw: Draw,
+               host_sync: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoding step's choice from the raw logits ``(b, v)`` of the last position.
+
+    `sequence` ``(b, P + generated)``: prompt and tokens so far (read by the repetition penalty and
+    the minimum length's processor). Returns the token ``(b,)`` and the recorded ``log_softmax(logits
+    / temperature)`` and its exponential ``(b, v)``; every engine draws through here, so their
+    sampling distributions are the same (`generate`'s).
+    """
+    temperature = settings.temperature if settings.do_sample else 1.0
+    lsm, probs, sampling = recorded_distribution(logits, temperature, stop_ids,
+                                                 ban_stops=generated < settings.min_new_tokens, host_sync=host_sync)
+    if processors is None:
+        return draw(sampling), lsm, probs
+    scores = processors(sequence, logits.clone())
+    token = draw(torch.softmax(scores, -1)) if settings.do_sample else scores.argmax(-1)
+    return token, lsm, probs
 
 
 def multinomial_draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -136,7 +162,6 @@ def sample_with_records(model, input_ids: torch.Tensor, attention_mask: torch.Te
     rows, prompt_length = input_ids.shape
     device = input_ids.device
     processors = logits_processors(settings, prompt_length)
-    temperature = settings.temperature if settings.do_sample else 1.0
     stop_ids = torch.tensor(settings.stop_token_ids, device=device, dtype=torch.long)
     mask = attention_mask.long()
     positions = position_ids_from_mask(mask)
@@ -152,13 +177,7 @@ def sample_with_records(model, input_ids: torch.Tensor, attention_mask: torch.Te
                            past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache = output.past_key_values
             logits = output.logits[:, -1].float()  # (b, v) raw, finite
-            lsm, probs, sampling = recorded_distribution(logits, temperature, stop_ids,
-                                                         ban_stops=len(tokens) < settings.min_new_tokens)
-            if processors is None:
-                token = draw(sampling)
-            else:
-                scores = processors(sequence, logits.clone())
-                token = draw(torch.softmax(scores, -1)) if settings.do_sample else scores.argmax(-1)
+            token, lsm, probs = next_token(logits, sequence, len(tokens), settings, processors, stop_ids, draw)
             token = torch.where(running, token, torch.full_like(token, settings.pad_token_id))
             tokens.append(token)
             logprobs.append(lsm.gather(-1, token.unsqueeze(-1)).squeeze(-1))

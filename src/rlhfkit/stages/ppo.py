@@ -4,7 +4,8 @@ Per PPO step (one rollout batch of per_device_train_batch_size x gradient_accumu
 ppo_buffer_size prompts per process; with several processes each holds its own share, and the
 statistics that span the batch -- reward normalisation, whitening, the KL controller, the token
 count that normalises the loss, logged means -- are taken over all processes):
-1. rollout     sample responses; truncate after the first stop token; masks
+1. rollout     sample responses (the rollout engine: `rollout.engine`); truncate after the first stop
+               token; masks
 2. score       reward sources on the truncated text; EOS penalty, normalisation, clipping
 3. evaluate    old log-probs, values and reference log-probs (logits / temperature)
 4. shape       per-token reward = -beta * KL, plus the score on the last real token
@@ -41,14 +42,14 @@ from rlhfkit.rl import (
     explained_variance,
     kl_penalty,
 )
-from rlhfkit.rollout import GeneratedBatch, HFGenerator, check_generation_supported, full_weights_for_generation
+from rlhfkit.rollout import GeneratedBatch, build_rollout_engine, check_generation_supported, full_weights_for_generation
 from rlhfkit.stages.common import load_stage_data, save_trained
 from rlhfkit.stages.ppo_models import PPOModels, build_ppo_models, trainable_policy_parameters
 from rlhfkit.stages.ppo_advantages import estimate_advantages, informative_groups
 from rlhfkit.stages.ppo_steps import Evaluation, Rollout, evaluate_rollout, group_rows, ppo_update
 from rlhfkit.stages.setup import Training, prepare_training, start_run
 from rlhfkit.training.batches import step_batches
-from rlhfkit.training.distributed import global_sums
+from rlhfkit.training.distributed import global_sums, is_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,9 @@ def run_ppo(config: Config) -> dict[str, float]:
                           optimizer_steps=sizes.steps * p.ppo_epochs * p.ppo_buffer_size) as run:
         policy = run.model
         reference = attach_models(run, models)
-        generator = HFGenerator(tokenizer, g, data.template.stop_token_ids(tokenizer), speedups=run.speedups)
+        engine = build_rollout_engine(g, tokenizer, data.template.stop_token_ids(tokenizer), p.logprobs_from_rollout,
+                                      models.policy, device, is_sharded(accelerator), run.speedups, config.source,
+                                      compute_dtype=torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None)
         loss_fn = PPOLoss(p.cliprange_low, p.cliprange_value, p.vf_coef, p.entropy_coef, p.cliprange_high,
                           p.kl_loss_coef, p.kl_estimator, p.loss_aggregation, g.max_new_tokens)
         kl_controller = (AdaptiveKLController(p.kl_coef, p.ppo_target, p.kl_horizon) if p.adaptive_kl
@@ -170,8 +173,8 @@ def run_ppo(config: Config) -> dict[str, float]:
                 prompts = collate_prompts(items, tokenizer.pad_token_id)
                 query_ids, query_mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)
                 with full_weights_for_generation(accelerator, policy) as unwrapped:
-                    generated = generator.generate(unwrapped.model, query_ids, query_mask,
-                                                   record=p.logprobs_from_rollout, value_head=unwrapped.value_head)
+                    engine.sync_weights(unwrapped.model, unwrapped.value_head)
+                    generated = engine.generate(query_ids, query_mask)
             # 2. score
             with timed(timings, "score"):
                 scoring = build_scoring_batch(tokenizer, items, query_ids, query_mask, generated.response_ids,
@@ -180,14 +183,15 @@ def run_ppo(config: Config) -> dict[str, float]:
                 scores, score_stats = score_batch(models, scoring, config, generated.ended_with_stop, score_moments,
                                                   accelerator, raw_scores)
                 scores = scores.to(device)
-            # 3. evaluate
-            with timed(timings, "evaluate"):
+            # 3. evaluate (in the update's precision: old and new log-probs from the same computation)
+            with timed(timings, "evaluate"), accelerator.autocast():
                 evaluated = evaluate_rollout(policy, value_head=None, reference=reference,
                                              reference_context=models.reference_context, ids=scoring.sequence_ids,
                                              mask=scoring.sequence_mask, response_ids=generated.response_ids,
                                              temperature=g.temperature, chunk_size=t.per_device_eval_batch_size,
-                                             recorded=generated if p.logprobs_from_rollout else None,
-                                             with_values=models.value_head is not None)
+                                             recorded=generated if engine.records else None,
+                                             with_values=models.value_head is not None,
+                                             logits_chunk_size=t.logits_chunk_size)
             # 4. shape and 5. advantages
             mask = generated.response_mask.float()
             rewards, advantages, returns, kl = estimate_advantages(p, scores, evaluated, mask, kl_controller.value,

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from rlhfkit.models.forward import forward_with_values
+from rlhfkit.models.forward import chunkable_head, forward_with_values, head_returns_input
+from rlhfkit.rl.head_logprobs import head_logprobs
 from rlhfkit.training.distributed import global_masked_whiten, global_sums, micro_batch_context
 from rlhfkit.rl import (
     PPOLoss,
@@ -93,7 +94,7 @@ def length_order(mask: torch.Tensor) -> torch.Tensor:
 
 def response_forward(model, value_head, ids: torch.Tensor, mask: torch.Tensor, response_ids: torch.Tensor,
                      temperature: float, with_values: bool = True, with_entropy: bool = False,
-                     logprobs_fn: Callable[..., torch.Tensor] = logprobs_from_logits):
+                     logprobs_fn: Callable[..., torch.Tensor] = logprobs_from_logits, logits_chunk_size: int = 0):
     """Log-probs (and values, entropy) of the response tokens at the end of ``ids``.
 
     Vocabulary logits are computed only for the R positions that predict response tokens (an
@@ -101,10 +102,20 @@ def response_forward(model, value_head, ids: torch.Tensor, mask: torch.Tensor, r
     at the same positions, from the LM head's input (no per-layer hidden states).
     `value_head` None with `with_values`: `model` is a `ModelWithValueHead` (see `forward_with_values`).
     `logprobs_fn`: the log-probs with gradients (`logprobs_from_logits` or the CPU's buffered twin).
+    `logits_chunk_size` > 0: the head runs in chunks of that many positions (`rl.head_logprobs`), so
+    the ``(b, R, v)`` logits never exist at once, wherever the head allows it (`chunkable_head`).
     Returns ``logprobs (b, R)``, ``values (b, R) | None``, ``entropy (b, R) | None``.
     """
     length, width = ids.shape[1], response_ids.shape[1]
     predicting = torch.arange(length - width - 1, length - 1, device=ids.device)  # (R,)
+    head = chunkable_head(model) if logits_chunk_size > 0 else None
+    if head is not None:
+        with head_returns_input(head):
+            output, values = forward_with_values(model, value_head, ids, mask, logits_to_keep=predicting,
+                                                 with_values=with_values, at_logits=True)
+        logprobs, entropy = head_logprobs(output.logits, head.weight, response_ids, temperature,  # hidden (b, R, H)
+                                          logits_chunk_size, with_entropy)
+        return logprobs.float(), values, None if entropy is None else entropy.float()
     output, values = forward_with_values(model, value_head, ids, mask, logits_to_keep=predicting,
                                          with_values=with_values, at_logits=True)  # values (b, R)
     logits = output.logits  # (b, R, v): position i predicts response token i
@@ -128,12 +139,14 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate_rollout(policy, value_head, reference, reference_context, ids, mask, response_ids, temperature,
-                     chunk_size: int, recorded=None, with_values: bool = True) -> Evaluation:
+                     chunk_size: int, recorded=None, with_values: bool = True,
+                     logits_chunk_size: int = 0) -> Evaluation:
     """Old log-probs, values (`with_values`: a critic), entropy (policy) and reference log-probs, in
     chunks of rows.
 
     `recorded` (a `GeneratedBatch` sampled with ``record=True``) holds the policy's log-probs,
     values and entropy from the sampling passes; then only the reference runs here.
+    `logits_chunk_size`: see `response_forward`.
     """
     rows_total, width = response_ids.shape
     def zeros():
@@ -153,11 +166,12 @@ def evaluate_rollout(policy, value_head, reference, reference_context, ids, mask
         if recorded is None:
             computed["logprobs"], computed["values"], computed["entropy"] = response_forward(
                 policy, value_head, chunk_ids, chunk_mask, chunk_response, temperature, with_values=with_values,
-                with_entropy=True)
+                with_entropy=True, logits_chunk_size=logits_chunk_size)
         with reference_context():
             computed["ref_logprobs"], _, _ = response_forward(reference, value_head=None, ids=chunk_ids,
                                                               mask=chunk_mask, response_ids=chunk_response,
-                                                              temperature=temperature, with_values=False)
+                                                              temperature=temperature, with_values=False,
+                                                              logits_chunk_size=logits_chunk_size)
         for key, value in computed.items():
             if value is not None:
                 out[key][rows, :end] = value.float()
@@ -188,7 +202,8 @@ def compute_advantages(scores, logprobs, ref_logprobs, values, response_mask, kl
 
 def ppo_update_minibatch(accelerator, policy, value_head, loss_fn: PPOLoss, minibatch: Rollout,
                          micro_batch_size: int, temperature: float, world: int,
-                         logprobs_fn: Callable[..., torch.Tensor] = logprobs_from_logits) -> dict[str, float]:
+                         logprobs_fn: Callable[..., torch.Tensor] = logprobs_from_logits,
+                         logits_chunk_size: int = 0) -> dict[str, float]:
     """Accumulate gradients of the clipped PPO loss over the micro-batches of one mini-batch.
 
     Each micro-batch's loss is a sum over its response tokens divided by the mini-batch's token
@@ -196,6 +211,7 @@ def ppo_update_minibatch(accelerator, policy, value_head, loss_fn: PPOLoss, mini
     equals one large batch exactly, on one process or several. Returns the loss and token-weighted
     means of the loss statistics over all processes.
     The caller clips and steps. `value_head` None: `policy` is a `ModelWithValueHead`.
+    `logits_chunk_size`: see `response_forward`.
     """
     rows = minibatch.response_mask.shape[0]
     total_tokens, total_rows = global_sums(accelerator, float(minibatch.response_mask.sum()), rows)
@@ -212,7 +228,8 @@ def ppo_update_minibatch(accelerator, policy, value_head, loss_fn: PPOLoss, mini
         with micro_batch_context(accelerator, policy, last), accelerator.autocast():
             logprobs, values, entropy = response_forward(policy, value_head, ids, mask, micro.response_ids,
                                                          temperature, with_values=with_values,
-                                                         with_entropy=with_entropy, logprobs_fn=logprobs_fn)
+                                                         with_entropy=with_entropy, logprobs_fn=logprobs_fn,
+                                                         logits_chunk_size=logits_chunk_size)
             loss, stats = loss_fn(logprobs, micro.logprobs, micro.advantages, values, micro.values, micro.returns,
                                   micro.response_mask, entropy=entropy, normaliser=total_tokens,
                                   ref_logprobs=micro.ref_logprobs, sequence_normaliser=total_rows)
@@ -257,7 +274,8 @@ def ppo_update(run: "Training", loss_fn: PPOLoss, rollout: Rollout, mini_size: i
             minibatch = rollout.select(order[begin:begin + mini_size])
             stats = ppo_update_minibatch(run.accelerator, run.model, value_head=None, loss_fn=loss_fn,
                                          minibatch=minibatch, micro_batch_size=micro_size, temperature=temperature,
-                                         world=world, logprobs_fn=run.speedups.logprobs)
+                                         world=world, logprobs_fn=run.speedups.logprobs,
+                                         logits_chunk_size=t.logits_chunk_size)
             stats["grad_norm"], stepped = run.optimizer_step(stats["loss"], step)
             if not stepped:
                 continue

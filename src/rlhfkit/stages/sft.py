@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from rlhfkit.config import Config
 from rlhfkit.data import collate_sft
-from rlhfkit.models.forward import causal_lm_forward
+from rlhfkit.models.forward import causal_lm_forward, chunkable_head, head_returns_input
 from rlhfkit.models.loading import load_tokenizer
+from rlhfkit.rl.head_logprobs import head_logprobs
 from rlhfkit.stages.common import load_stage_data, load_trainable_model, save_trained, trainable_named_parameters
 from rlhfkit.stages.setup import Training, prepare_training, start_run
 from rlhfkit.training.batches import micro_batches, rank_share, step_batches
@@ -28,24 +29,38 @@ from rlhfkit.training.optim import total_optimizer_steps
 logger = logging.getLogger(__name__)
 
 
-def token_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token negative log-likelihood over label tokens, and their count."""
+def token_nll_sum(model, batch: dict[str, torch.Tensor], logits_chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token negative log-likelihood over label tokens, and their count.
+
+    `logits_chunk_size` > 0: the LM head and log-softmax run only on the label positions, that many
+    at a time (`rl.head_logprobs`), so the ``(b, T, v)`` logits never exist, wherever the head allows
+    it (`chunkable_head`).
+    """
+    shift_labels = batch["labels"][:, 1:]
+    head = chunkable_head(model) if logits_chunk_size > 0 else None
+    if head is not None:
+        with head_returns_input(head):
+            hidden = causal_lm_forward(model, batch["input_ids"], batch["attention_mask"]).logits  # (b, T, H)
+        labelled = shift_labels != -100  # (b, T - 1)
+        logprobs, _ = head_logprobs(hidden[:, :-1][labelled], head.weight, shift_labels[labelled],
+                                    chunk_size=logits_chunk_size)  # (n,)
+        return -logprobs.sum(), labelled.sum()
     logits = causal_lm_forward(model, batch["input_ids"], batch["attention_mask"]).logits  # (b, T, v)
     shift_logits = logits[:, :-1].float()
-    shift_labels = batch["labels"][:, 1:]
     nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                           ignore_index=-100, reduction="sum")
     return nll, (shift_labels != -100).sum()
 
 
 @torch.no_grad()
-def evaluate_sft(model, items: list[dict], batch_size: int, pad_token_id: int, device) -> float:
+def evaluate_sft(model, items: list[dict], batch_size: int, pad_token_id: int, device,
+                 logits_chunk_size: int = 0) -> float:
     """Mean token loss over `items`."""
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for begin in range(0, len(items), batch_size):
         batch = {k: v.to(device) for k, v in collate_sft(items[begin:begin + batch_size], pad_token_id).items()}
-        nll, n = token_nll_sum(model, batch)
+        nll, n = token_nll_sum(model, batch, logits_chunk_size)
         total, count = total + nll.float(), count + n
     model.train()
     return float(total / count.clamp(min=1))
@@ -70,7 +85,7 @@ def run_sft(config: Config) -> dict[str, float]:
                     total_steps, samples_per_step)
         def evaluate() -> dict[str, float]:
             return {"eval_loss": evaluate_sft(run.model, data.eval, t.per_device_eval_batch_size,
-                                              tokenizer.pad_token_id, accelerator.device)}
+                                              tokenizer.pad_token_id, accelerator.device, t.logits_chunk_size)}
 
         # 4. loop
         run.model.train()
@@ -115,7 +130,7 @@ def sft_step(run: Training, items: list[dict], indices: list[int], pad_token_id:
     for index, batch in enumerate(batches):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with micro_batch_context(accelerator, run.model, index == len(batches) - 1), accelerator.autocast():
-            nll, _ = token_nll_sum(run.model, batch)
+            nll, _ = token_nll_sum(run.model, batch, t.logits_chunk_size)
             accelerator.backward(nll * world / step_tokens)  # DDP averages over processes
         step_loss += float(nll.detach()) / step_tokens
     (step_loss,) = global_sums(accelerator, step_loss)

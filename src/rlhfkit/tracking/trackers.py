@@ -91,6 +91,8 @@ def hyperparameters(config: Config) -> dict[str, Any]:
         for key, value in dataclasses.asdict(getattr(config, section)).items():
             plain = value is None or isinstance(value, (str, int, float, bool))
             values[key] = value if plain else json.dumps(value, default=str)
+    if values.get("hf_hub_token"):  # a secret: never sent to a tracker
+        values["hf_hub_token"] = "***"
     return values
 
 

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+from rlhfkit.accelerator.defaults import apply_device_defaults
 from rlhfkit.config import Config
 from rlhfkit.errors import fail
 from rlhfkit.run_lock import LOCK_FILE
@@ -59,7 +60,8 @@ def build_accelerator(config: Config) -> Accelerator:
     trackers of `report_to` (`tracking.trackers`) and DeepSpeed from the `deepspeed` key
     (`training.deepspeed`).
 
-    Gradient accumulation is done by the stage loops themselves (they know the token counts), so
+    Keys left unset whose defaults depend on the device are filled in for the accelerator's device
+    (`accelerator.defaults`). Gradient accumulation is done by the stage loops themselves (they know the token counts), so
     the Accelerator is created with one accumulation step. Two additions to accelerate's own
     set-up make the same configs run on a machine without GPUs (tests, debugging): several
     launched processes use the gloo backend instead of running as unrelated copies, and an FSDP
@@ -77,6 +79,10 @@ def build_accelerator(config: Config) -> Accelerator:
         check_deepspeed_runnable(config, accelerator_available=not _no_accelerator_device())
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what `accelerate launch --use_deepspeed` sets
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu, log_with=trackers or None, deepspeed_plugin=plugin)
+    filled = apply_device_defaults(config, accelerator.device.type)
+    if filled:
+        logger.info("defaults for %s: %s", accelerator.device.type,
+                    ", ".join(f"{key}={getattr(config.training, key)}" for key in filled))
     if accelerator.num_processes > 1:
         atexit.unregister(_destroy_process_group)  # once per process, however many stages it runs
         atexit.register(_destroy_process_group)

@@ -1,0 +1,9 @@
+"""Settings that pay only on an accelerator (GPU), chosen by device, beside `rlhfkit.cpu`'s CPU ones.
+
+* `defaults`: the device-dependent defaults of keys left unset (micro-batch, evaluation chunk,
+  chunked LM head) and the rollout engine `auto` picks.
+
+The accelerator's rollout engine itself (static KV cache, compiled decode step, merged LoRA copy)
+lives with the other engines in `rlhfkit.rollout`. This package's `__init__` imports nothing
+(the configuration resolves CPU defaults before torch is imported).
+"""
