@@ -372,6 +372,22 @@ def test_a_full_disk_while_checkpointing_leaves_no_partial_folder(finished_run, 
     assert not (out / ".rlhfkit.lock").exists()
 
 
+
+def test_a_full_disk_at_the_final_save_is_one_line(finished_run, tmp_path, capsys, monkeypatch):
+    values, _ = finished_run
+    out = tmp_path / "out"
+
+    def full_disk(model, tokenizer, directory, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(directory) / "model.safetensors"))
+
+    monkeypatch.setattr("rlhfkit.stages.common.save_pretrained_model", full_disk)
+    code, err = _train(capsys, tmp_path, dict(values, output_dir=str(out), save_steps=1000))
+    assert code == 2
+    line = _one_error(err)
+    assert "could not write the trained model" in line and "No space left on device" in line
+    assert str(out / "model.safetensors") in line
+    assert not (out / ".rlhfkit.lock").exists()
+
 def test_a_hub_token_is_never_recorded_nor_sent_to_trackers():
     from rlhfkit.config import build_config
     from rlhfkit.resume_config import config_record

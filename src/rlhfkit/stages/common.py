@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhfkit.checkpoint import check_finite
+from rlhfkit.checkpoint_files import write_problem
 from rlhfkit.config import Config
 from rlhfkit.data import (
     load_examples,
@@ -29,7 +31,7 @@ from rlhfkit.models.loading import (
     resolve_dtype,
 )
 from rlhfkit.models.saving import save_pretrained_model, split_trained
-from rlhfkit.training.distributed import is_sharded
+from rlhfkit.training.distributed import global_sums, is_sharded
 from rlhfkit.training.probe import check_outputs_finite, probe_ids
 
 logger = logging.getLogger(__name__)
@@ -124,12 +126,25 @@ def save_trained(accelerator, prepared, modules: dict[str, torch.nn.Module], tok
     check_outputs_finite(accelerator, prepared, probe_ids(tokenizer, accelerator.device),
                          f"the trained model to {output_dir}", output_dir)
     full_state = accelerator.get_state_dict(prepared) if is_sharded(accelerator) else None
+    problem = None
     if accelerator.is_main_process:
         model, model_state, value_head = split_trained(accelerator.unwrap_model(prepared), full_state)
-        save_pretrained_model(model, tokenizer, output_dir, value_head, state_dict=model_state)
-        logger.info("saved to %s", output_dir)
-        if config is not None and config.finetuning.pissa_init and config.finetuning.pissa_convert:
-            save_pissa_converted(model, output_dir)
+        try:
+            save_pretrained_model(model, tokenizer, output_dir, value_head, state_dict=model_state)
+            if config is not None and config.finetuning.pissa_init and config.finetuning.pissa_convert:
+                save_pissa_converted(model, output_dir)
+        except Exception as err:
+            problem = write_problem(err, Path(output_dir))
+            if problem is None:  # not a file-system fault: a bug, shown as it is
+                raise
+        else:
+            logger.info("saved to %s", output_dir)
+    failed = problem is not None
+    if accelerator.num_processes > 1:  # every process stops together
+        failed = global_sums(accelerator, failed)[0] > 0
+    if failed:
+        raise fail(f"could not write the trained model to {output_dir}: {problem or 'the main process failed'}; "
+                   "free space there and run again (its checkpoints, if any, can be resumed)")
     accelerator.wait_for_everyone()
     if config is not None and config.output.push_to_hub and accelerator.is_main_process:
         push_output(config, output_dir)
