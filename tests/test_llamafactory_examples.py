@@ -351,3 +351,76 @@ def test_dpo_example_names_its_stage(workspace, tiny_model_dir, capsys):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: ") and "stage 'dpo' is not supported" in error and "pref_beta" not in error
     assert not Path("saves").exists()
+
+
+# ------------------------------------------------- a switching user's keys and mistakes
+
+
+@pytest.mark.parametrize("key, value, reason", [
+    ("tool_format", "qwen", "tokenizer's own chat template"),
+    ("num_beams", 4, "beam search is not implemented"),
+    ("length_penalty", 0.5, "beam search"),
+    ("reward_model_adapters", "saves/rm2", "merge the adapters into the reward model first"),
+    ("ms_hub_token", "x", "ModelScope"),
+    ("adapter_folder", "adapters", "subfolder"),
+    ("add_tokens", "<x>", "tokenizer folder"),
+    ("export_quantization_bit", 4, "GPTQ export is not implemented"),
+    ("quantization_device_map", "auto", "its own device"),
+    ("mix_strategy", "interleave_under", "concatenated"),
+    ("ignore_pad_token_for_loss", False, "padding never counts"),
+    ("train_from_scratch", True, "model's weights"),
+])
+def test_llamafactory_only_keys_say_why_they_are_refused(key, value, reason):
+    """LLaMA-Factory keys we do not support: one line with the reason, not 'unknown key; did you mean ...'."""
+    from rlhfkit.config import build_config
+    from rlhfkit.errors import RlhfkitError
+
+    with pytest.raises(RlhfkitError) as err:
+        build_config({"model_name_or_path": "m", "output_dir": "o", "dataset": "d", key: value})
+    message = str(err.value)
+    assert "\n" not in message and f"{key}: {value!r} is not supported" in message and reason in message
+
+
+@pytest.mark.parametrize("key, value", [("freeze_vision_tower", True), ("image_max_pixels", 589824),
+                                        ("video_fps", 2.0), ("max_length", 1024), ("preprocessing_batch_size", 1000),
+                                        ("use_kv_cache", True), ("logging_strategy", "steps")])
+def test_keys_without_effect_on_text_models_are_accepted(key, value):
+    """Keys LLaMA-Factory's web UI or generation settings write that change nothing for a text model here."""
+    from rlhfkit.config import build_config
+
+    config = build_config({"model_name_or_path": "m", "output_dir": "o", "dataset": "d", key: value})
+    assert key in config.ignored_keys
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_lm(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+
+@pytest.mark.parametrize("lora_target, fragment", [
+    ("c_attn", "no module named 'c_attn' in the model; its linear layers are down_proj, gate_proj, k_proj"),
+    ("q_proj v_proj", "no module named 'q_proj v_proj' in the model (separate names with commas)"),
+])
+def test_lora_target_naming_no_module_is_one_line(tiny_causal_lm, lora_target, fragment):
+    """peft raises with a traceback when no target matches; the run stops naming the model's linear layers."""
+    from rlhfkit.config import FinetuningArguments
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.models.adapters import setup_finetuning
+
+    with pytest.raises(RlhfkitError, match=r"^lora_target: ") as err:
+        setup_finetuning(tiny_causal_lm(), FinetuningArguments(lora_target=lora_target), [])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_lora_target_partly_missing_is_a_warning_and_trains_the_rest(tiny_causal_lm, caplog):
+    """As peft (and so LLaMA-Factory) does, a name that matches nothing is skipped, but said."""
+    from rlhfkit.config import FinetuningArguments
+    from rlhfkit.models.adapters import setup_finetuning
+
+    with caplog.at_level("WARNING"):
+        model = setup_finetuning(tiny_causal_lm(), FinetuningArguments(lora_target="q_proj,c_attn"), [])
+    assert "lora_target: no module named 'c_attn' in the model; skipped" in caplog.text
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert adapted == {"q_proj"}
