@@ -49,7 +49,7 @@ class ModelArguments:
     infer_backend: str = "huggingface"
     """Generation engine of `rlhfkit chat` (LLaMA-Factory's key): huggingface (transformers' generate) only."""
     infer_dtype: str = "auto"
-    """Weight dtype of `rlhfkit chat` and `rlhfkit eval`: auto (float32 on the CPU, the checkpoint's own on an accelerator), float32, bfloat16, float16."""
+    """Weight dtype of `rlhfkit chat` and `rlhfkit eval` (auto: float32 on the CPU, the checkpoint's own on an accelerator) and, unless torch_dtype is set, of `rlhfkit export` (auto: the checkpoint's own); or float32, bfloat16, float16."""
 
 
 @dataclass
