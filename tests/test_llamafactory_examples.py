@@ -424,3 +424,17 @@ def test_lora_target_partly_missing_is_a_warning_and_trains_the_rest(tiny_causal
     assert "lora_target: no module named 'c_attn' in the model; skipped" in caplog.text
     adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if "lora_A" in name}
     assert adapted == {"q_proj"}
+
+
+def test_template_whose_turn_marker_is_not_a_token_warns(caplog):
+    """llama3 on a tokenizer without <|eot_id|> (LLaMA-Factory would add the token): said, not silent."""
+    from rlhfkit.config import DataArguments
+    from rlhfkit.data import template_for
+    from rlhfkit.models.tiny import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    with caplog.at_level("WARNING"):
+        template_for(DataArguments(template="qwen3_nothink"), tokenizer)  # <|im_end|> is a token
+        assert not caplog.records
+        template_for(DataArguments(template="llama3"), tokenizer)
+    assert "template llama3 ends turns with '<|eot_id|>', which is not one token of this tokenizer" in caplog.text
