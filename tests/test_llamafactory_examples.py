@@ -15,17 +15,20 @@ Mirrored, by LLaMA-Factory's file names:
   December 2025; its `stage: ppo` remains): `reward_model` points at the reward example's output
   folder, and `max_new_tokens` is 16 instead of 512 (a size). It keeps `template: llama3`: the tiny
   character tokenizer has no `<|start_header_id|>` / `<|eot_id|>` tokens, so those markers are
-  encoded as characters (with a Llama 3 tokenizer they are single tokens); replies still stop at
-  the tokenizer's EOS.
-* merge_lora/qwen3_lora_sft.yaml with `rlhfkit export`, inference/qwen3_lora_sft.yaml and
-  inference/qwen3_full_sft.yaml (pointed at the merged folder) with `rlhfkit chat`, each with
-  `max_new_tokens: 8` added (the default is 512 tokens; a size).
+  encoded as characters (with a Llama 3 tokenizer they are single tokens; the run warns); replies
+  still stop at the tokenizer's EOS.
+* merge_lora/qwen3_lora_sft.yaml with `rlhfkit export`; inference/qwen3_lora_sft.yaml and
+  inference/qwen3_full_sft.yaml (its model the merged folder) with `rlhfkit chat`, both with
+  `max_new_tokens: 8` added (a size; the default is 1024, as in LLaMA-Factory).
 * train_full/qwen3_full_sft.yaml and train_lora/qwen3_lora_sft_ds3.yaml (`deepspeed:
   examples/deepspeed/ds_z3_config.json`): one line saying to install deepspeed and how to launch,
   where deepspeed is not installed; train_lora/qwen3_lora_dpo.yaml: one line naming the stage.
 
 The demo sets are small (8 SFT rows, 4 pairs), so LLaMA-Factory's own sizes (batch 1 x accumulation
 8, 3 epochs, cutoff_len 2048, max_samples 1000) already give 3 short steps per stage.
+
+Then a switching user's keys and mistakes: LLaMA-Factory-only keys say why they are refused (or are
+accepted where they change nothing for a text model), and a `lora_target` naming no module is one line.
 """
 
 from __future__ import annotations
