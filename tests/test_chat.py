@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,9 +130,11 @@ def test_inference_config_settings_and_command_line_precedence(tiny_model_dir, t
                                "do_sample: false\ntemperature: 0.5\ntop_p: 0.9\nmax_new_tokens: 7\n"
                                "vllm_maxlen: 4096\nvllm_enforce_eager: true\n")  # settings of another backend
     settings = chat_settings(config, {"max_new_tokens": 3})
-    assert settings == dict(model_path=str(tiny_model_dir), adapter="saves/lora/sft", template="chatml",
-                            max_new_tokens=3, temperature=0.5, top_p=0.9, top_k=50, repetition_penalty=1.0,
-                            greedy=True, seed=42, device="auto", trust_remote_code=True)
+    model_args = settings.pop("model_args")
+    assert settings == dict(model_path=str(tiny_model_dir), adapter="saves/lora/sft", template="chatml", system=None,
+                            enable_thinking=True, max_new_tokens=3, temperature=0.5, top_p=0.9, top_k=50,
+                            repetition_penalty=1.0, greedy=True, seed=42, device="auto", trust_remote_code=True)
+    assert model_args.model_name_or_path == str(tiny_model_dir) and model_args.infer_dtype == "auto"
     assert chat_settings(str(tiny_model_dir), {"greedy": True}) == {"model_path": str(tiny_model_dir), "greedy": True}
 
 
@@ -159,3 +162,31 @@ def test_chat_from_an_inference_config_with_an_adapter(tiny_model_dir, tmp_path,
     output = capsys.readouterr().out
     assert f"Chatting with {tiny_model_dir} + {adapter_dir}" in output
     assert f"Assistant: {expected}\n" in output
+
+
+def test_inference_config_model_and_template_keys_reach_the_chat(tiny_model_dir, tmp_path, monkeypatch):
+    """default_system, enable_thinking and the model keys (infer_dtype here) of an inference config are
+    used, not dropped: the session the chat loop gets has them."""
+    config = _inference_config(tmp_path / "infer.yaml", tiny_model_dir,
+                               extra="default_system: Be brief.\nenable_thinking: false\ninfer_dtype: bfloat16\n"
+                                     "device: cpu\n")
+    config_path = Path(config)
+    config_path.write_text(config_path.read_text().replace("template: chatml", "template: qwen3"))
+    sessions = []
+    monkeypatch.setattr("rlhfkit.commands.chat.chat_loop", sessions.append)
+    assert main(["chat", config]) == 0
+    (session,) = sessions
+    assert session.system == "Be brief." and session.template.enable_thinking is False
+    assert next(session.model.parameters()).dtype == torch.bfloat16
+    # the prompt as LLaMA-Factory's qwen3 writes it with thinking off: the system turn, and an empty thought
+    prompt = session.tokenizer.decode(session.prompt_ids("hi")[0])
+    assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                      "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_inference_config_model_keys_are_checked(tiny_model_dir, tmp_path, capsys):
+    """A model key of the inference config reaches the loader: flash_attn fa2 without flash-attn is one line."""
+    config = _inference_config(tmp_path / "infer.yaml", tiny_model_dir, extra="flash_attn: fa2\ndevice: cpu\n")
+    assert main(["chat", config]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "flash_attn: fa2 needs the flash-attn package" in error

@@ -111,8 +111,9 @@ def test_sharded_export_loads_and_matches(tiny_model_dir, adapter_dir, tmp_path)
                                atol=_merged_logits_atol(reference_model, batch), rtol=0)
 
 
-def test_dtype_and_plain_reexport(tiny_model_dir, tmp_path):
-    out = _export(tmp_path, tiny_model_dir, torch_dtype="bfloat16")
+@pytest.mark.parametrize("key", ["torch_dtype", "infer_dtype"])  # infer_dtype: LLaMA-Factory's merge configs
+def test_dtype_and_plain_reexport(tiny_model_dir, tmp_path, key):
+    out = _export(tmp_path, tiny_model_dir, **{key: "bfloat16"})
     model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert model.dtype == torch.bfloat16
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()

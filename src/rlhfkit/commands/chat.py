@@ -2,9 +2,11 @@
 using the chat template.
 
 CONFIG.yaml is LLaMA-Factory's inference config: `model_name_or_path`, `adapter_name_or_path`,
-`template`, `infer_backend: huggingface` (another backend is refused), `trust_remote_code`, and
-the generation keys (`do_sample`, `temperature`, `top_p`, `top_k`, `max_new_tokens`,
-`repetition_penalty`); options given on the command line win over it.
+`template`, `infer_backend: huggingface` (another backend is refused), `trust_remote_code`, the
+generation keys (`do_sample`, `temperature`, `top_p`, `top_k`, `max_new_tokens`,
+`repetition_penalty`), `default_system` and `enable_thinking`, and every model key a training
+config has (`infer_dtype`, `quantization_bit`, `rope_scaling`, `flash_attn`, the hub keys, ...);
+options given on the command line win over it.
 
 Each user message is appended to the conversation, the whole conversation is encoded with the
 template (the tokenizer's own unless `--template`), and the reply streams to the terminal as it
@@ -15,6 +17,7 @@ are dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -176,9 +179,10 @@ def settings_from_config(path: str) -> dict[str, Any]:
     if not m.model_name_or_path:
         raise fail(f"{path}: model_name_or_path is required; set it to the model folder to chat with")
     return dict(model_path=m.model_name_or_path, adapter=m.adapter_name_or_path, template=config.data.template,
+                system=config.data.default_system, enable_thinking=config.data.enable_thinking,
                 max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                 repetition_penalty=g.repetition_penalty, greedy=not g.do_sample, seed=config.training.seed,
-                device=m.device, trust_remote_code=m.trust_remote_code)
+                device=m.device, trust_remote_code=m.trust_remote_code, model_args=m)
 
 
 def chat_settings(target: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -190,13 +194,15 @@ def chat_settings(target: str, given: dict[str, Any]) -> dict[str, Any]:
 def run_chat(model_path: str, adapter: str | None = None, template: str | None = None, system: str | None = None,
              max_new_tokens: int = 512, temperature: float = 0.95, top_p: float = 0.7, top_k: int = 50,
              repetition_penalty: float = 1.0, greedy: bool = False, seed: int = 42, device: str = "auto",
-             trust_remote_code: bool = False) -> int:
-    """Load the model (adapters merged) and chat on stdin/stdout."""
-    model_args = ModelArguments(model_name_or_path=model_path, adapter_name_or_path=adapter,
-                                trust_remote_code=trust_remote_code)
+             trust_remote_code: bool = False, enable_thinking: bool | None = True,
+             model_args: ModelArguments | None = None) -> int:
+    """Load the model (adapters merged) and chat on stdin/stdout. `model_args`: an inference config's
+    model keys (quantization, dtype, hub, ...), with `model_path`, `adapter` and `trust_remote_code` winning."""
+    model_args = dataclasses.replace(model_args or ModelArguments(), model_name_or_path=model_path,
+                                     adapter_name_or_path=adapter, trust_remote_code=trust_remote_code)
     adapters = split_paths(adapter)
     model, tokenizer = load_for_inference(model_args, adapters, inference_device(device))
-    chat_template = get_template(template, tokenizer)
+    chat_template = get_template(template, tokenizer, enable_thinking=enable_thinking)
     config = generation_config(tokenizer, chat_template.stop_token_ids(tokenizer), max_new_tokens, temperature,
                                top_p, top_k, repetition_penalty, greedy)
     torch.manual_seed(seed)

@@ -2,8 +2,8 @@
 
 Keys (LLaMA-Factory's): `model_name_or_path`, `adapter_name_or_path` (merged in order; folders
 or hub ids), `template`, `export_dir`, `export_size`, `export_legacy_format`, `export_device`,
-`export_hub_model_id` (upload the result), and `torch_dtype` / `bf16` / `fp16` for the saved dtype
-(auto keeps the checkpoint's).
+`export_hub_model_id` (upload the result), and `torch_dtype` (or LLaMA-Factory's `infer_dtype`) /
+`bf16` / `fp16` for the saved dtype (auto keeps the checkpoint's).
 
 1. check     required keys, sizes, that export_dir is neither a source nor a non-empty folder
 2. load      tokenizer (from the last adapter folder if it holds one) and base model; grow the
@@ -21,6 +21,7 @@ or hub ids), `template`, `export_dir`, `export_size`, `export_legacy_format`, `e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -55,8 +56,9 @@ def check_export_config(config: Config) -> None:
     if e.export_legacy_format:
         raise fail(f"{src}: export_legacy_format: true (PyTorch .bin files) is not supported; transformers 5 "
                    "writes safetensors, which every current loader reads; set export_legacy_format: false")
-    if m.torch_dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise fail(f"{src}: torch_dtype is '{m.torch_dtype}'; allowed: auto, float32, bfloat16, float16")
+    for key in ("torch_dtype", "infer_dtype"):
+        if getattr(m, key) not in ("auto", "float32", "bfloat16", "float16"):
+            raise fail(f"{src}: {key} is '{getattr(m, key)}'; allowed: auto, float32, bfloat16, float16")
     if config.training.bf16 and config.training.fp16:
         raise fail(f"{src}: bf16 and fp16 are both true; choose one")
     if m.quantization_bit is not None:
@@ -74,8 +76,11 @@ def check_export_config(config: Config) -> None:
 
 
 def export_dtype(config: Config):
-    """The saved dtype: `torch_dtype` / bf16 / fp16 when set, else "auto" (the checkpoint's own)."""
+    """The saved dtype: `torch_dtype`, else LLaMA-Factory's `infer_dtype`, else bf16 / fp16 when set, else
+    "auto" (the checkpoint's own)."""
     m, t = config.model, config.training
+    if m.torch_dtype == "auto" and m.infer_dtype != "auto":
+        return resolve_dtype(dataclasses.replace(m, torch_dtype=m.infer_dtype))
     if m.torch_dtype == "auto" and not (t.bf16 or t.fp16):
         return "auto"
     return resolve_dtype(m, t)

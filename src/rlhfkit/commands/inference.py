@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import ModelArguments
+from rlhfkit.errors import fail
 from rlhfkit.hub import resolve, resolve_model_args
 from rlhfkit.models.adapters import apply_frozen_adapters, check_adapter_dir
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
@@ -35,13 +36,26 @@ def tokenizer_folder(model_path: str, adapters: list[str]) -> str:
     return model_path
 
 
+INFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def inference_dtype(model_args: ModelArguments, device: torch.device) -> torch.dtype | str:
+    """The weights' dtype from `infer_dtype`: auto is float32 on the CPU, the checkpoint's own ("auto")
+    on an accelerator."""
+    if model_args.infer_dtype == "auto":
+        return torch.float32 if device.type == "cpu" else "auto"
+    if model_args.infer_dtype not in INFER_DTYPES:
+        raise fail(f"infer_dtype is '{model_args.infer_dtype}'; allowed: auto, {', '.join(INFER_DTYPES)}")
+    return INFER_DTYPES[model_args.infer_dtype]
+
+
 def load_for_inference(model_args: ModelArguments, adapters: list[str], device: torch.device,
                        dtype: torch.dtype | None = None):
     """(model, tokenizer): the base of `model_args` with `adapters` merged in order, in eval mode.
 
-    Hub ids are fetched (see `rlhfkit.hub`). `dtype` None means float32 on the CPU and the
-    checkpoint's own dtype on an accelerator. With `quantization_bit` the base loads quantized and
-    its one adapter stays unmerged. The tokenizer has a PAD token distinct from EOS and pads on the left.
+    Hub ids are fetched (see `rlhfkit.hub`). `dtype` None means `inference_dtype`. With
+    `quantization_bit` the base loads quantized and its one adapter stays unmerged. The tokenizer has
+    a PAD token distinct from EOS and pads on the left.
     """
     resolve_model_args(model_args)
     adapters = [resolve(path, "adapter_name_or_path", model_args) for path in adapters]
@@ -49,7 +63,7 @@ def load_for_inference(model_args: ModelArguments, adapters: list[str], device: 
         check_adapter_dir(path)
     tokenizer = load_tokenizer(model_args, tokenizer_folder(model_args.model_name_or_path, adapters))
     if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else "auto"
+        dtype = inference_dtype(model_args, device)
     if model_args.quantization_bit is not None and dtype == "auto":  # bitsandbytes computes in a named dtype
         dtype = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
     model = load_causal_lm(model_args.model_name_or_path, model_args, dtype, device, tokenizer,

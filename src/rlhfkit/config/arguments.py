@@ -48,6 +48,8 @@ class ModelArguments:
     """4-bit: also quantize the quantization constants (saves about 0.4 bits per weight)."""
     infer_backend: str = "huggingface"
     """Generation engine of `rlhfkit chat` (LLaMA-Factory's key): huggingface (transformers' generate) only."""
+    infer_dtype: str = "auto"
+    """Weight dtype of `rlhfkit chat` and `rlhfkit eval` (auto: float32 on the CPU, the checkpoint's own on an accelerator) and, unless torch_dtype is set, of `rlhfkit export` (auto: the checkpoint's own); or float32, bfloat16, float16."""
 
 
 @dataclass
@@ -391,6 +393,20 @@ IGNORED_KEYS: dict[str, str] = {
     "gradient_checkpointing_kwargs": "gradient checkpointing is always non-reentrant (the same gradients)",
     "ddp_find_unused_parameters": "DDP is set up by accelerate",
     "predict_with_generate": "`rlhfkit eval` generates",
+    "max_length": "replies are limited by max_new_tokens (LLaMA-Factory ignores max_length too while max_new_tokens is set)",
+    "preprocessing_batch_size": "tokenization runs in the main process",
+    "use_kv_cache": "generation always uses the KV cache",
+    "low_cpu_mem_usage": "transformers 5 always loads weights this way",
+    "print_param_status": "the trainable parameter count is always logged",
+    "logging_strategy": "logging follows logging_steps",
+    "dataloader_pin_memory": "batches are built in the main process",
+    "remove_unused_columns": "datasets are read by their dataset_info.json columns",
+    **{key: "a setting for vision and audio models, which are not supported; no effect on text models (nor in "
+            "LLaMA-Factory)"
+       for key in ("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model", "image_max_pixels",
+                   "image_min_pixels", "image_do_pan_and_scan", "crop_to_patches", "video_max_pixels",
+                   "video_min_pixels", "video_fps", "video_maxlen", "use_audio_in_video", "audio_sampling_rate",
+                   "media_dir")},
     **{key: "a setting of LLaMA-Factory's dpo and kto stages; no effect in sft, rm and ppo (nor in LLaMA-Factory)"
        for key in ("pref_beta", "pref_ftx", "pref_bco_weight", "pref_loss", "dpo_label_smoothing", "kto_chosen_weight",
                    "kto_rejected_weight", "simpo_gamma", "ld_alpha")},
@@ -428,4 +444,27 @@ DEFAULT_ONLY_KEYS: dict[str, tuple[Any, str]] = {
     "swanlab_logdir": (None, "SwanLab's local logs go where SwanLab puts them"),
     "swanlab_lark_webhook_url": (None, "SwanLab's Lark notifications are not set up"),
     "swanlab_lark_secret": (None, "SwanLab's Lark notifications are not set up"),
+    "tool_format": (None, "tool calls are rendered by the tokenizer's own chat template (template: auto)"),
+    "ignore_pad_token_for_loss": (True, "padding never counts in a loss"),
+    "mix_strategy": ("concat", "several datasets are concatenated"),
+    "interleave_probs": (None, "several datasets are concatenated, never interleaved"),
+    "eval_on_each_dataset": (False, "the evaluation sets are evaluated together"),
+    "compute_accuracy": (False, "SFT evaluation reports eval_loss only"),
+    "include_effective_tokens_per_second": (False, "include_num_input_tokens_seen logs the tokens seen"),
+    "train_from_scratch": (False, "training starts from the model's weights"),
+    "split_special_tokens": (False, "special tokens written in the text are encoded as those tokens"),
+    "add_tokens": (None, "add the tokens to the tokenizer folder instead"),
+    "add_special_tokens": (None, "add the tokens to the tokenizer folder instead"),
+    "new_special_tokens_config": (None, "add the tokens to the tokenizer folder instead"),
+    "adapter_folder": (None, "give the adapter's subfolder as its path"),
+    "ms_hub_token": (None, "the ModelScope hub is not used; download the model and give its folder"),
+    "om_hub_token": (None, "the Modelers hub is not used; download the model and give its folder"),
+    "quantization_device_map": (None, "each process loads the quantized model onto its own device"),
+    "reward_model_adapters": (None, "merge the adapters into the reward model first: rlhfkit export with stage: rm"),
+    **{key: (None, "GPTQ export is not implemented; quantize the exported model with optimum or gptqmodel")
+       for key in ("export_quantization_bit", "export_quantization_dataset")},
+    "export_quantization_nsamples": (128, "GPTQ export is not implemented"),
+    "export_quantization_maxlen": (1024, "GPTQ export is not implemented"),
+    "num_beams": (1, "beam search is not implemented; replies are sampled or greedy"),
+    "length_penalty": (1.0, "it applies to beam search, which is not implemented"),
 }

@@ -95,6 +95,7 @@ def validate(config: "Config") -> None:
     check_stage(src, f.stage)
     _choice(src, "finetuning_type", f.finetuning_type, FINETUNING_TYPES)
     _choice(src, "torch_dtype", m.torch_dtype, DTYPES)
+    _choice(src, "infer_dtype", m.infer_dtype, DTYPES)
     _choice(src, "device", m.device, ("auto", "cpu"))
     check_infer_backend(src, m.infer_backend)
     _choice(src, "lr_scheduler_type", t.lr_scheduler_type, SCHEDULERS)

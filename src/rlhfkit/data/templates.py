@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any
 
 from rlhfkit.errors import fail
+
+logger = logging.getLogger(__name__)
 
 Messages = Sequence[dict[str, str]]
 Pair = tuple[list[int], list[int]]
@@ -201,8 +204,17 @@ def check_template_name(name: str | None, where: str = "template") -> None:
 
 
 def template_for(data: Any, tokenizer: Any) -> Template:
-    """`get_template` with the template keys of a config's data section."""
-    return get_template(data.template, tokenizer, data.default_system, data.enable_thinking, data.preserve_thinking)
+    """`get_template` with the template keys of a config's data section; a warning when the template's
+    end-of-turn marker is not one token of the tokenizer (the template is then probably not the model's)."""
+    template = get_template(data.template, tokenizer, data.default_system, data.enable_thinking,
+                            data.preserve_thinking)
+    stop_words = getattr(template, "stop_words", ())
+    if stop_words and len(encode_text(tokenizer, stop_words[0])) != 1:
+        logger.warning("note: template %s ends turns with %r, which is not one token of this tokenizer: replies are "
+                       "trained to end with its characters and generation does not stop there (LLaMA-Factory would "
+                       "add it to the vocabulary); is it this model's template? template: auto uses the tokenizer's "
+                       "own", data.template, stop_words[0])
+    return template
 
 
 def __getattr__(name: str) -> Any:

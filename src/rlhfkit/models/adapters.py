@@ -68,6 +68,24 @@ def embedding_module_names(model: PreTrainedModel) -> list[str]:
                    if any(module is e for e in embeddings if e is not None)})
 
 
+def check_module_names(model: PreTrainedModel, key: str, names: list[str]) -> None:
+    """Each of `names` (`lora_target` or `additional_target`) must name a module of `model`, as peft
+    matches them: the module's full name or its last components. None found stops the run in one line
+    listing the linear layers; some missing is a warning (peft, and so LLaMA-Factory, skips them)."""
+    modules = [name for name, _ in model.named_modules() if name]
+    missing = [n for n in names if not any(m == n or m.endswith("." + n) for m in modules)]
+    if not missing:
+        return
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    spaced = " (separate names with commas)" if any(" " in n.strip() for n in missing) else ""
+    shown = ", ".join(repr(n) for n in missing)
+    if len(missing) == len(names):
+        raise fail(f"{key}: no module named {shown} in the model{spaced}; its linear layers are {', '.join(linear)}"
+                   + ("; or use lora_target: all" if key == "lora_target" else ""))
+    logger.warning("note: %s: no module named %s in the model%s; skipped, as peft skips it", key, shown, spaced)
+
+
 def lora_config(finetuning: FinetuningArguments, train_embeddings: list[str] | None = None,
                 tied_embeddings: bool = False) -> LoraConfig:
     """The LoraConfig for a new trainable adapter.
@@ -160,6 +178,10 @@ def setup_finetuning(
     else:
         embeddings = embedding_module_names(model) if resize_vocab else None
         tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+        targets = [t.strip() for t in finetuning.lora_target.split(",") if t.strip()]
+        if targets != ["all"]:
+            check_module_names(model, "lora_target", targets)
+        check_module_names(model, "additional_target", split_paths(finetuning.additional_target))
         model = get_peft_model(model, lora_config(finetuning, embeddings, tied), adapter_name=POLICY_ADAPTER)
     if not trainable:
         model.requires_grad_(False)
