@@ -357,6 +357,19 @@ def cpu_config(values: dict, check: bool = True):
 # --------------------------------------------------------------------------------- files
 
 
+@contextlib.contextmanager
+def saved_for_backward():
+    """Inside, the bytes autograd saves for backward add up in the yielded one-element list."""
+    saved = [0]
+
+    def pack(tensor):
+        saved[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield saved
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     """Write `rows` as JSON lines (UTF-8), creating the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from conftest import cpu_config
+from conftest import cpu_config, saved_for_backward
 from rlhfkit.stages import run_stage
 
 
 def _profile(values: dict, monkeypatch) -> tuple[int, int]:
     """(forward calls of the decoder layers' MLPs with gradients on, bytes saved for the backward pass) over
     one run. (The MLP inside the layer, not the layer itself, whose `forward` transformers wraps to checkpoint.)"""
-    calls, saved = [0], [0]
+    calls = [0]
     forward = LlamaMLP.forward
 
     def counted(self, *args, **kwargs):
@@ -25,12 +25,8 @@ def _profile(values: dict, monkeypatch) -> tuple[int, int]:
             calls[0] += 1
         return forward(self, *args, **kwargs)
 
-    def pack(tensor):
-        saved[0] += tensor.numel() * tensor.element_size()
-        return tensor
-
     monkeypatch.setattr(LlamaMLP, "forward", counted)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with saved_for_backward() as saved:
         run_stage(cpu_config(values))
     monkeypatch.undo()
     return calls[0], saved[0]

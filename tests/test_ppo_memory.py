@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from conftest import saved_for_backward
 
 import rlhfkit.stages.ppo as ppo_stage
 from rlhfkit.config import build_config
@@ -28,7 +29,7 @@ def ppo_keys(tmp_path, tiny_model_dir, jsonl):
 
 def _update_profile(keys: dict, monkeypatch) -> tuple[int, int]:
     """(checkpointed calls of the first decoder layer, bytes saved for backward) over the whole run."""
-    checkpointed, saved = [0], [0]
+    checkpointed = [0]
     build = ppo_stage.build_ppo_models
 
     def counted_build(*args, **kwargs):
@@ -44,12 +45,8 @@ def _update_profile(keys: dict, monkeypatch) -> tuple[int, int]:
             layer._gradient_checkpointing_func = counted
         return models
 
-    def pack(tensor):
-        saved[0] += tensor.numel() * tensor.element_size()
-        return tensor
-
     monkeypatch.setattr(ppo_stage, "build_ppo_models", counted_build)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with saved_for_backward() as saved:
         run_stage(build_config(keys))
     return checkpointed[0], saved[0]
 

@@ -80,7 +80,9 @@ def _shut_down(sock: socket.socket) -> None:
         pass
 
 
-class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+class _DeadlineOpen:
+    """Mixed into urllib's HTTP(S) handlers: their connections obey the request's `Deadline`."""
+
     def __init__(self, deadline: Deadline) -> None:
         super().__init__()
         self.deadline = deadline
@@ -89,13 +91,12 @@ class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
         return super().do_open(self.deadline.connection_class(http_class), req, **kwargs)
 
 
-class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: Deadline) -> None:
-        super().__init__()
-        self.deadline = deadline
+class _DeadlineHTTPHandler(_DeadlineOpen, urllib.request.HTTPHandler):
+    pass
 
-    def do_open(self, http_class, req, **kwargs):
-        return super().do_open(self.deadline.connection_class(http_class), req, **kwargs)
+
+class _DeadlineHTTPSHandler(_DeadlineOpen, urllib.request.HTTPSHandler):
+    pass
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):
