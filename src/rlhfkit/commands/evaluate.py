@@ -101,7 +101,7 @@ def sample_and_score(model, tokenizer, template, items: list[dict], sources: lis
         query_ids, query_mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)  # (b, P)
         generated = generator.generate(model, query_ids, query_mask)
         response_ids, response_mask = generated.response_ids, generated.response_mask  # (b, R)
-        batch = build_scoring_batch(tokenizer, chunk, query_ids, query_mask, response_ids, response_mask)
+        batch = build_scoring_batch(tokenizer, template, chunk, query_ids, query_mask, response_ids, response_mask)
         responses = batch.responses
         raw = {source.name: source.score(batch) for source, _ in sources}
         total = sum(weight * raw[source.name] for source, weight in sources)

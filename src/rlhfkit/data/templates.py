@@ -136,6 +136,19 @@ class Template:
                 ids.append(encoded[0])
         return ids
 
+    def reply_suffix_ids(self, tokenizer: Any) -> list[int]:
+        """The ids `encode_reply` writes after a reply's first stop token (ChatML: those of "\\n").
+
+        A response cut at its stop token gets these before a reward model scores it, so the score is
+        read where RM training (`tokenize_pairwise`, which uses `encode_reply`) read it. Empty for
+        replies that end at their stop token (llama3's <|eot_id|>, the `auto` template) or hold none.
+        """
+        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        _, reply = self.encode_reply(tokenizer, probe)
+        stops = set(self.stop_token_ids(tokenizer))
+        ends = [index for index, token in enumerate(reply) if token in stops]
+        return reply[ends[0] + 1:] if ends else []
+
     # -- for subclasses -------------------------------------------------------------------
     def _pieces(self, tokenizer: Any, messages: list[dict[str, str]], system: str | None) -> Pieces:
         """Prompt/response pieces per reply, and the prompt pieces for a trailing user turn."""

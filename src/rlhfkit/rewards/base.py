@@ -31,6 +31,17 @@ class ScoringBatch:
     """Each templated prompt plus response as decoded text, special tokens kept, padding removed."""
     answers: list[str | None] | None = None
     """Each prompt row's reference answer (its final assistant reply in the data), None where it has none."""
+    scored_ids: torch.Tensor | None = None
+    """``(b, P + R + k)`` what a reward model in the policy's tokens scores: sequence_ids with the template's
+    k `reply_suffix_ids` after each response that ended with a stop token (`with_reply_suffix`); None: as is."""
+    scored_mask: torch.Tensor | None = None
+    """``(b, P + R + k)`` attention mask of scored_ids."""
+
+    def reward_model_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) a reward model in the policy's tokens scores: scored_ids if set, else sequence_ids."""
+        if self.scored_ids is None:
+            return self.sequence_ids, self.sequence_mask
+        return self.scored_ids, self.scored_mask
 
 
 class RewardSource(Protocol):
@@ -78,16 +89,51 @@ def _finite_or_inf(value) -> float:
         return math.inf
 
 
-def build_scoring_batch(tokenizer, items: list[dict], query_ids: torch.Tensor, query_mask: torch.Tensor,
+def with_reply_suffix(ids: torch.Tensor, mask: torch.Tensor, response_ids: torch.Tensor,
+                      response_mask: torch.Tensor, suffix: list[int], stop_token_ids: list[int],
+                      pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ids` with `suffix` written right after each response whose last kept token is a stop token.
+
+    Args:
+        ids, mask: ``(b, P + R)`` left-padded prompts then right-padded responses (not modified).
+        response_ids, response_mask: ``(b, R)`` the responses, kept tokens first in each row.
+        suffix: the k ids an ended reply continues with (`Template.reply_suffix_ids`).
+
+    Returns:
+        ``(b, P + R + k)`` ids and mask (the inputs themselves when k = 0 or no response ended);
+        truncated responses (no stop token) stay as they are.
+    """
+    lengths = response_mask.long().sum(-1)  # (b,)
+    last = response_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # (b,)
+    stops = torch.as_tensor(stop_token_ids, dtype=response_ids.dtype, device=response_ids.device)
+    ended = (lengths > 0) & torch.isin(last, stops)  # (b,)
+    if not suffix or not bool(ended.any()):
+        return ids, mask
+    k = len(suffix)
+    extended = torch.cat([ids, ids.new_full((ids.shape[0], k), pad_token_id)], dim=1)  # (b, P + R + k)
+    extended_mask = torch.cat([mask, mask.new_zeros(mask.shape[0], k)], dim=1)
+    rows = ended.nonzero().squeeze(1).to(ids.device)  # (e,)
+    start = ids.shape[1] - response_ids.shape[1] + lengths.to(ids.device)[rows]  # (e,) first position after each
+    columns = start.unsqueeze(1) + torch.arange(k, device=ids.device)  # (e, k)
+    extended[rows.unsqueeze(1), columns] = torch.tensor(suffix, dtype=ids.dtype, device=ids.device)
+    extended_mask[rows.unsqueeze(1), columns] = 1
+    return extended, extended_mask
+
+
+def build_scoring_batch(tokenizer, template, items: list[dict], query_ids: torch.Tensor, query_mask: torch.Tensor,
                         response_ids: torch.Tensor, response_mask: torch.Tensor) -> ScoringBatch:
-    """The ScoringBatch of a rollout: prompt items (from `tokenize_prompts`) and their responses."""
+    """The ScoringBatch of a rollout: prompt items (from `tokenize_prompts`) and their responses, generated
+    under `template` (whose `reply_suffix_ids` follow each ended response in `scored_ids`)."""
     responses = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
     ids = torch.cat([query_ids, response_ids], dim=1)
     mask = torch.cat([query_mask, response_mask.to(query_mask.dtype)], dim=1)
+    scored_ids, scored_mask = with_reply_suffix(ids, mask, response_ids, response_mask,
+                                                template.reply_suffix_ids(tokenizer),
+                                                template.stop_token_ids(tokenizer), tokenizer.pad_token_id)
     return ScoringBatch(
         prompts=[item["messages"][-1]["content"] for item in items], responses=responses,
         messages=[item["messages"] for item in items], systems=[item.get("system") for item in items],
         sequence_ids=ids, sequence_mask=mask,
         texts=[tokenizer.decode(row[row_mask.bool()]) for row, row_mask in zip(ids, mask)],
-        answers=[item.get("answer") for item in items])
+        answers=[item.get("answer") for item in items], scored_ids=scored_ids, scored_mask=scored_mask)

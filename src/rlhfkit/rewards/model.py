@@ -46,7 +46,8 @@ def active_adapter(peft_model, name: str | None):
 
 
 class SharedBaseReward:
-    """The RM stage's adapter loaded as a second adapter on the policy's base, with its head.
+    """The RM stage's adapter loaded as a second adapter on the policy's base, with its head; it scores
+    the policy's tokens (`ScoringBatch.reward_model_input`: each ended reply followed by its template's suffix).
 
     `forward_model` is what the forward passes go through: the policy's PeftModel, or (set by the
     PPO stage) the prepared policy module, through which DDP, FSDP and DeepSpeed see every pass.
@@ -62,10 +63,11 @@ class SharedBaseReward:
     def score(self, batch: ScoringBatch) -> torch.Tensor:
         scores = []
         device = self.value_head.summary.weight.device
+        all_ids, all_mask = batch.reward_model_input()
         with active_adapter(self.model, self.adapter_name):
-            for begin in range(0, batch.sequence_ids.shape[0], self.chunk_size):
-                ids = batch.sequence_ids[begin:begin + self.chunk_size].to(device)
-                mask = batch.sequence_mask[begin:begin + self.chunk_size].to(device)
+            for begin in range(0, all_ids.shape[0], self.chunk_size):
+                ids = all_ids[begin:begin + self.chunk_size].to(device)
+                mask = all_mask[begin:begin + self.chunk_size].to(device)
                 scores.append(sequence_scores(self.forward_model, self.value_head, ids, mask).float().cpu())
         return torch.cat(scores)
 
@@ -73,8 +75,9 @@ class SharedBaseReward:
 class SeparateModelReward:
     """A reward model with its own weights (full RM, or a LoRA RM merged into its own base copy).
 
-    With the policy's tokenizer (and rendering) it scores the policy's tokens directly; otherwise it
-    renders each conversation with its own tokenizer and template and scores that. `read_scores` reads
+    With the policy's tokenizer (and rendering) it scores the policy's tokens (`reward_model_input`);
+    otherwise it renders each conversation with its own tokenizer and template (`encode_reply`, so with
+    the reply's end-of-turn and suffix) and scores that. `read_scores` reads
     the scores: `sequence_scores` for a causal LM with a value head, `backbone_scores` for a
     classifier's backbone with its score map as the head.
     """
@@ -87,7 +90,7 @@ class SeparateModelReward:
 
     def _encode(self, batch: ScoringBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.same_tokenizer:
-            return batch.sequence_ids, batch.sequence_mask
+            return batch.reward_model_input()
         rows = []
         for messages, system, response in zip(batch.messages, batch.systems, batch.responses):
             prompt, reply = self.template.encode_reply(

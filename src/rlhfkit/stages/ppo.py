@@ -177,8 +177,8 @@ def run_ppo(config: Config) -> dict[str, float]:
                     generated = engine.generate(query_ids, query_mask)
             # 2. score
             with timed(timings, "score"):
-                scoring = build_scoring_batch(tokenizer, items, query_ids, query_mask, generated.response_ids,
-                                              generated.response_mask)
+                scoring = build_scoring_batch(tokenizer, data.template, items, query_ids, query_mask,
+                                              generated.response_ids, generated.response_mask)
                 raw_scores: dict[str, torch.Tensor] = {}
                 scores, score_stats = score_batch(models, scoring, config, generated.ended_with_stop, score_moments,
                                                   accelerator, raw_scores)
