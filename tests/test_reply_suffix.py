@@ -23,6 +23,7 @@ from conftest import (
     random_lora,
     random_value_head,
     raw_scores,
+    tiny_llama,
     user,
 )
 from rlhfkit.data import get_template
@@ -155,3 +156,67 @@ def test_auto_template_scores_the_policys_tokens_as_they_are(tiny_model_dir, rew
     assert sequences == [p + r for p, r in zip(prompts, responses)]  # RM training saw the same tokens
     expected, magnitudes = raw_scores(lora, head, sequences)
     torch.testing.assert_close(scores.double(), expected, rtol=0, atol=float32_tolerance(magnitudes, TINY_WIDEST))
+
+
+# ------------------------------------------------------------------ truncated replies, re-rendered
+
+THOUGHT = "<think>\n\n</think>\n\n"  # qwen3's empty thought, leading a reply when thinking is on
+
+
+@pytest.mark.parametrize(("name", "content_text", "end"), [
+    ("chatml", "Yo", [EOS_ID, NEWLINE]),  # "{content}<|im_end|>\n"
+    ("qwen3", THOUGHT + "Yo", [EOS_ID, NEWLINE]),
+    ("llama3", "Yo", [EOT_ID]),  # "{content}<|eot_id|>"
+    ("default", "Yo", [EOS_ID, NEWLINE]),  # ("{content}", EOS, "\n")
+    ("falcon", "Yo", [NEWLINE, EOS_ID]),  # efficient_eos: "{content}\n", then the conversation's EOS
+    ("mistral", " Yo", [EOS_ID]),  # (" {content}", EOS)
+    ("auto", "Yo", [EOS_ID]),  # the tokenizer's ChatML, cut at <|im_end|>
+])
+def test_encode_reply_of_an_unended_reply_stops_after_its_content(name, content_text, end):
+    """`ended=False`: the reply's own text up to its content, nothing the template writes after it;
+    the prompt (with an earlier reply that did end) is the ended reply's."""
+    tokenizer = char_tokenizer()
+    template = get_template(name, tokenizer)
+    messages = [user("Hi"), assistant("Hello there"), user("Go"), assistant("Yo")]
+    prompt, reply = template.encode_reply(tokenizer, messages)
+    cut_prompt, cut_reply = template.encode_reply(tokenizer, messages, ended=False)
+    content = tokenizer.encode(content_text, add_special_tokens=False)
+    assert cut_prompt == prompt
+    assert cut_reply == content
+    assert reply == content + end
+
+
+@pytest.mark.parametrize("rm_template", ["llama3", "auto"])
+def test_a_reward_model_with_its_own_tokenizer_ends_only_ended_replies(tiny_model_dir, rm_template):
+    """The policy (ChatML, the tiny tokenizer) ended responses 0 and 2 and was cut off in response 1.
+    A reward model with another tokenizer re-renders each: an ended reply as RM training encoded it
+    (`encode_reply`), the truncated one as its prompt and its content's ids, no end-of-turn after."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch, _, _ = _rollout(tokenizer, get_template("chatml", tokenizer))
+    assert batch.ended_with_stop_token.tolist() == [ended for _, _, ended in CONVERSATIONS]
+
+    rm_tokenizer = char_tokenizer()  # four more special tokens than the policy's
+    template = get_template(rm_template, rm_tokenizer)
+    rm_model = tiny_llama(len(rm_tokenizer), seed=7).eval()
+    head = random_value_head(16, 8, std=1.0, bias=0.25)
+    source = SeparateModelReward(rm_model, head, rm_tokenizer, template, same_tokenizer=False, chunk_size=2)
+    scores = source.score(batch)
+
+    sequences, closed = [], []
+    for prompt_text, reply_text, ended in CONVERSATIONS:
+        prompt, reply = template.encode_reply(rm_tokenizer, [user(prompt_text), assistant(reply_text)])
+        content = rm_tokenizer.encode(reply_text, add_special_tokens=False)
+        assert reply[:len(content)] == content and reply[len(content):]  # an end-of-turn follows the content
+        sequences.append(prompt + (reply if ended else content))
+        closed.append(prompt + reply)
+    ids, mask = source._encode(batch)
+    assert [row[m.bool()].tolist() for row, m in zip(ids, mask)] == sequences
+    expected, magnitudes = raw_scores(rm_model, head, sequences)
+    # float32 scores of a padded batch against the raw model's float64 ones: the head's sum over the
+    # last hidden state of a network whose widest sum is its MLP's 32 terms (conftest).
+    atol = float32_tolerance(magnitudes, 32)
+    torch.testing.assert_close(scores.double(), expected, rtol=0, atol=atol)
+    # Scored as if it had ended, the truncated response would differ by far more.
+    as_ended, _ = raw_scores(rm_model, head, closed)
+    assert float((as_ended - expected)[1].abs()) > 100 * atol
+    assert torch.equal(as_ended[[0, 2]], expected[[0, 2]])

@@ -328,7 +328,8 @@ def _policy_batch(tokenizer, with_eos=(True, False, True)):
     *_, ids, mask = pad_prompts_and_responses(prompts, responses)
     return ScoringBatch(prompts=[p for p, _ in CONVERSATIONS], responses=[r for _, r in CONVERSATIONS],
                         messages=[[{"role": "user", "content": p}] for p, _ in CONVERSATIONS],
-                        systems=[None] * len(CONVERSATIONS), sequence_ids=ids, sequence_mask=mask), prompts, responses
+                        systems=[None] * len(CONVERSATIONS), sequence_ids=ids, sequence_mask=mask,
+                        ended_with_stop_token=torch.tensor(with_eos)), prompts, responses
 
 
 def _assert_scores_match(scores: torch.Tensor, expected: torch.Tensor, magnitudes: torch.Tensor, widest: int,
@@ -418,10 +419,11 @@ def test_full_reward_model_with_its_own_tokenizer(tiny_model_dir, tmp_path, mode
     (source, _), = models.rewards
     batch, _, _ = _policy_batch(tokenizer)
     scores = source.score(batch)
-    # Expected: the RM's own rendering of each conversation, scored by the RM alone.
+    # Expected: the RM's own rendering of each conversation, scored by the RM alone; the truncated
+    # response (the second) without the end-of-turn it never generated.
     rm_tokenizer = AutoTokenizer.from_pretrained(folder)
     sequences = [chat_prompt_ids(rm_tokenizer, prompt) + rm_tokenizer(reply, add_special_tokens=False)["input_ids"]
-                 + [EOS_ID] for prompt, reply in CONVERSATIONS]
+                 + [EOS_ID] * ended for (prompt, reply), ended in zip(CONVERSATIONS, (True, False, True))]
     rm_model = AutoModelForCausalLM.from_pretrained(folder).eval()
     expected, magnitudes = raw_scores(rm_model, ValueHead.load(folder, 32), sequences)
     _assert_scores_match(scores, expected, magnitudes, 64)  # this RM: hidden 32, intermediate 64

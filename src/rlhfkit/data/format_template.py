@@ -52,6 +52,14 @@ def fill(slots: Slots, content: str) -> list:
     return [slot.replace("{content}", content, 1) if isinstance(slot, str) else slot for slot in slots]
 
 
+def up_to_content(slots: Slots) -> Slots:
+    """`slots` cut right after their ``{content}`` placeholder: what a reply cut before its end writes."""
+    for index, slot in enumerate(slots):
+        if isinstance(slot, str) and "{content}" in slot:
+            return tuple(slots[:index]) + (slot[:slot.index("{content}") + len("{content}")],)
+    return tuple(slots)
+
+
 @dataclass(frozen=True)
 class FormatTemplate(Template):
     """A built-in template: LLaMA-Factory's format slots and switches (module docstring)."""
@@ -80,12 +88,14 @@ class FormatTemplate(Template):
         return [(self._ids(tokenizer, p), self._ids(tokenizer, r))
                 for p, r in self._turn_slots(messages, system, mask_history)]
 
-    def encode_reply(self, tokenizer: Any, messages: Messages, system: str | None = None) -> Pair:
-        """(prompt_ids, reply_ids) for the final assistant reply, as LLaMA-Factory's RM encodes them."""
+    def encode_reply(self, tokenizer: Any, messages: Messages, system: str | None = None,
+                     ended: bool = True) -> Pair:
+        """(prompt_ids, reply_ids) for the final assistant reply, as LLaMA-Factory's RM encodes them;
+        `ended` False: a reply cut before its end, its slots stopping right after its content."""
         check_messages(messages)
         if not messages or messages[-1]["role"] != "assistant":
             raise fail("encode_reply: the conversation must end with an assistant reply")
-        prompt, reply = self._reply_slots([dict(m) for m in messages], system)
+        prompt, reply = self._reply_slots([dict(m) for m in messages], system, ended)
         return self._ids(tokenizer, prompt), self._ids(tokenizer, reply)
 
     def encode_prompt(self, tokenizer: Any, messages: Messages, system: str | None = None) -> list[int]:
@@ -153,8 +163,10 @@ class FormatTemplate(Template):
             pairs[-1] = (pairs[-1][0], pairs[-1][1] + [EOS])
         return pairs
 
-    def _reply_slots(self, messages: list[dict[str, str]], system: str | None) -> tuple[list, list]:
-        """(prompt, final reply) slots: LLaMA-Factory's `encode_oneturn` (plus the EOS its RM adds)."""
+    def _reply_slots(self, messages: list[dict[str, str]], system: str | None,
+                     ended: bool = True) -> tuple[list, list]:
+        """(prompt, final reply) slots: LLaMA-Factory's `encode_oneturn` (plus the EOS its RM adds);
+        `ended` False: the reply's slots end with its content (no end-of-turn, suffix or EOS after it)."""
         last = len(messages) - 1
         if self.thought_words is not None:
             for index in range(1, last, 2):
@@ -163,10 +175,12 @@ class FormatTemplate(Template):
             if self.enable_thinking is False:
                 messages[last]["content"] = self._strip_thought(messages[last]["content"])
         encoded = self._message_slots(messages, system)
+        if not ended:
+            encoded[-1] = fill(up_to_content(self.assistant), messages[last]["content"])
         prompt, reply = [slot for slots in encoded[:-1] for slot in slots], encoded[-1]
         if self.thought_words is not None:
             prompt, reply = self._with_thought(prompt, reply, messages[last]["content"])
-        return prompt, reply + ([EOS] if self.efficient_eos else [])
+        return prompt, reply + ([EOS] if self.efficient_eos and ended else [])
 
     def _prompt_slots(self, messages: Messages, system: str | None) -> list:
         check_messages(messages)

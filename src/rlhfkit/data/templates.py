@@ -92,13 +92,23 @@ class Template:
         pairs, _ = self._pieces(tokenizer, list(messages), system or self.default_system or None)
         return [(self._ids(tokenizer, p), self._ids(tokenizer, r)) for p, r in pairs]
 
-    def encode_reply(self, tokenizer: Any, messages: Messages, system: str | None = None) -> Pair:
-        """(prompt_ids, reply_ids) of a conversation ending with an assistant reply (RM pairs, scoring)."""
+    def encode_reply(self, tokenizer: Any, messages: Messages, system: str | None = None,
+                     ended: bool = True) -> Pair:
+        """(prompt_ids, reply_ids) of a conversation ending with an assistant reply (RM pairs, scoring).
+
+        `ended` False: a reply cut before its end (a response truncated at max_new_tokens), whose ids
+        stop after its content, without the end-of-turn token (or EOS) and what follows it.
+        """
         if not messages or messages[-1]["role"] != "assistant":
             raise fail("encode_reply: the conversation must end with an assistant reply")
         turns = self.encode_turns(tokenizer, messages, system)
         prompt = [token for pair in turns[:-1] for part in pair for token in part] + turns[-1][0]
-        return prompt, turns[-1][1]
+        reply = turns[-1][1]
+        # A reply's segment ends at its end-of-turn token (or the EOS `_pieces` appends), split off by
+        # the tokenizer as a special token: dropping it leaves the content's own ids.
+        if not ended and reply and reply[-1] in self.stop_token_ids(tokenizer):
+            reply = reply[:-1]
+        return prompt, reply
 
     def encode_prompt(self, tokenizer: Any, messages: Messages, system: str | None = None) -> list[int]:
         """The ids of a conversation ending with a user turn, plus the generation prompt."""

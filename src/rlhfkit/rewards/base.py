@@ -36,6 +36,9 @@ class ScoringBatch:
     k `reply_suffix_ids` after each response that ended with a stop token (`with_reply_suffix`); None: as is."""
     scored_mask: torch.Tensor | None = None
     """``(b, P + R + k)`` attention mask of scored_ids."""
+    ended_with_stop_token: torch.Tensor | None = None
+    """``(b,)`` bool, whether each response's last kept token is a stop token (`ended_with_stop_token`):
+    a reward model that re-renders the text ends only these replies; None: every response ended."""
 
     def reward_model_input(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask) a reward model in the policy's tokens scores: scored_ids if set, else sequence_ids."""
@@ -89,6 +92,16 @@ def _finite_or_inf(value) -> float:
         return math.inf
 
 
+def ended_with_stop_token(response_ids: torch.Tensor, response_mask: torch.Tensor,
+                          stop_token_ids: list[int]) -> torch.Tensor:
+    """``(b,)`` bool: whether each response (``(b, R)``, kept tokens first) ends with a stop token;
+    False for a truncated or empty one."""
+    lengths = response_mask.long().sum(-1)  # (b,)
+    last = response_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # (b,)
+    stops = torch.as_tensor(stop_token_ids, dtype=response_ids.dtype, device=response_ids.device)
+    return (lengths > 0) & torch.isin(last, stops)
+
+
 def with_reply_suffix(ids: torch.Tensor, mask: torch.Tensor, response_ids: torch.Tensor,
                       response_mask: torch.Tensor, suffix: list[int], stop_token_ids: list[int],
                       pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,9 +117,7 @@ def with_reply_suffix(ids: torch.Tensor, mask: torch.Tensor, response_ids: torch
         truncated responses (no stop token) stay as they are.
     """
     lengths = response_mask.long().sum(-1)  # (b,)
-    last = response_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # (b,)
-    stops = torch.as_tensor(stop_token_ids, dtype=response_ids.dtype, device=response_ids.device)
-    ended = (lengths > 0) & torch.isin(last, stops)  # (b,)
+    ended = ended_with_stop_token(response_ids, response_mask, stop_token_ids)  # (b,)
     if not suffix or not bool(ended.any()):
         return ids, mask
     k = len(suffix)
@@ -124,16 +135,18 @@ def build_scoring_batch(tokenizer, template, items: list[dict], query_ids: torch
                         response_ids: torch.Tensor, response_mask: torch.Tensor) -> ScoringBatch:
     """The ScoringBatch of a rollout: prompt items (from `tokenize_prompts`) and their responses, generated
     under `template` (whose `reply_suffix_ids` follow each ended response in `scored_ids`)."""
+    stop_token_ids = template.stop_token_ids(tokenizer)
     responses = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
     ids = torch.cat([query_ids, response_ids], dim=1)
     mask = torch.cat([query_mask, response_mask.to(query_mask.dtype)], dim=1)
     scored_ids, scored_mask = with_reply_suffix(ids, mask, response_ids, response_mask,
-                                                template.reply_suffix_ids(tokenizer),
-                                                template.stop_token_ids(tokenizer), tokenizer.pad_token_id)
+                                                template.reply_suffix_ids(tokenizer), stop_token_ids,
+                                                tokenizer.pad_token_id)
     return ScoringBatch(
         prompts=[item["messages"][-1]["content"] for item in items], responses=responses,
         messages=[item["messages"] for item in items], systems=[item.get("system") for item in items],
         sequence_ids=ids, sequence_mask=mask,
         texts=[tokenizer.decode(row[row_mask.bool()]) for row, row_mask in zip(ids, mask)],
-        answers=[item.get("answer") for item in items], scored_ids=scored_ids, scored_mask=scored_mask)
+        answers=[item.get("answer") for item in items], scored_ids=scored_ids, scored_mask=scored_mask,
+        ended_with_stop_token=ended_with_stop_token(response_ids, response_mask, stop_token_ids).cpu())

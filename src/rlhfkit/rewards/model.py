@@ -76,8 +76,8 @@ class SeparateModelReward:
     """A reward model with its own weights (full RM, or a LoRA RM merged into its own base copy).
 
     With the policy's tokenizer (and rendering) it scores the policy's tokens (`reward_model_input`);
-    otherwise it renders each conversation with its own tokenizer and template (`encode_reply`, so with
-    the reply's end-of-turn and suffix) and scores that. `read_scores` reads
+    otherwise it renders each conversation with its own tokenizer and template (`encode_reply`: an ended
+    reply with its end-of-turn and suffix, a truncated one without) and scores that. `read_scores` reads
     the scores: `sequence_scores` for a causal LM with a value head, `backbone_scores` for a
     classifier's backbone with its score map as the head.
     """
@@ -92,9 +92,11 @@ class SeparateModelReward:
         if self.same_tokenizer:
             return batch.reward_model_input()
         rows = []
-        for messages, system, response in zip(batch.messages, batch.systems, batch.responses):
+        ended = batch.ended_with_stop_token
+        for row, (messages, system, response) in enumerate(zip(batch.messages, batch.systems, batch.responses)):
             prompt, reply = self.template.encode_reply(
-                self.tokenizer, messages + [{"role": "assistant", "content": response}], system)
+                self.tokenizer, messages + [{"role": "assistant", "content": response}], system,
+                ended=ended is None or bool(ended[row]))
             rows.append({"input_ids": prompt + reply})
         collated = collate_prompts(rows, self.tokenizer.pad_token_id)
         return collated["input_ids"], collated["attention_mask"]
