@@ -189,11 +189,11 @@ def preference_files(tmp_path_factory):
     return write_jsonl(root / "train.jsonl", train), write_jsonl(root / "eval.jsonl", held_out), held_out
 
 
-def _train_rm(model_dir, out, preference_files, finetuning_type, learning_rate, max_steps):
+def _train_rm(model_dir, out, preference_files, finetuning_type, learning_rate, max_steps, **keys):
     train, held_out, _ = preference_files
     return _run(model_dir, out, stage="rm", finetuning_type=finetuning_type, dataset=str(train),
                 eval_dataset=str(held_out), learning_rate=learning_rate, per_device_train_batch_size=16,
-                per_device_eval_batch_size=16, max_steps=max_steps)
+                per_device_eval_batch_size=16, max_steps=max_steps, **keys)
 
 
 def test_rm_lora_learns_preference_and_reloads(tiny_model_dir, tmp_path, preference_files):
@@ -269,6 +269,68 @@ def test_rm_full_learns_preference(tiny_model_dir, tmp_path, preference_files):
     head = ValueHead.load(out, model.config.hidden_size)
     accuracy, _ = _reloaded_accuracy(model, head, AutoTokenizer.from_pretrained(out), preference_files[2])
     assert accuracy == pytest.approx(final["eval_accuracy"], abs=EPS32)  # a share of 40 pairs, as above
+
+
+def _reload_rm(model_dir, rm_dir, finetuning_type):
+    """The RM in `rm_dir` loaded with plain transformers / peft, and its head."""
+    if finetuning_type == "lora":
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), rm_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(rm_dir)
+    return model.eval(), ValueHead.load(rm_dir, TINY_HIDDEN)
+
+
+def _fixed_pair_scores(model, head, tokenizer, row) -> torch.Tensor:
+    with torch.no_grad():
+        ids = [torch.tensor([_pair_ids(tokenizer, row, key)]) for key in ("chosen", "rejected")]
+        return torch.cat([sequence_scores(model, head, i, torch.ones_like(i)) for i in ids])
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_rm_continues_from_the_value_head_of_the_reward_model(tiny_model_dir, tmp_path, preference_files,
+                                                                finetuning_type, caplog):
+    first = tmp_path / "rm"
+    _train_rm(tiny_model_dir, first, preference_files, finetuning_type, 1e-2, 2)
+    trained = ValueHead.load(first, TINY_HIDDEN).state_dict()
+    assert float(trained["summary.weight"].abs().max()) > 0
+
+    # A one-step run whose warm-up (2 steps) gives that step learning rate 0: every weight stays where it
+    # started, so the saved head is the one the run started from.
+    def continue_from(source, out, **keys):
+        model_dir, adapter = (tiny_model_dir, str(source)) if finetuning_type == "lora" else (source, None)
+        with caplog.at_level("INFO", logger="rlhfkit.stages.rm"):
+            caplog.clear()
+            _train_rm(model_dir, out, preference_files, finetuning_type, 1e-2, 1, warmup_steps=2,
+                      adapter_name_or_path=adapter, **keys)
+        return ValueHead.load(out, TINY_HIDDEN).state_dict(), caplog.text
+
+    head, log = continue_from(first, tmp_path / "continued")
+    for name, tensor in trained.items():
+        assert torch.equal(head[name], tensor), name  # the trained head, not a fresh one
+    assert f"value head loaded from {first}" in log
+    # The continued RM scores a fixed pair exactly as the first one does (same weights, same arithmetic).
+    tokenizer = AutoTokenizer.from_pretrained(first)
+    row = preference_files[2][0]
+    expected = _fixed_pair_scores(*_reload_rm(tiny_model_dir, first, finetuning_type), tokenizer, row)
+    got = _fixed_pair_scores(*_reload_rm(tiny_model_dir, tmp_path / "continued", finetuning_type), tokenizer, row)
+    assert torch.equal(got, expected)
+    if finetuning_type == "lora":  # merged into the base under a fresh adapter, the RM keeps its head too
+        head, _ = continue_from(first, tmp_path / "new_adapter", create_new_adapter=True)
+        assert all(torch.equal(head[name], tensor) for name, tensor in trained.items())
+
+    # Weights without a value head (an adapter folder without one; the base model): a fresh head, as before.
+    if finetuning_type == "lora":
+        plain = tmp_path / "adapter_only"
+        plain.mkdir()
+        for path in first.iterdir():
+            if path.name != VALUE_HEAD_FILE:
+                (plain / path.name).write_bytes(path.read_bytes())
+    else:
+        plain = tiny_model_dir
+    head, log = continue_from(plain, tmp_path / "fresh")
+    assert not torch.equal(head["summary.weight"], trained["summary.weight"])
+    assert float(head["summary.weight"].abs().max()) > 0 and torch.equal(head["summary.bias"], torch.zeros(1))
+    assert "value head loaded" not in log
 
 
 # ------------------------------------------------------------------------------ value head files

@@ -35,7 +35,7 @@ from rlhfkit.errors import fail
 from rlhfkit.hub import push_folder, resolve_model_args
 from rlhfkit.models.adapters import check_adapter_dir, merge_adapters, split_paths
 from rlhfkit.models.loading import load_causal_lm, resolve_dtype
-from rlhfkit.models.value_head import VALUE_HEAD_FILE, ValueHead, has_value_head
+from rlhfkit.models.value_head import VALUE_HEAD_FILE, ValueHead, has_value_head, value_head_folder
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _describe(model, tokenizer, config: Config) -> None:
 
 
 def _value_head_folder(config: Config, adapters: list[str]) -> Path:
-    folder = Path(adapters[-1] if adapters else config.model.model_name_or_path)
+    folder = value_head_folder(config.model.model_name_or_path, adapters)
     if not has_value_head(folder):
         raise fail(f"{config.source}: stage: rm exports a reward model, but {folder / VALUE_HEAD_FILE} does not "
                    "exist; point adapter_name_or_path (or model_name_or_path) at an rm-stage output")

@@ -170,3 +170,9 @@ def has_value_head(directory: str | Path) -> bool:
     directory = Path(directory)
     return ((directory / VALUE_HEAD_FILE).is_file() or _pickled_head(directory) is not None
             or bool(_head_in_model_weights(directory)))
+
+
+def value_head_folder(model_name_or_path: str, adapter_paths: list[str]) -> Path:
+    """The folder a run's value head would be saved with: the last adapter's, else the model's (where
+    LLaMA-Factory's `load_valuehead_params` looks)."""
+    return Path(adapter_paths[-1] if adapter_paths else model_name_or_path)

@@ -1,7 +1,8 @@
 """Stage `rm`: a pairwise reward model, a value head on the language model's last hidden state.
 
 1. data      pairwise rows -> (prompt + chosen, prompt + rejected) token ids; split off validation
-2. model     tokenizer, base, LoRA / full / freeze, value head (hidden -> 1)
+2. model     tokenizer, base, LoRA / full / freeze, value head (hidden -> 1): the one saved with the last
+             adapter (else the model) when that is a reward model, as LLaMA-Factory does; else fresh
 3. optimizer `optim` (AdamW by default) over the trainable LM weights and the head
 4. loop      loss = -log sigmoid(r_chosen - r_rejected), scores read at the last real token;
              micro-batches accumulate to the step's pair count; accuracy logged
@@ -22,7 +23,7 @@ from rlhfkit.models.adapters import merged_adapter_paths, split_paths
 from rlhfkit.models.fingerprint import write_base_fingerprint
 from rlhfkit.models.forward import sequence_scores
 from rlhfkit.models.loading import load_tokenizer
-from rlhfkit.models.value_head import ModelWithValueHead, ValueHead
+from rlhfkit.models.value_head import ModelWithValueHead, ValueHead, has_value_head, value_head_folder
 from rlhfkit.stages.common import load_stage_data, load_trainable_model, save_trained, trainable_named_parameters
 from rlhfkit.stages.setup import Training, prepare_training, start_run
 from rlhfkit.training.batches import micro_batches, rank_share, step_batches
@@ -56,6 +57,18 @@ def evaluate_rm(model, items: list[dict], batch_size: int, pad_token_id: int, de
     return {"eval_loss": float(torch.cat(losses).mean()), "eval_accuracy": float(torch.cat(correct).mean())}
 
 
+def initial_value_head(config: Config, hidden_size: int) -> ValueHead:
+    """The head training starts from: the trained one of the reward model it continues (`value_head_folder`:
+    the last adapter, resumed or merged, else the model folder), else a small random one."""
+    m = config.model
+    folder = value_head_folder(m.model_name_or_path, split_paths(m.adapter_name_or_path))
+    if not has_value_head(folder):
+        return ValueHead(hidden_size, zero_init=False)
+    head = ValueHead.load(folder, hidden_size)
+    logger.info("rm: value head loaded from %s, whose weights this run continues", folder)
+    return head
+
+
 def run_rm(config: Config) -> dict[str, float]:
     """Train a pairwise reward model; return the final statistics."""
     t = config.training
@@ -66,7 +79,7 @@ def run_rm(config: Config) -> dict[str, float]:
     # 2. model
     lm = load_trainable_model(config, tokenizer, accelerator.device)
     hidden_size = lm.config.get_text_config().hidden_size
-    scorer = ModelWithValueHead(lm, ValueHead(hidden_size, zero_init=False).to(accelerator.device))
+    scorer = ModelWithValueHead(lm, initial_value_head(config, hidden_size).to(accelerator.device))
     # 3. optimizer
     pairs_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     total_steps = total_optimizer_steps(t, len(data.train), pairs_per_step)
