@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
 
-from rlhfkit.errors import fail
+from rlhfkit.errors import fail, one_line
+from rlhfkit.models.weight_files import safetensors_problem
 from rlhfkit.training.distributed import global_sums
 
 logger = logging.getLogger(__name__)
@@ -90,21 +90,14 @@ def load_plain(path: Path, map_location: Any = None, numpy_arrays: bool = False,
         raise fail(f"{path} holds objects other than tensors and plain data, and loading it could run code; "
                    "refusing to read it. Delete that checkpoint (or the file) and resume from another one") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise DamagedFile(f"{path.name} is unreadable ({_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return (lines[0] if lines else type(err).__name__)[:160]
+        raise DamagedFile(f"{path.name} is unreadable ({one_line(err, 160)})") from None
 
 
 def _check_safetensors(path: Path) -> None:
     """Parse the header and check every tensor lies inside the file (what a truncation breaks)."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            handle.keys()
-    except Exception as err:  # safetensors raises its own error type for every kind of damage
-        raise DamagedFile(f"{path.name} is damaged ({_first_line(err)})") from None
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise DamagedFile(f"{path.name} is damaged ({problem})")
 
 
 class _DistributedCheckpointMetadata(pickle.Unpickler):
@@ -141,7 +134,7 @@ def check_sharded_state(folder: Path) -> None:
                 raise fail(f"{path} holds objects other than a checkpoint's metadata ({err}); refusing to read it. "
                            "Delete that checkpoint and resume from another one") from None
             except (EOFError, OSError, ValueError, AttributeError) as err:
-                raise DamagedFile(f"{path.relative_to(folder.parent)} is unreadable ({_first_line(err)})") from None
+                raise DamagedFile(f"{path.relative_to(folder.parent)} is unreadable ({one_line(err, 160)})") from None
         elif path.suffix in (".bin", ".pkl"):
             load_plain(path, numpy_arrays=True, mmap=True)
         elif path.suffix == ".safetensors":
@@ -155,7 +148,7 @@ def read_state(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise DamagedFile(f"{STATE_FILE} is missing") from None
     except (OSError, ValueError) as err:
-        raise DamagedFile(f"{STATE_FILE} is unreadable ({_first_line(err)})") from None
+        raise DamagedFile(f"{STATE_FILE} is unreadable ({one_line(err, 160)})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise DamagedFile(f"{STATE_FILE} has no step")
     return state
@@ -181,7 +174,7 @@ def check_checkpoint(path: Path, full_model: bool) -> None:
             try:
                 weights = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             except (OSError, ValueError, KeyError, AttributeError) as err:
-                raise DamagedFile(f"{index.name} is unreadable ({_first_line(err)})") from None
+                raise DamagedFile(f"{index.name} is unreadable ({one_line(err, 160)})") from None
         for name in weights:
             if not (path / name).is_file():
                 raise DamagedFile(f"{name} is missing")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 
 from rlhfkit.errors import fail
 from rlhfkit.models.forward import forward_reading_values
-from rlhfkit.models.weight_files import check_safetensors
+from rlhfkit.models.weight_files import check_safetensors, indexed_weight_files
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 HEAD_PREFIX = "v_head."
@@ -63,19 +62,11 @@ class ValueHead(nn.Module):
         return head
 
 
-def _weight_files(directory: Path) -> list[Path]:
-    """The model's safetensors files: the shards of its index, or model.safetensors."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({directory / name for name in json.loads(index.read_text())["weight_map"].values()})
-    single = directory / "model.safetensors"
-    return [single] if single.is_file() else []
-
-
 def _head_in_model_weights(directory: Path) -> dict[str, torch.Tensor]:
     """`v_head.*` tensors stored among the model's own weights (TRL's `save_pretrained` of a full model)."""
     found = {}
-    for path in _weight_files(directory):
+    for path in indexed_weight_files(directory):
+        check_safetensors(path)  # a damaged shard: one line naming it
         with safe_open(str(path), framework="pt") as weights:
             for key in weights.keys():
                 if key.startswith(HEAD_PREFIX):

@@ -8,24 +8,31 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from rlhfkit.errors import fail
+from rlhfkit.errors import fail, one_line
 
 MODEL_INDEX = "model.safetensors.index.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def check_safetensors(path: Path) -> None:
-    """Refuse, naming `path`, a file that is missing, truncated or not safetensors (its header must
-    parse and its tensors cover the file exactly); reads the header only."""
-    if not path.is_file():
-        raise fail(f"{path} not found; the folder is incomplete, copy or save it again")
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file (its header must parse and its tensors cover the
+    file exactly), or None; reads the header only."""
     try:
         with safe_open(str(path), "pt") as handle:
             handle.keys()
     except (SafetensorError, OSError) as err:
-        raise fail(f"{path} is damaged or not a safetensors file ({str(err).splitlines()[0]}); "
-                   "copy or save it again") from None
+        return one_line(err)
+    return None
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse, naming `path`, a file that is missing, truncated or not safetensors."""
+    if not path.is_file():
+        raise fail(f"{path} not found; the folder is incomplete, copy or save it again")
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise fail(f"{path} is damaged or not a safetensors file ({problem}); copy or save it again")
 
 
 def read_json(path: Path) -> dict:
@@ -46,22 +53,26 @@ def _refuse_pickles(folder: Path, names: list[str], wanted: str) -> None:
                        f"code); convert them to {wanted} where you trust the file (load, then save as safetensors)")
 
 
-def model_weight_files(folder: str | Path) -> list[Path]:
-    """The safetensors files of a local model folder (from its index when sharded), each checked whole.
-
-    A folder whose weights are pickles only is refused with one line saying to convert them.
-    """
-    folder = Path(folder)
+def indexed_weight_files(folder: Path) -> list[Path]:
+    """A model folder's safetensors files as saved: the shards its index names, or model.safetensors;
+    [] when it has neither."""
     index = folder / MODEL_INDEX
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise fail(f"{index} has no weight_map; copy or save the model again")
-        files = [folder / name for name in sorted(set(map(str, weight_map.values())))]
-    elif (folder / "model.safetensors").is_file():
-        files = [folder / "model.safetensors"]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
+        return [folder / name for name in sorted(set(map(str, weight_map.values())))]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def model_weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a local model folder (`indexed_weight_files`, else any), each checked whole.
+
+    A folder whose weights are pickles only is refused with one line saying to convert them.
+    """
+    folder = Path(folder)
+    files = indexed_weight_files(folder) or sorted(folder.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         _refuse_pickles(folder, pickles, "model.safetensors")
