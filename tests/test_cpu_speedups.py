@@ -15,6 +15,7 @@ import torch
 from accelerate.utils import DistributedType
 from torch import nn
 
+from conftest import cpu_config
 from rlhfkit.config import build_config, load_config
 from rlhfkit.cpu.head import LOGITS_BUFFER
 from rlhfkit.cpu.logprobs import LOG_SOFTMAX_BUFFER, buffered_logprobs_from_logits
@@ -147,7 +148,7 @@ def spied(monkeypatch):
 
 @pytest.mark.parametrize("setting", ["auto", "off"])
 def test_ppo_runs_with_and_without_speedups_and_releases_the_buffers(ppo_keys, tmp_path, spied, setting):
-    run_stage(build_config({**ppo_keys, "cpu_speedups": setting, "output_dir": str(tmp_path / "out")}))
+    run_stage(cpu_config({**ppo_keys, "cpu_speedups": setting, "output_dir": str(tmp_path / "out")}))
     assert [s.enabled for s in spied] == [setting == "auto"]
     assert spied[0].keep_gradients is (setting == "auto")
     if setting == "auto":  # released at the end of the stage
@@ -159,6 +160,6 @@ def test_buffers_are_released_when_the_stage_fails(ppo_keys, tmp_path, spied):
     keys = {**ppo_keys, "reward_model": f"{tmp_path / 'rewards.py'}:fails_second_step",
             "output_dir": str(tmp_path / "out")}
     with pytest.raises(RlhfkitError, match="reward service down"):
-        run_stage(build_config(keys))
+        run_stage(cpu_config(keys))
     assert spied[0].enabled
     assert LOGITS_BUFFER.buffer is None and LOG_SOFTMAX_BUFFER.buffer is None

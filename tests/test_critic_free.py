@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from conftest import cpu_config
 from rlhfkit.config import build_config
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.value_head import VALUE_HEAD_FILE
@@ -95,7 +96,7 @@ def grpo_keys(tmp_path, tiny_model_dir, jsonl):
 @pytest.mark.slow
 def test_grpo_raises_a_rule_reward_without_a_critic(grpo_keys, tmp_path):
     out = tmp_path / "grpo"
-    run_stage(build_config({**grpo_keys, "max_steps": 12, "output_dir": str(out)}))
+    run_stage(cpu_config({**grpo_keys, "max_steps": 12, "output_dir": str(out)}))
     log = read_trainer_log(out)
     first, last = log[0]["reward"], sum(r["reward"] for r in log[-3:]) / 3
     assert last > first + 0.3, [r["reward"] for r in log]
@@ -109,7 +110,7 @@ def test_grpo_raises_a_rule_reward_without_a_critic(grpo_keys, tmp_path):
 def test_filter_groups_logs_the_groups_it_drops(grpo_keys, tmp_path):
     (tmp_path / "constant.py").write_text("def same(prompts, responses):\n    return [1.0] * len(responses)\n")
     out = tmp_path / "filtered"
-    run_stage(build_config({**grpo_keys, "max_steps": 1, "filter_groups": True, "output_dir": str(out),
+    run_stage(cpu_config({**grpo_keys, "max_steps": 1, "filter_groups": True, "output_dir": str(out),
                             "reward_model": f"{tmp_path / 'constant.py'}:same"}))
     (record,) = read_trainer_log(out)
     assert record["filtered_groups"] == 8  # every group's scores are equal: nothing to learn from

@@ -8,12 +8,26 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.cli import main
+from rlhfkit.demo import pipeline
+from rlhfkit.stages import run_stage
+
+
+# Pinned to the CPU (conftest.py, point 6) with the demo's own option.
+ON_CPU = ["--device", "cpu"]
 
 
 @pytest.mark.slow
-def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path: Path):
-    code = main(["demo", "--quick", "--output-dir", str(tmp_path)])
+def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path: Path, monkeypatch):
+    devices = []
+
+    def recording_run_stage(config):
+        devices.append(config.model.device)
+        return run_stage(config)
+
+    monkeypatch.setattr(pipeline, "run_stage", recording_run_stage)
+    code = main(["demo", "--quick", "--output-dir", str(tmp_path), *ON_CPU])
     assert code == 0
+    assert devices == ["cpu"] * 3  # --device reaches every stage (sft, rm, ppo)
     report = (tmp_path / "report.md").read_text()
     assert "PPO − SFT gold score" in report and "## Samples" in report
     for stage in ("sft", "rm", "ppo"):
@@ -34,11 +48,11 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path: Path):
 
 @pytest.mark.slow
 def test_demo_second_run_reuses_every_stage(tmp_path: Path, capfd):
-    code = main(["demo", "--quick", "--output-dir", str(tmp_path)])
+    code = main(["demo", "--quick", "--output-dir", str(tmp_path), *ON_CPU])
     assert code == 0
     done = {stage: (tmp_path / stage / "demo_stage_done.json").read_text() for stage in ("sft", "rm", "ppo")}
     capfd.readouterr()
-    code = main(["demo", "--quick", "--output-dir", str(tmp_path)])
+    code = main(["demo", "--quick", "--output-dir", str(tmp_path), *ON_CPU])
     assert code == 0
     console = "".join(capfd.readouterr())
     for stage in ("sft", "pairs", "rm", "ppo"):

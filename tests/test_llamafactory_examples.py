@@ -266,11 +266,15 @@ def write_example(name: str, text: str) -> str:
 def chat_reply(config: str, monkeypatch, capsys, message: str = "hi") -> str:
     """The assistant's reply to `message` from `rlhfkit chat CONFIG`, fed on stdin."""
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{message}\n/exit\n"))
-    assert main(["chat", config]) == 0
+    assert main(["chat", config, "--device", "cpu"]) == 0
     output = capsys.readouterr().out
     assert "Assistant: " in output, output
     return output.split("Assistant: ", 1)[1].split("\nUser: ", 1)[0]
 
+
+# The files stay as LLaMA-Factory ships them; the runs are pinned to the CPU on the command line
+# (conftest.py, point 6), as a user would pin a run with an override.
+ON_CPU = ["device=cpu"]
 
 ALL_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -280,7 +284,7 @@ def test_lora_sft_reward_ppo_merge_and_chat(workspace, tiny_model_dir, monkeypat
     # 1. LoRA SFT on identity + alpaca_en_demo
     sft = write_example("train_lora/qwen3_lora_sft.yaml",
                         lora_example(model, "sft", "identity,alpaca_en_demo", "saves/qwen3-4b/lora/sft"))
-    assert main(["train", sft]) == 0, capsys.readouterr().err
+    assert main(["train", sft, *ON_CPU]) == 0, capsys.readouterr().err
     sft_dir = Path("saves/qwen3-4b/lora/sft")
     log = read_trainer_log(sft_dir)
     # 8 rows, 1 x 8 per step: one step per epoch, as transformers' Trainer counts for LLaMA-Factory
@@ -293,14 +297,14 @@ def test_lora_sft_reward_ppo_merge_and_chat(workspace, tiny_model_dir, monkeypat
     # 2. LoRA reward model on dpo_en_demo
     reward = write_example("train_lora/qwen3_lora_reward.yaml",
                            lora_example(model, "rm", "dpo_en_demo", "saves/qwen3-4b/lora/reward"))
-    assert main(["train", reward]) == 0, capsys.readouterr().err
+    assert main(["train", reward, *ON_CPU]) == 0, capsys.readouterr().err
     reward_dir = Path("saves/qwen3-4b/lora/reward")
     assert set(load_file(reward_dir / "value_head.safetensors")) == {"v_head.summary.weight", "v_head.summary.bias"}
     assert read_trainer_log(reward_dir)[-1]["total_steps"] == 3
     capsys.readouterr()
     # 3. LoRA PPO against that reward model
     ppo = write_example("train_lora/llama3_lora_ppo.yaml", ppo_example(model, str(reward_dir)))
-    assert main(["train", ppo]) == 0
+    assert main(["train", ppo, *ON_CPU]) == 0
     assert "value head initialised from the reward model's head" in capsys.readouterr().err
     ppo_dir = Path("saves/llama3-8b/lora/ppo")
     ppo_log = read_trainer_log(ppo_dir)

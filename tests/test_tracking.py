@@ -9,8 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import PNG_MAGIC, read_events
-from rlhfkit.config import build_config
+from conftest import PNG_MAGIC, cpu_config, read_events
 from rlhfkit.tracking.plots import curve, plot_file_name, smooth, smoothing_weight
 from rlhfkit.tracking.progress import console_line, format_stats
 from rlhfkit.tracking.samples import read_samples, sample_rows
@@ -22,7 +21,7 @@ from rlhfkit.training.runtime import build_accelerator
 def _config(tmp_path, **keys):
     values = dict(stage="ppo", model_name_or_path="m", dataset="d", output_dir=str(tmp_path), reward_model="x:y",
                   reward_model_type="function")
-    return build_config({**values, **keys})
+    return cpu_config({**values, **keys})
 
 
 class FakeTerminal(io.StringIO):

@@ -27,7 +27,7 @@ def _demo(args: argparse.Namespace) -> int:
     request_huge_pages()  # before torch allocates: PyTorch reads the switch once
     from rlhfkit.demo.pipeline import run_demo
 
-    run_demo(output_dir=args.output_dir, quick=args.quick, fresh=args.fresh, algo=args.algo)
+    run_demo(output_dir=args.output_dir, quick=args.quick, fresh=args.fresh, algo=args.algo, device=args.device)
     return 0
 
 
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fresh", action="store_true", help="retrain every stage instead of reusing results")
     demo.add_argument("--algo", choices=("ppo", "grpo"), default="ppo",
                       help="grpo: also train a GRPO policy and compare it with PPO in the report")
+    demo.add_argument("--device", choices=("auto", "cpu"), default="auto",
+                      help="auto (cuda, mps, cpu; the default) or cpu, for every stage and the sampling")
     demo.set_defaults(handler=_demo)
 
     export = commands.add_parser("export", help="merge LoRA adapters into the base and save a standalone model")

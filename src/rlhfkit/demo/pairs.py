@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlhfkit.demo import task
 from rlhfkit.demo.sampling import load_policy, sample
 from rlhfkit.errors import fail
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +43,9 @@ def pairs_from(first, second) -> list[dict]:
 
 
 def label_pairs(model_dir: Path, sft_dir: Path, prompts: dict[str, list[str]], data_dir: Path, max_new_tokens: int,
-                fresh: bool) -> bool:
-    """Preference pairs for the train prompts (RM training) and the held-out ones (RM accuracy).
+                fresh: bool, device: torch.device) -> bool:
+    """Preference pairs for the train prompts (RM training) and the held-out ones (RM accuracy),
+    sampled on `device`.
 
     Returns whether new pairs were written (False: the files of an earlier run are reused).
     """
@@ -49,7 +54,7 @@ def label_pairs(model_dir: Path, sft_dir: Path, prompts: dict[str, list[str]], d
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
-    policy = load_policy(model_dir, sft_dir)
+    policy = load_policy(model_dir, sft_dir, device)
     for split_index, (split, split_prompts) in enumerate(prompts.items()):
         logger.info("== pairs: sampling 2 responses for %d %s prompts from the SFT policy", len(split_prompts), split)
         seed = 1 + 2 * split_index

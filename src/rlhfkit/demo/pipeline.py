@@ -43,7 +43,7 @@ QUICK = {
 
 
 def _stage(name: str, model_dir: Path, data_dir: Path, output_dir: Path, extra: dict[str, Any],
-           fresh: bool) -> Path:
+           fresh: bool, device: str) -> Path:
     """Run examples/demo/<name>.yaml with this run's paths, unless its result already exists."""
     done_marker = output_dir / "demo_stage_done.json"
     if done_marker.is_file() and not fresh:
@@ -54,7 +54,7 @@ def _stage(name: str, model_dir: Path, data_dir: Path, output_dir: Path, extra: 
         raise fail(f"demo config {config_path} is missing; run the demo from a source checkout (make demo)")
     values = read_yaml(config_path)
     values.update(model_name_or_path=str(model_dir), dataset_dir=str(data_dir), output_dir=str(output_dir),
-                  overwrite_output_dir=True, **extra)
+                  overwrite_output_dir=True, device=device, **extra)
     if output_dir.exists():
         shutil.rmtree(output_dir)
     logger.info("== %s: %s", name, config_path)
@@ -95,9 +95,13 @@ def _base_model(quick: bool, work_dir: Path) -> Path:
 
 
 def run_demo(output_dir: str | Path = "demo_output", quick: bool = False, fresh: bool = False,
-             algo: str = "ppo") -> Path:
+             algo: str = "ppo", device: str = "auto") -> Path:
     """Run the whole pipeline; return the path of report.md. `algo` grpo also trains a GRPO policy
-    (examples/demo/grpo.yaml, as many generated responses as PPO) and compares it in the report."""
+    (examples/demo/grpo.yaml, as many generated responses as PPO) and compares it in the report.
+    `device`: the stages' `device` key (auto or cpu); sampling for the pairs and the report runs on
+    the device `rlhfkit chat` would pick for it."""
+    from rlhfkit.commands.inference import inference_device
+
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     work = Path(output_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -111,7 +115,7 @@ def run_demo(output_dir: str | Path = "demo_output", quick: bool = False, fresh:
     train_prompts, heldout_prompts = _prepare_data(data_dir, sizes)
     overrides = sizes["overrides"]
     tick = time.time()
-    sft_dir = _stage("sft", model_dir, data_dir, work / "sft", overrides.get("sft", {}), fresh)
+    sft_dir = _stage("sft", model_dir, data_dir, work / "sft", overrides.get("sft", {}), fresh, device)
     timings["sft"] = time.time() - tick
     tick = time.time()
     if quick:
@@ -119,25 +123,25 @@ def run_demo(output_dir: str | Path = "demo_output", quick: bool = False, fresh:
     else:
         new_pairs = label_pairs(model_dir, sft_dir, {"train": train_prompts[: sizes["pair_prompts"]],
                                                       "heldout": heldout_prompts}, data_dir,
-                                 sizes["max_new_tokens"], fresh)
+                                 sizes["max_new_tokens"], fresh, inference_device(device))
     timings["pairs"] = time.time() - tick
     tick = time.time()
-    rm_dir = _stage("rm", model_dir, data_dir, work / "rm", overrides.get("rm", {}), fresh or new_pairs)
+    rm_dir = _stage("rm", model_dir, data_dir, work / "rm", overrides.get("rm", {}), fresh or new_pairs, device)
     timings["rm"] = time.time() - tick
     tick = time.time()
     reward_models = [{"path": str(rm_dir), "type": "lora", "weight": 1.0, "name": "rm"},
                      {"path": GOLD_FUNCTION, "type": "function", "weight": 0.0, "name": "gold"}]
     ppo_extra = {"adapter_name_or_path": str(sft_dir), "reward_models": reward_models, **overrides.get("ppo", {})}
-    policies = {"PPO": _stage("ppo", model_dir, data_dir, work / "ppo", ppo_extra, fresh or new_pairs)}
+    policies = {"PPO": _stage("ppo", model_dir, data_dir, work / "ppo", ppo_extra, fresh or new_pairs, device)}
     timings["ppo"] = time.time() - tick
     if algo == "grpo":
         tick = time.time()
         grpo_extra = {**ppo_extra, **overrides.get("grpo", {})}
-        policies["GRPO"] = _stage("grpo", model_dir, data_dir, work / "grpo", grpo_extra, fresh or new_pairs)
+        policies["GRPO"] = _stage("grpo", model_dir, data_dir, work / "grpo", grpo_extra, fresh or new_pairs, device)
         timings["grpo"] = time.time() - tick
     tick = time.time()
     report = write_report(work, model_dir, sft_dir, rm_dir, policies, heldout_prompts, sizes["max_new_tokens"],
-                          timings)
+                          timings, inference_device(device))
     timings["report"] = time.time() - tick
     logger.info("demo finished in %.1f min; report: %s", (time.time() - started) / 60, report)
     return report

@@ -65,23 +65,25 @@ def _stage_seconds(policy_dir: Path) -> float | None:
 
 
 def write_report(work: Path, model_dir: Path, sft_dir: Path, rm_dir: Path, policies: dict[str, Path],
-                 prompts: list[str], max_new_tokens: int, timings: dict[str, float]) -> Path:
+                 prompts: list[str], max_new_tokens: int, timings: dict[str, float],
+                 device: torch.device = torch.device("cpu")) -> Path:
     """Sample the SFT policy and each trained policy (`policies`: name -> folder, PPO first) on `prompts`
-    with the same seed, score them, and write report.md + PNG."""
+    with the same seed on `device`, score them, and write report.md + PNG."""
     logger.info("== report: sampling SFT and %s on %d held-out prompts", ", ".join(policies), len(prompts))
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
-    sft_policy = load_policy(model_dir, sft_dir)
+    sft_policy = load_policy(model_dir, sft_dir, device)
     samples = {"SFT": sample(sft_policy, reference=None, tokenizer=tokenizer, prompts=prompts,
                              max_new_tokens=max_new_tokens, temperature=1.0, seed=SAMPLING_SEED,
                              label="report, SFT policy")}
     for name, policy_dir in policies.items():
-        policy = load_policy(model_dir, policy_dir)
+        policy = load_policy(model_dir, policy_dir, device)
         samples[name] = sample(policy, sft_policy, tokenizer, prompts, max_new_tokens, 1.0, SAMPLING_SEED,
                                label=f"report, {name} policy")
         del policy
     del sft_policy
     gold = {name: task.gold_score(s.responses) for name, s in samples.items()}
-    proxy = {name: reward_model_scores(model_dir, rm_dir, prompts, s.responses) for name, s in samples.items()}
+    proxy = {name: reward_model_scores(model_dir, rm_dir, prompts, s.responses, device=device)
+             for name, s in samples.items()}
     rows = []
     for name, policy_samples in samples.items():
         low, high = bootstrap_interval(gold[name])

@@ -30,12 +30,12 @@ class Samples:
     """Sum over response tokens of log pi(y) - log ref(y) (k1), nats per response."""
 
 
-def load_policy(base_dir: str | Path, adapter_dir: str | Path | None):
-    """The base model with an optional LoRA adapter, for inference."""
+def load_policy(base_dir: str | Path, adapter_dir: str | Path | None, device: torch.device = torch.device("cpu")):
+    """The base model with an optional LoRA adapter, for inference on `device` (float32)."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
+    model.to(device).eval()
     return model
 
 
@@ -59,7 +59,7 @@ def sample(model, reference, tokenizer, prompts: list[str], max_new_tokens: int,
     for batch_index, begin in enumerate(range(0, len(prompts), batch_size), 1):
         chunk = prompts[begin:begin + batch_size]
         rows = [{"input_ids": template.encode_prompt(tokenizer, [{"role": "user", "content": p}])} for p in chunk]
-        batch = collate_prompts(rows, tokenizer.pad_token_id)
+        batch = {k: v.to(model.device) for k, v in collate_prompts(rows, tokenizer.pad_token_id).items()}
         generated = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1]:]
         response_ids, mask, ended = truncate_after_stop(generated, stops, tokenizer.pad_token_id)
         ids = torch.cat([batch["input_ids"], response_ids], 1)
@@ -78,7 +78,7 @@ def sample(model, reference, tokenizer, prompts: list[str], max_new_tokens: int,
                                                 skip_special_tokens=True)
         out.lengths += mask.sum(-1).tolist()
         out.ended += ended.tolist()
-        out.kl_to_reference += kl.tolist()
+        out.kl_to_reference += kl.cpu().tolist()
         progress.advance(batch_index)
         elapsed = time.time() - started
         per_batch = elapsed / batch_index
@@ -89,11 +89,11 @@ def sample(model, reference, tokenizer, prompts: list[str], max_new_tokens: int,
 
 @torch.no_grad()
 def reward_model_scores(base_dir: str | Path, rm_dir: str | Path, prompts: list[str], responses: list[str],
-                        batch_size: int = 16) -> list[float]:
-    """Scores of a LoRA reward model (RM-stage output) on prompt/response pairs."""
+                        batch_size: int = 16, device: torch.device = torch.device("cpu")) -> list[float]:
+    """Scores of a LoRA reward model (RM-stage output) on prompt/response pairs, computed on `device`."""
     tokenizer = AutoTokenizer.from_pretrained(rm_dir)
-    model = load_policy(base_dir, rm_dir)
-    head = ValueHead.load(rm_dir)
+    model = load_policy(base_dir, rm_dir, device)
+    head = ValueHead.load(rm_dir).to(device)
     template = get_template(None, tokenizer)
     scores: list[float] = []
     for begin in range(0, len(prompts), batch_size):
@@ -103,7 +103,8 @@ def reward_model_scores(base_dir: str | Path, rm_dir: str | Path, prompts: list[
                                                       {"role": "assistant", "content": response}])
             rows.append({"input_ids": [t for p, r in turns for t in p + r]})
         batch = collate_prompts(rows, tokenizer.pad_token_id)
-        scores += sequence_scores(model, head, batch["input_ids"], batch["attention_mask"]).tolist()
+        scores += sequence_scores(model, head, batch["input_ids"].to(device),
+                                  batch["attention_mask"].to(device)).cpu().tolist()
     return scores
 
 
