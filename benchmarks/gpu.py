@@ -34,7 +34,9 @@ stops starting new workloads (a line with "skipped" says so). `--smoke` runs tin
 device (the CPU included) with 8 prompts x 8 tokens, 1 + 1 steps, to check the script end to end.
 
 Usage: python benchmarks/gpu.py --tokenizer DIR [--workloads G1,G2] [--variants full,lora]
-       [--steps 2] [--budget 330] [--smoke] [--out FILE]
+       [--steps 2] [--budget 330] [--smoke] [--out FILE] [--profile G2:full --profile-dir DIR]
+
+A workload that fails prints its traceback and a line with "error", and the others still run.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -139,7 +142,9 @@ def random_weights_on_device():
 
     original = ppo_models.load_causal_lm
 
-    def made_on_device(path, model_args, dtype, device, tokenizer=None):
+    def made_on_device(path, model_args, dtype, device, tokenizer=None, quantization_bit=None, **_):
+        if quantization_bit is not None:
+            raise ValueError("the GPU benchmark makes bf16 models; run it without quantization_bit")
         config = AutoConfig.from_pretrained(path)
         torch.manual_seed(SEED)
         with torch.device(device or "cpu"):
@@ -156,16 +161,27 @@ def random_weights_on_device():
 
 
 @contextlib.contextmanager
-def measured_stage(device: torch.device, prompt_lengths: list[list[int]]):
-    """Phase timers that wait for the device, and the prompts' real lengths of every rollout."""
+def measured_stage(device: torch.device, prompt_lengths: list[list[int]], profile_step: int | None = None,
+                   profile_path: Path | None = None):
+    """Phase timers that wait for the device, and the prompts' real lengths of every rollout.
+
+    With `profile_step`, each phase of that step (1-based) runs under torch.profiler and its table
+    of operators (by device time, with call counts: kernel launches per phase) is appended to
+    `profile_path`; that step's timings include the profiler's overhead.
+    """
     import rlhfkit.stages.ppo as ppo_stage
 
     timed, build = ppo_stage.timed, ppo_stage.build_rollout_engine
+    steps = [0]
 
     @contextlib.contextmanager
     def synchronised(timings, phase):
+        if phase == "rollout":
+            steps[0] += 1
+        profiling = steps[0] == profile_step
         synchronize(device)
-        with timed(timings, phase):
+        with timed(timings, phase), (phase_profile(device, phase, profile_path) if profiling
+                                     else contextlib.nullcontext()):
             yield
             synchronize(device)
 
@@ -185,6 +201,23 @@ def measured_stage(device: torch.device, prompt_lengths: list[list[int]]):
         yield
     finally:
         ppo_stage.timed, ppo_stage.build_rollout_engine = timed, build
+
+
+@contextlib.contextmanager
+def phase_profile(device: torch.device, phase: str, path: Path):
+    """Profile the enclosed phase; append its operator table (top 30 by device time) to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        yield
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = profiler.key_averages()
+    kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None
+                  and str(e.device_type).endswith("CUDA"))
+    with open(path, "a", encoding="utf-8") as out:
+        out.write(f"== {phase}: {kernels} device kernel launches\n{events.table(sort_by=sort, row_limit=30)}\n")
 
 
 def step_bound(shape: flops.ModelShape, prompts: list[int], new: int, epochs: int, parameters: int,
@@ -213,6 +246,8 @@ def run_workload(name: str, variant: str, args, root: Path, tokenizer, device: t
     shape_keys = (SMOKE_SHAPES if args.smoke else SHAPES)[name]
     model_dir, prompts = build_folder(root, name, shape_keys, tokenizer)
     output_dir = root / name / variant
+    profiled = f"{name}:{variant}" in args.profile.split(",")
+    profile_path = Path(args.profile_dir) / f"profile-{name}-{variant}.txt" if profiled else None
     values = {
         "stage": "ppo", "model_name_or_path": str(model_dir), "dataset": str(prompts), "output_dir": str(output_dir),
         "overwrite_output_dir": True, "finetuning_type": variant, "lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA,
@@ -221,7 +256,7 @@ def run_workload(name: str, variant: str, args, root: Path, tokenizer, device: t
         "gradient_accumulation_steps": sizes["accumulation"], "rollout_batch_size": sizes["prompts"],
         "per_device_eval_batch_size": sizes["prompts"], "ppo_epochs": sizes["epochs"], "learning_rate": 1e-6,
         "max_new_tokens": sizes["new_tokens"], "min_new_tokens": sizes["new_tokens"], "temperature": 1.0,
-        "top_k": 0, "top_p": 1.0, "max_steps": 1 + args.steps, "logging_steps": 1, "save_steps": 0,
+        "top_k": 0, "top_p": 1.0, "max_steps": 1 + args.steps + profiled, "logging_steps": 1, "save_steps": 0,
         "seed": SEED, "gradient_checkpointing": False, "cutoff_len": 1024,
         **({"device": "cpu", "rollout_engine": "static"} if device.type == "cpu" else {}),
     }
@@ -231,9 +266,11 @@ def run_workload(name: str, variant: str, args, root: Path, tokenizer, device: t
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    with random_weights_on_device(), measured_stage(device, lengths):
+    with random_weights_on_device(), measured_stage(device, lengths, 1 + args.steps if profiled else None,
+                                                    profile_path):
         run_stage(build_config(values))
-    records = read_trainer_log(output_dir)[1:]  # the first step compiles
+    log = read_trainer_log(output_dir)
+    records = log[1:1 + args.steps]  # the first step compiles; a profiled step comes last
     median = lambda key: statistics.median(float(r[key]) for r in records)  # noqa: E731
     config = json.loads((model_dir / "config.json").read_text())
     shape = flops.ModelShape.from_config(config, LORA_RANK if variant == "lora" else 0)
@@ -258,6 +295,8 @@ def run_workload(name: str, variant: str, args, root: Path, tokenizer, device: t
         "prompt_tokens_mean": round(statistics.mean(lengths[-1]), 1),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "overrides": json.loads(args.overrides),
+        **({"profile": str(profile_path), "profiled_step_seconds": float(log[-1]["seconds_per_step"])}
+           if profiled else {}),
     }
 
 
@@ -282,8 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and sizes, any device")
     parser.add_argument("--overrides", default="{}", help="JSON of extra stage keys, e.g. '{\"torch_compile\": true}'")
     parser.add_argument("--out", help="also append the JSON lines to this file")
+    parser.add_argument("--profile", default="", help="workload:variant list (e.g. G2:full) whose last step is "
+                        "profiled too (an extra step, not in the medians); tables go to --profile-dir")
+    parser.add_argument("--profile-dir", default=".", help="folder for profile-<workload>-<variant>.txt")
     args = parser.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (1 if args.smoke else 2)
+    Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
     if args.tokenizer is None and not args.smoke:
         parser.error("--tokenizer is required (a folder with SmolLM2's tokenizer.json)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -299,7 +342,13 @@ def main(argv: list[str] | None = None) -> int:
                 if elapsed > args.budget:
                     line = {"workload": name, "variant": variant, "skipped": f"budget of {args.budget} s spent"}
                 else:
-                    line = run_workload(name, variant, args, Path(folder), tokenizer, device, tflops, tb_per_s)
+                    try:
+                        line = run_workload(name, variant, args, Path(folder), tokenizer, device, tflops, tb_per_s)
+                    except Exception as error:  # one failed workload must not cost the device call the others
+                        traceback.print_exc()
+                        line = {"workload": name, "variant": variant, "error": f"{type(error).__name__}: {error}"[:500]}
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
                 text = json.dumps(line)
                 print(text, flush=True)
                 if args.out:

@@ -7,8 +7,9 @@
 # installs any wheel in benchmarks/.cache/device/wheels that is missing (pytest on a bare device
 # image). Both folders are git-ignored: copy them there, and carry `benchmarks/.cache/device` to the
 # device. Results: one JSON line per workload on stdout and in $RESULTS (default $OUT/gpu.jsonl when
-# $OUT is set, else benchmarks/results/gpu/<time>.jsonl). Sized for <= 6 min of benchmarks on an H200
-# plus ~2 min of tests.
+# $OUT is set, else benchmarks/results/gpu/<time>.jsonl), and beside it the operator tables of one
+# extra profiled step of each workload in $PROFILE (default G2:full; empty for none). Sized for
+# <= 6 min of benchmarks on an H200 plus ~2 min of tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -31,7 +32,8 @@ if [[ $mode != bench-only ]]; then
   PYTHONPATH=src timeout 240 $PYTHON -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider || status=$?
 fi
 if [[ $mode != tests-only ]]; then
-  PYTHONPATH=src timeout 390 $PYTHON benchmarks/gpu.py --tokenizer "$TOKENIZER" --out "$RESULTS" "$@" || status=$?
+  PYTHONPATH=src timeout 390 $PYTHON benchmarks/gpu.py --tokenizer "$TOKENIZER" --out "$RESULTS" \
+    --profile "${PROFILE-G2:full}" --profile-dir "$(dirname "$RESULTS")" "$@" || status=$?
   echo "results: $RESULTS"
 fi
 exit $status
