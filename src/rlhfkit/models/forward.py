@@ -4,6 +4,7 @@ LM head's input instead of its logits (for `rl.head_logprobs`, which applies the
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator
 
 import torch
@@ -158,6 +159,24 @@ def language_model(model):
             model = model.model
         else:
             return model
+
+
+def cache_keyword(model) -> str:
+    """The keyword `model`'s forward takes its KV cache under: ``cache`` where the forward of the
+    transformers model inside (through DDP, a `ModelWithValueHead`, PEFT and ``torch.compile``) has that
+    parameter (newer releases, e.g. 5.24, which warn about the old name), else ``past_key_values``
+    (older ones, e.g. 5.17, which take nothing else). Read it once per decode loop: it inspects a signature."""
+    while True:
+        inner = language_model(model)
+        inner = getattr(inner, "_orig_mod", inner)  # torch.compile's OptimizedModule
+        get_base_model = getattr(inner, "get_base_model", None)  # a PeftModel (its base has peft_config too)
+        if callable(get_base_model):
+            inner = get_base_model()
+        if inner is model:
+            break
+        model = inner
+    parameters = inspect.signature(model.forward).parameters  # follows transformers' deprecation wrapper
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def chunkable_head(model) -> nn.Linear | None:

@@ -32,7 +32,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from rlhfkit.models.forward import capture_head_input, position_ids_from_mask, values_at_logits
+from rlhfkit.models.forward import cache_keyword, capture_head_input, position_ids_from_mask, values_at_logits
 
 
 Draw = Callable[[torch.Tensor], torch.Tensor]  # (b, v) unnormalised probabilities -> (b,) token ids
@@ -166,7 +166,8 @@ def sample_with_records(model, input_ids: torch.Tensor, attention_mask: torch.Te
     mask = attention_mask.long()
     positions = position_ids_from_mask(mask)
     sequence = input_ids
-    cache = DynamicCache()
+    cache = DynamicCache()  # updated in place by every forward pass
+    cache_argument = {cache_keyword(model): cache}
     step_input, step_positions = input_ids, positions
     running = torch.ones(rows, dtype=torch.bool, device=device)
     tokens, logprobs, values, entropies = [], [], [], []
@@ -174,8 +175,7 @@ def sample_with_records(model, input_ids: torch.Tensor, attention_mask: torch.Te
     with capture_head_input(model) if value_head is not None else contextlib.nullcontext() as head_input:
         for _ in range(settings.max_new_tokens):
             output = model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = output.past_key_values
+                           use_cache=True, logits_to_keep=1, **cache_argument)
             logits = output.logits[:, -1].float()  # (b, v) raw, finite
             token, lsm, probs = next_token(logits, sequence, len(tokens), settings, processors, stop_ids, draw)
             token = torch.where(running, token, torch.full_like(token, settings.pad_token_id))

@@ -39,7 +39,7 @@ import transformers
 from torch import nn
 
 from rlhfkit.models.compile import eager_blocks
-from rlhfkit.models.forward import position_ids_from_mask
+from rlhfkit.models.forward import cache_keyword, position_ids_from_mask
 from rlhfkit.rollout.generation import GeneratedBatch, finish_batch
 from rlhfkit.rollout.generation_copy import GenerationCopy, UnsupportedAdapter
 from rlhfkit.rollout.sampler import Draw, SamplingSettings, logits_processors, multinomial_draw, next_token
@@ -73,13 +73,14 @@ def _rounded_up(value: int, multiple: int) -> int:
 
 
 def decode_step(model, cache, token: torch.Tensor, position: torch.Tensor, key_valid: torch.Tensor,
-                mask_dtype: torch.dtype) -> torch.Tensor:
-    """One token per row through `model` with `cache`: ``token`` ``(b, 1)`` at ``position`` ``(b, 1)``,
-    attending to the cache positions where ``key_valid`` ``(b, L)`` is True. Returns float32 logits ``(b, v)``."""
+                mask_dtype: torch.dtype, keyword: str) -> torch.Tensor:
+    """One token per row through `model` with `cache` (passed as `keyword`, `cache_keyword`'s): ``token``
+    ``(b, 1)`` at ``position`` ``(b, 1)``, attending to the cache positions where ``key_valid`` ``(b, L)``
+    is True. Returns float32 logits ``(b, v)``."""
     mask = torch.zeros(key_valid.shape, dtype=mask_dtype, device=key_valid.device)
     mask = mask.masked_fill(~key_valid, torch.finfo(mask_dtype).min)[:, None, None, :]  # (b, 1, 1, L)
-    output = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1)
+    output = model(input_ids=token, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1,
+                   **{keyword: cache})
     return output.logits[:, -1].float()
 
 
@@ -163,18 +164,19 @@ class StaticCacheEngine:
                 self._step = decode_step
         return self._step
 
-    def _run_step(self, step, model, cache, token, position, key_valid, dtype) -> torch.Tensor:
+    def _run_step(self, step, model, cache, token, position, key_valid, dtype, keyword) -> torch.Tensor:
         """One decode step; a compiled step that fails on its first call (compilation) is replaced by
         the eager one for the rest of the run, with the cache's write position put back."""
         if step is decode_step:
             with eager_blocks():  # compiled blocks (torch_compile) run their eager code
-                return step(model, cache, token, position, key_valid, dtype)
+                return step(model, cache, token, position, key_valid, dtype, keyword)
         first = not self._compiled_ran
         written = [layer.cumulative_length.clone() for layer in cache.layers] if first else None
         try:
             if token.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = step(model, cache, token, position, key_valid, dtype).clone()  # the graph's output is reused
+            # .clone(): the graph's output is reused
+            logits = step(model, cache, token, position, key_valid, dtype, keyword).clone()
         except Exception as error:  # noqa: BLE001 - any compiler failure: decode eagerly instead
             if not first:
                 raise
@@ -184,7 +186,7 @@ class StaticCacheEngine:
                 layer.cumulative_length.copy_(length)
             self._step = decode_step
             with eager_blocks():
-                return decode_step(model, cache, token, position, key_valid, dtype)
+                return decode_step(model, cache, token, position, key_valid, dtype, keyword)
         self._compiled_ran = True
         return logits
 
@@ -208,7 +210,7 @@ class StaticCacheEngine:
         new = settings.max_new_tokens
         length = _rounded_up(width + new, CACHE_LENGTH_MULTIPLE)
         dtype = next(model.parameters()).dtype
-        cache = self._cache_for(model, rows, length)
+        cache, keyword = self._cache_for(model, rows, length), cache_keyword(model)
         step = self._step_function(device)
         processors = logits_processors(settings, width)
         stop_ids = torch.tensor(settings.stop_token_ids, device=device, dtype=torch.long)
@@ -218,7 +220,7 @@ class StaticCacheEngine:
         # 1. prefill, eagerly (its shape changes with the prompts)
         with eager_blocks():
             output = model(input_ids=prompt_ids, attention_mask=prefill_mask(prompt_mask, length, dtype),
-                           position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                           position_ids=positions, use_cache=True, logits_to_keep=1, **{keyword: cache})
         logits = output.logits[:, -1].float()  # (b, v)
         sequence = torch.cat([prompt_ids, torch.full((rows, new), settings.pad_token_id, device=device,
                                                      dtype=prompt_ids.dtype)], dim=1)  # (b, P + R)
@@ -237,7 +239,7 @@ class StaticCacheEngine:
                 generated = index + 1
                 break
             key_valid[:, width + index] = True
-            logits = self._run_step(step, model, cache, token.unsqueeze(-1), position, key_valid, dtype)
+            logits = self._run_step(step, model, cache, token.unsqueeze(-1), position, key_valid, dtype, keyword)
             step = self._step
             position = position + 1
         return sequence[:, width:width + generated]
