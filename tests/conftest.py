@@ -50,6 +50,7 @@ import math
 import os
 import select
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -68,6 +69,7 @@ SAFETY = 4.0
 
 CPU = torch.device("cpu")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SRC = str(Path(__file__).resolve().parents[1] / "src")  # PYTHONPATH of the processes tests start
 
 # The tiny model of `tiny_model_dir` (build_tiny_model's defaults and its character tokenizer).
 TINY_VOCAB = 100  # the length of each log-softmax's sum
@@ -433,6 +435,24 @@ def reward_functions(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("rewards") / "rewards.py"
     path.write_text(REWARD_FUNCTIONS)
     return path
+
+
+def one_error_line(err: str) -> str:
+    """The single `error:` line of a command that stopped with a message and no traceback."""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def hold_output_lock(folder: Path) -> subprocess.Popen:
+    """Another process (without torch: cheap to start) holding the run lock of `folder` until its stdin
+    closes; `holder.communicate("")` releases it, SIGKILL leaves a stale lock file."""
+    code = ("import sys; from rlhfkit.run_lock import OutputLock; lock = OutputLock(sys.argv[1]); lock.acquire(); "
+            "print('locked', flush=True); sys.stdin.read(); lock.release()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=SRC))
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
 
 
 @contextlib.contextmanager

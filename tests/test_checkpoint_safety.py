@@ -15,21 +15,18 @@ import pickle
 import random
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import read_events, write_cpu_config, write_jsonl
+from conftest import hold_output_lock, one_error_line, read_events, write_cpu_config, write_jsonl
 from safetensors.torch import load_file
 
 from rlhfkit.cli import main
 
 STEPS = 6
 LEARNING_RATE = 0.01
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def _sft_values(folder: Path, model_dir: Path) -> dict:
@@ -65,13 +62,6 @@ def _train(capsys, tmp_path: Path, values: dict, **changes) -> tuple[int, str]:
     config = write_cpu_config(tmp_path / "resume.yaml", {**values, **changes})
     code = main(["train", str(config)])
     return code, capsys.readouterr().err
-
-
-def _one_error(err: str) -> str:
-    """The single `error:` line of a run that stopped with a message and no traceback."""
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def _log(out: Path) -> list[dict]:
@@ -132,7 +122,7 @@ def test_a_planted_pickle_is_refused_and_never_runs(run_copy, tmp_path, capsys, 
         target.write_bytes(pickle.dumps({"state": Payload(marker)}))
     code, err = _train(capsys, tmp_path, values, resume_from_checkpoint=True)
     assert code == 2
-    line = _one_error(err)
+    line = one_error_line(err)
     assert str(target) in line and "refusing" in line
     assert not marker.exists()
 
@@ -218,7 +208,7 @@ def test_no_usable_checkpoint_stops_with_one_line(run_copy, tmp_path, capsys):
         _truncate(out / f"checkpoint-{step}" / "trainable_state.safetensors")
     code, err = _train(capsys, tmp_path, values, resume_from_checkpoint=True)
     assert code == 2
-    assert "no usable checkpoint" in _one_error(err)
+    assert "no usable checkpoint" in one_error_line(err)
 
 
 # --------------------------------------------------------------------------- config on resume
@@ -229,7 +219,7 @@ def test_a_changed_config_is_refused_with_the_keys_listed(run_copy, tmp_path, ca
     code, err = _train(capsys, tmp_path, values, resume_from_checkpoint=True, learning_rate=0.02,
                        per_device_train_batch_size=4, gradient_accumulation_steps=1)
     assert code == 2
-    line = _one_error(err)
+    line = one_error_line(err)
     assert "learning_rate 0.01 → 0.02" in line and "per_device_train_batch_size 2 → 4" in line
     assert "gradient_accumulation_steps 2 → 1" in line and "resume_ignore_config_changes" in line
 
@@ -254,7 +244,7 @@ def test_a_changed_lora_shape_is_refused_even_when_ignoring_changes(run_copy, tm
     code, err = _train(capsys, tmp_path, values, resume_from_checkpoint=True, lora_rank=8,
                        resume_ignore_config_changes=True)
     assert code == 2
-    assert "lora_rank 4 → 8" in _one_error(err)
+    assert "lora_rank 4 → 8" in one_error_line(err)
 
 
 def test_a_checkpoint_without_a_recorded_config_resumes_with_a_note(run_copy, tmp_path, capsys):
@@ -302,24 +292,14 @@ def _samples(out: Path) -> list[dict]:
 # --------------------------------------------------------------------------- one run per folder
 
 
-def _hold_lock(folder: Path) -> subprocess.Popen:
-    """Another process holding the lock of `folder` until its stdin closes."""
-    code = ("import sys; from rlhfkit.run_lock import OutputLock; lock = OutputLock(sys.argv[1]); lock.acquire(); "
-            "print('locked', flush=True); sys.stdin.read(); lock.release()")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=SRC))
-    assert holder.stdout.readline().strip() == "locked"
-    return holder
-
-
 def test_a_second_run_into_a_locked_output_dir_is_refused(finished_run, tmp_path, capsys):
     values, _ = finished_run
     out = tmp_path / "out"
-    holder = _hold_lock(out)
+    holder = hold_output_lock(out)
     try:
         code, err = _train(capsys, tmp_path, dict(values, output_dir=str(out), max_steps=1))
         assert code == 2
-        line = _one_error(err)
+        line = one_error_line(err)
         assert f"output_dir {out} is in use by another run" in line and f"process {holder.pid}" in line
         assert [p.name for p in out.iterdir()] == [".rlhfkit.lock"]
     finally:
@@ -333,7 +313,7 @@ def test_a_second_run_into_a_locked_output_dir_is_refused(finished_run, tmp_path
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(finished_run, tmp_path, capsys):
     values, _ = finished_run
     out = tmp_path / "out"
-    holder = _hold_lock(out)
+    holder = hold_output_lock(out)
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
     assert (out / ".rlhfkit.lock").is_file()
@@ -366,7 +346,7 @@ def test_a_full_disk_while_checkpointing_leaves_no_partial_folder(finished_run, 
     monkeypatch.setattr(target, fake)
     code, err = _train(capsys, tmp_path, dict(values, output_dir=str(out)))
     assert code == 2
-    line = _one_error(err)
+    line = one_error_line(err)
     assert "No space left on device" in line and str(out / ".tmp-checkpoint-2" / written) in line
     assert not list(out.glob(".tmp-checkpoint-*")) and not list(out.glob("checkpoint-*"))
     assert not (out / ".rlhfkit.lock").exists()
@@ -383,7 +363,7 @@ def test_a_full_disk_at_the_final_save_is_one_line(finished_run, tmp_path, capsy
     monkeypatch.setattr("rlhfkit.stages.common.save_pretrained_model", full_disk)
     code, err = _train(capsys, tmp_path, dict(values, output_dir=str(out), save_steps=1000))
     assert code == 2
-    line = _one_error(err)
+    line = one_error_line(err)
     assert "could not write the trained model" in line and "No space left on device" in line
     assert str(out / "model.safetensors") in line
     assert not (out / ".rlhfkit.lock").exists()

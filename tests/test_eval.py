@@ -1,10 +1,11 @@
 """`rlhfkit eval`: numbers on fixed function rewards, the bootstrap interval, a LoRA reward model,
-paired comparison with a baseline, the saved files and clean errors."""
+paired comparison with a baseline, the saved files, output_dir's run lock and clean errors."""
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 
@@ -18,14 +19,18 @@ from conftest import (
     TINY_WIDEST,
     cpu_config,
     float32_tolerance,
+    hold_output_lock,
+    one_error_line,
     raw_scores,
     write_cpu_config,
     write_jsonl,
 )
+from rlhfkit.cli import main
 from rlhfkit.commands.evaluate import RESULTS_FILE, SAMPLES_FILE, run_eval
 from rlhfkit.data import get_template
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.value_head import ValueHead
+from rlhfkit.run_lock import LOCK_FILE
 from rlhfkit.tracking.summary import bootstrap_interval, summarize
 
 
@@ -184,3 +189,52 @@ def test_baseline_with_other_prompts_is_refused(tiny_model_dir, assets, tmp_path
         run_eval(_config(tiny_model_dir, assets, tmp_path / "four"), baseline=str(tmp_path / "two"))
     with pytest.raises(RlhfkitError, match="eval_samples.jsonl not found"):
         run_eval(_config(tiny_model_dir, assets, tmp_path / "x"), baseline=str(tmp_path / "nowhere"))
+
+
+# ------------------------------------------------------------------------------ one run per output_dir
+
+
+def _eval_cli(capsys, tiny_model_dir, assets, tmp_path, out) -> tuple[int, str]:
+    """`rlhfkit eval` in this process, two prompts into `out`; (exit status, stderr)."""
+    config = write_cpu_config(tmp_path / "eval.yaml", {
+        "model_name_or_path": str(tiny_model_dir), "dataset": str(assets / "prompts.jsonl"), "max_samples": 2,
+        "reward_model": f"{assets / 'rew.py'}:prompt_number", "reward_model_type": "function",
+        "output_dir": str(out), "max_new_tokens": 2})
+    code = main(["eval", str(config)])
+    return code, capsys.readouterr().err
+
+
+def test_eval_into_a_locked_output_dir_is_refused(tiny_model_dir, assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = hold_output_lock(out)  # as a training run or another eval into `out` holds it
+    try:
+        code, err = _eval_cli(capsys, tiny_model_dir, assets, tmp_path, out)
+        assert code == 2
+        line = one_error_line(err)
+        assert f"output_dir {out} is in use by another run" in line and f"process {holder.pid}" in line
+        assert [p.name for p in out.iterdir()] == [LOCK_FILE]  # nothing written
+    finally:
+        holder.communicate("", timeout=30)
+    code, err = _eval_cli(capsys, tiny_model_dir, assets, tmp_path, out)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [RESULTS_FILE, SAMPLES_FILE]  # its own lock released
+
+
+def test_eval_takes_over_a_lock_left_by_a_killed_run(tiny_model_dir, assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = hold_output_lock(out)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    assert (out / LOCK_FILE).is_file()
+    code, err = _eval_cli(capsys, tiny_model_dir, assets, tmp_path, out)
+    assert code == 0, err
+    assert f"left by process {holder.pid}" in err and "taking it over" in err
+    assert sorted(p.name for p in out.iterdir()) == [RESULTS_FILE, SAMPLES_FILE]
+
+
+def test_eval_refuses_a_multi_process_launch(tiny_model_dir, assets, tmp_path, monkeypatch):
+    """eval runs in one process: every process of a launch would write the same files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RlhfkitError, match=r"rlhfkit eval runs in one process.*WORLD_SIZE=2"):
+        run_eval(_config(tiny_model_dir, assets, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -1,9 +1,11 @@
 """`rlhfkit export`: merged weights reproduce base + adapter, sharding, tokenizer and generation config,
-chat template of a built-in template, the value head kept out of the LM, and clean errors."""
+chat template of a built-in template, the value head kept out of the LM, export_dir's run lock (never
+shipped), and clean errors."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +16,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from conftest import TINY_HIDDEN, cpu_config, float32_tolerance
+from conftest import TINY_HIDDEN, cpu_config, float32_tolerance, hold_output_lock, one_error_line, write_cpu_config
 from rlhfkit.cli import main
 from rlhfkit.commands.export import _check_only_base_tensors, builtin_chat_template, run_export
 from rlhfkit.data import TEMPLATES
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.tiny import build_char_tokenizer
 from rlhfkit.models.value_head import VALUE_HEAD_FILE, ValueHead
+from rlhfkit.run_lock import LOCK_FILE
 
 TEXTS = ["<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n", "abc xyz 123"]
 
@@ -241,3 +244,74 @@ def test_reward_model_with_the_head_inside_its_weights_exports_to_the_shared_lay
     saved = load_file(str(out / VALUE_HEAD_FILE))
     assert set(saved) == {"v_head.summary.weight", "v_head.summary.bias"}
     assert torch.equal(saved["v_head.summary.weight"], head.summary.weight)
+
+
+# ------------------------------------------------------------------------------ one run per export_dir
+
+EXPORTED = ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json"]
+
+
+def _export_cli(capsys, tmp_path, tiny_model_dir, out) -> tuple[int, str]:
+    """`rlhfkit export` of the plain tiny model in this process into `out`; (exit status, stderr)."""
+    config = write_cpu_config(tmp_path / "export.yaml", {"model_name_or_path": str(tiny_model_dir),
+                                                         "export_dir": str(out)})
+    code = main(["export", str(config)])
+    return code, capsys.readouterr().err
+
+
+def test_export_into_a_locked_export_dir_is_refused(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = hold_output_lock(out)  # as another export, or a training run into `out`, holds it
+    try:
+        code, err = _export_cli(capsys, tmp_path, tiny_model_dir, out)
+        assert code == 2
+        line = one_error_line(err)
+        assert f"export_dir {out} is in use by another run" in line and f"process {holder.pid}" in line
+        assert line.endswith("choose another export_dir")
+        assert [p.name for p in out.iterdir()] == [LOCK_FILE]  # nothing written
+    finally:
+        holder.communicate("", timeout=30)
+    code, err = _export_cli(capsys, tmp_path, tiny_model_dir, out)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == EXPORTED  # its own lock released
+
+
+def test_export_takes_over_a_lock_left_by_a_killed_run(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = hold_output_lock(out)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    code, err = _export_cli(capsys, tmp_path, tiny_model_dir, out)
+    assert code == 0, err  # the stale lock file does not make the folder "not empty"
+    assert f"left by process {holder.pid}" in err and "taking it over" in err
+    assert sorted(p.name for p in out.iterdir()) == EXPORTED
+
+
+def test_the_upload_never_ships_the_lock(tiny_model_dir, tmp_path, monkeypatch):
+    """export_dir's lock is held while it uploads; the files huggingface_hub's filter lets through exclude it."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+
+    uploaded = {}
+
+    def upload_folder(self, *, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        present = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        uploaded["present"] = present
+        uploaded["shipped"] = list(filter_repo_objects(present, allow_patterns=allow_patterns,
+                                                       ignore_patterns=ignore_patterns))
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    out = _export(tmp_path, tiny_model_dir, export_hub_model_id="me/tiny-export")
+    assert LOCK_FILE in uploaded["present"]
+    assert sorted(uploaded["shipped"]) == EXPORTED
+    assert sorted(p.name for p in out.iterdir()) == EXPORTED
+
+
+def test_export_refuses_a_multi_process_launch(tiny_model_dir, tmp_path, monkeypatch):
+    """export runs in one process: every process of a launch would write the same files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RlhfkitError, match=r"rlhfkit export runs in one process.*WORLD_SIZE=2"):
+        _export(tmp_path, tiny_model_dir)
+    assert not (tmp_path / "exported").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlhfkit.errors import fail
+from rlhfkit.run_lock import LOCK_FILE
 
 if TYPE_CHECKING:
     from rlhfkit.config import Config, ModelArguments
@@ -146,13 +147,15 @@ def resolve_config_paths(config: "Config") -> None:
 
 def push_folder(folder: str | Path, repo_id: str, token: str | None, key: str, private: bool | None = None,
                 ignore_patterns: list[str] | None = None) -> str:
-    """Create `repo_id` (if needed) and upload `folder` to it; return the repository URL."""
+    """Create `repo_id` (if needed) and upload `folder` to it, never its run lock (held during the
+    upload); return the repository URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=ignore_patterns,
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder),
+                          ignore_patterns=[*(ignore_patterns or []), LOCK_FILE],
                           commit_message="Upload with rlhfkit")
     except Exception as err:  # network, permission, offline mode
         from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled

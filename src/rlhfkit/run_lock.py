@@ -1,4 +1,5 @@
-"""One run per output_dir: an exclusive lock on `output_dir/.rlhfkit.lock` for the whole run.
+"""One run per output folder: an exclusive lock on `output_dir/.rlhfkit.lock` for the whole run
+(training stages, `rlhfkit eval`) or on `export_dir/.rlhfkit.lock` (`rlhfkit export`).
 
 The lock is `flock` on the file, which the kernel releases when its holder ends, however it ends;
 a clean exit also removes the file. A lock file found unlocked was left by a run that died: it is
@@ -27,10 +28,12 @@ LOCK_FILE = ".rlhfkit.lock"
 
 class OutputLock:
     """The exclusive lock of one output folder; `acquire` creates the folder if needed, `release`
-    removes the lock file (and the folders `acquire` created, when they are still empty)."""
+    removes the lock file (and the folders `acquire` created, when they are still empty). `key` is
+    the config key that names the folder, for the message."""
 
-    def __init__(self, output_dir: str | Path) -> None:
+    def __init__(self, output_dir: str | Path, key: str = "output_dir") -> None:
         self.output_dir = Path(output_dir)
+        self.key = key
         self.path = self.output_dir / LOCK_FILE
         self._fd: int | None = None
         self._created: list[Path] = []
@@ -52,8 +55,8 @@ class OutputLock:
                 holder = _read(fd)
                 os.close(fd)
                 self._remove_created()
-                raise fail(f"output_dir {self.output_dir} is in use by another run ({holder or 'unknown process'} "
-                           f"holds {self.path.name}); wait for it to end, or choose another output_dir") from None
+                raise fail(f"{self.key} {self.output_dir} is in use by another run ({holder or 'unknown process'} "
+                           f"holds {self.path.name}); wait for it to end, or choose another {self.key}") from None
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # its holder removed the file while we waited: lock the new one
@@ -90,6 +93,11 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def holds_files(folder: Path) -> bool:
+    """Whether `folder` holds anything besides its lock file (for the checks that want it empty)."""
+    return any(entry.name != LOCK_FILE for entry in folder.iterdir())
 
 
 def _read(fd: int) -> str:

@@ -6,7 +6,8 @@ source(s) (`reward_model` + `reward_model_type`, or `reward_models`), sampling (
 `temperature`, `top_p`, `top_k`, `max_new_tokens`, ...), `per_device_eval_batch_size`, `seed`
 and `output_dir`.
 
-1. check      model, dataset, a reward source and output_dir are set
+1. check      model, dataset, a reward source and output_dir are set; output_dir's lock taken
+              (held to the end, as a training run holds it), then no earlier results there
 2. prompts    read, template and tokenize the dataset's prompts
 3. models     the policy (adapters merged) and the reward sources (a LoRA RM on its own base copy)
 4. sample     one response per prompt, seeded, so runs with the same config see the same prompts
@@ -38,9 +39,10 @@ from rlhfkit.errors import fail
 from rlhfkit.models.adapters import split_paths
 from rlhfkit.rewards.base import build_scoring_batch
 from rlhfkit.rollout import HFGenerator
+from rlhfkit.run_lock import OutputLock
 from rlhfkit.stages.ppo_models import PPOModels, build_reward_source, reward_specs
 from rlhfkit.tracking.summary import summarize
-from rlhfkit.training.runtime import seed_everything
+from rlhfkit.training.runtime import check_one_process, check_output_dir, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +72,13 @@ def check_eval_config(config: Config) -> None:
         raise fail(f"{src}: temperature must be > 0 when do_sample is true, got {g.temperature}")
     if g.do_sample and not 0.0 < g.top_p <= 1.0:
         raise fail(f"{src}: top_p must be in (0, 1], got {g.top_p}")
-    results = Path(o.output_dir) / RESULTS_FILE
-    if results.exists() and not o.overwrite_output_dir:
-        raise fail(f"{src}: {results} exists; set overwrite_output_dir: true or choose another output_dir")
+
+
+def _check_no_results(config: Config, output_dir: Path) -> None:
+    """Refuse to replace an earlier eval's results unless overwriting (checked under output_dir's lock)."""
+    results = output_dir / RESULTS_FILE
+    if results.exists() and not config.output.overwrite_output_dir:
+        raise fail(f"{config.source}: {results} exists; set overwrite_output_dir: true or choose another output_dir")
 
 
 def _load_prompts(config: Config, tokenizer, template) -> list[dict[str, Any]]:
@@ -155,6 +161,15 @@ def run_eval(config: Config, baseline: str | None = None) -> dict[str, Any]:
     """Steps 1-7 of the module docstring; returns what eval_results.json holds."""
     # 1. check
     check_eval_config(config)
+    check_one_process("eval")
+    output_dir = check_output_dir(config)
+    with OutputLock(output_dir):  # another run's files cannot appear between the check and the save
+        _check_no_results(config, output_dir)
+        return _evaluate(config, baseline, output_dir)
+
+
+def _evaluate(config: Config, baseline: str | None, output_dir: Path) -> dict[str, Any]:
+    """Steps 2-7, under output_dir's lock."""
     resolve_config_paths(config)  # hub ids -> local snapshot folders
     m, t = config.model, config.training
     adapters = split_paths(m.adapter_name_or_path)
@@ -187,8 +202,7 @@ def run_eval(config: Config, baseline: str | None = None) -> dict[str, Any]:
         print(format_summary(results["difference"], f"difference to {baseline} (this minus baseline, paired)"),
               flush=True)
     # 7. save
-    output_dir = Path(config.output.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)  # the lock made it, where locking is available
     (output_dir / SAMPLES_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                            encoding="utf-8")
     (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -5,7 +5,8 @@ or hub ids), `template`, `export_dir`, `export_size`, `export_legacy_format`, `e
 `export_hub_model_id` (upload the result), and `torch_dtype` (or LLaMA-Factory's `infer_dtype`) /
 `bf16` / `fp16` for the saved dtype (auto keeps the checkpoint's).
 
-1. check     required keys, sizes, that export_dir is neither a source nor a non-empty folder
+1. check     required keys, sizes, that export_dir is not a source; export_dir's lock taken (held
+             to the end, as a training run holds output_dir's), then that it is empty
 2. load      tokenizer (from the last adapter folder if it holds one) and base model; grow the
              embeddings if the tokenizer gained tokens during training
 3. merge     each adapter into the weights; the result must hold exactly the base architecture's
@@ -36,6 +37,8 @@ from rlhfkit.hub import push_folder, resolve_model_args
 from rlhfkit.models.adapters import check_adapter_dir, merge_adapters, split_paths
 from rlhfkit.models.loading import load_causal_lm, resolve_dtype
 from rlhfkit.models.value_head import VALUE_HEAD_FILE, ValueHead, has_value_head, value_head_folder
+from rlhfkit.run_lock import OutputLock, holds_files
+from rlhfkit.training.runtime import check_one_process, check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +73,13 @@ def check_export_config(config: Config) -> None:
         raise fail(f"{src}: export_dir {e.export_dir} is one of the folders being read; choose another folder")
     if export_dir.exists() and not export_dir.is_dir():
         raise fail(f"{src}: export_dir {e.export_dir} is a file; choose a folder path")
-    if export_dir.is_dir() and any(export_dir.iterdir()) and not config.output.overwrite_output_dir:
-        raise fail(f"{src}: export_dir {e.export_dir} is not empty; set overwrite_output_dir: true or choose "
-                   "another folder")
+
+
+def _check_export_dir_empty(config: Config, export_dir: Path) -> None:
+    """Refuse a non-empty export_dir (its lock file aside) unless overwriting; checked under its lock."""
+    if export_dir.is_dir() and holds_files(export_dir) and not config.output.overwrite_output_dir:
+        raise fail(f"{config.source}: export_dir {export_dir} is not empty; set overwrite_output_dir: true or "
+                   "choose another folder")
 
 
 def export_dtype(config: Config):
@@ -129,6 +136,15 @@ def run_export(config: Config) -> Path:
     """Merge, check and save as described in the module docstring; return export_dir."""
     # 1. check
     check_export_config(config)
+    check_one_process("export")
+    export_dir = check_output_folder(config.export.export_dir, "export_dir")
+    with OutputLock(export_dir, "export_dir"):  # no other run writes there between the check and the save
+        _check_export_dir_empty(config, export_dir)
+        return _export(config, export_dir)
+
+
+def _export(config: Config, export_dir: Path) -> Path:
+    """Steps 2-6, under export_dir's lock."""
     m, e = config.model, config.export
     resolve_model_args(m)  # hub ids -> local snapshot folders
     adapters = split_paths(m.adapter_name_or_path)
@@ -152,7 +168,6 @@ def run_export(config: Config) -> Path:
     # 4. describe
     _describe(model, tokenizer, config)
     # 5. save
-    export_dir = Path(e.export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(export_dir, max_shard_size=max(int(e.export_size * GB), 1))
     tokenizer.save_pretrained(export_dir)

@@ -19,7 +19,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from rlhfkit.accelerator.defaults import apply_device_defaults
 from rlhfkit.config import Config
 from rlhfkit.errors import fail
-from rlhfkit.run_lock import LOCK_FILE
+from rlhfkit.run_lock import holds_files
 from rlhfkit.tracking.trackers import tracker_instances
 from rlhfkit.training.deepspeed import check_deepspeed_runnable, deepspeed_plugin
 
@@ -156,19 +156,34 @@ def _fill_deepspeed_config(accelerator: Accelerator, config: Config) -> None:
 
 def check_output_dir(config: Config) -> Path:
     """Refuse an output_dir that is a file, inside a file or not writable; never create it here."""
-    path = Path(config.output.output_dir)
+    return check_output_folder(config.output.output_dir, "output_dir")
+
+
+def check_output_folder(folder: str | Path, key: str) -> Path:
+    """Refuse an output folder (named by config key `key`) that is a file, inside a file or not
+    writable; never create it here."""
+    path = Path(folder)
     if path.exists() and not path.is_dir():
-        raise fail(f"output_dir {path} is a file; choose a folder path")
+        raise fail(f"{key} {path} is a file; choose a folder path")
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise fail(f"output_dir {path} is inside {existing}, which is a file; choose a folder path")
+        raise fail(f"{key} {path} is inside {existing}, which is a file; choose a folder path")
     try:  # the only reliable test (root ignores permission bits; read-only mounts do not)
         tempfile.TemporaryDirectory(dir=existing).cleanup()
     except OSError as err:
-        raise fail(f"output_dir {path} is not writable ({err.strerror}); choose a folder you can write to") from None
+        raise fail(f"{key} {path} is not writable ({err.strerror}); choose a folder you can write to") from None
     return path
+
+
+def check_one_process(command: str) -> None:
+    """Refuse a multi-process launch of a command that runs in one process (`eval`, `export`): each
+    launched process would run the whole command into the same folder."""
+    processes = _launched_processes()
+    if processes > 1:
+        raise fail(f"rlhfkit {command} runs in one process, but this is one of {processes} launched processes "
+                   f"(WORLD_SIZE={processes}); run `rlhfkit {command} ...` without accelerate launch or torchrun")
 
 
 def check_output_empty(config: Config, path: Path) -> None:
@@ -176,6 +191,6 @@ def check_output_empty(config: Config, path: Path) -> None:
     resuming = str(config.training.resume_from_checkpoint).lower() not in ("none", "false", "")
     if config.output.overwrite_output_dir or resuming or not path.is_dir():
         return
-    if any(entry.name != LOCK_FILE for entry in path.iterdir()):
+    if holds_files(path):
         raise fail(f"output_dir {path} is not empty; set overwrite_output_dir: true, resume with "
                    "resume_from_checkpoint: true, or choose another folder")
