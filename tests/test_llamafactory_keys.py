@@ -333,7 +333,9 @@ def test_gradient_checkpointing_defaults_on_unless_disabled():
 
 
 def _checkpointed_calls(stage: str, config, monkeypatch) -> int:
-    """Calls of transformers' checkpoint function by the decoder layers during `config`'s run."""
+    """Calls of transformers' checkpoint function by the decoder layers in `config`'s training passes (with
+    gradients: transformers before 5.24 also routes no-grad passes of a model in training mode, such as the
+    finite-outputs probe before a save, through it, where it only runs the layer)."""
     import importlib
 
     module = importlib.import_module(f"rlhfkit.stages.{stage}")
@@ -346,7 +348,7 @@ def _checkpointed_calls(stage: str, config, monkeypatch) -> int:
             checkpoint = layer._gradient_checkpointing_func if layer.gradient_checkpointing else None
             if checkpoint is not None:
                 def counted(*a, _checkpoint=checkpoint, **k):
-                    calls[0] += 1
+                    calls[0] += torch.is_grad_enabled()
                     return _checkpoint(*a, **k)
 
                 layer._gradient_checkpointing_func = counted

@@ -103,13 +103,16 @@ def resolve(name: str, key: str, model_args: "ModelArguments") -> str:
     """`name` as a local folder: itself if it is one (or not a hub id), else its hub snapshot."""
     if not looks_like_repo_id(name):
         return name
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     revision = model_args.model_revision or "main"
     try:
+        # local_files_only when offline: huggingface_hub 1.x otherwise tries the network for a pinned
+        # commit (a revision that needs no lookup) and fails instead of reading its cached snapshot
         folder = snapshot_download(
             name, revision=revision, cache_dir=model_args.cache_dir, token=model_args.hf_hub_token,
             ignore_patterns=_ignore_patterns(name, revision, model_args.hf_hub_token),
+            local_files_only=bool(constants.HF_HUB_OFFLINE),
         )
     except Exception as err:  # huggingface_hub raises OSError, ValueError and HTTP errors
         raise hub_error(err, key, name, revision, model_args.cache_dir) from None
