@@ -45,6 +45,7 @@ fails on a real error:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -338,6 +339,13 @@ class OneProcessAccelerator:
 
     def backward(self, loss):
         loss.backward()
+
+
+def requires(*packages: str):
+    """Skip the test where a package of the ``test`` extra is missing: CI installs ``.[test]``, so it runs
+    there; an image without the extras (the GPU machine's) runs the rest of the suite."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (pip install -e .[test])")
 
 
 # What `cpu_config` and `write_cpu_config` set unless the test's values say otherwise: the CPU (see

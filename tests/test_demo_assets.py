@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from conftest import requires
 from rlhfkit.demo import task
 from rlhfkit.demo.task import (
     demo_prompts,
@@ -48,6 +49,7 @@ def test_articles_agree():
     assert " a Edwardian" not in text and " a animated" not in text and " an 19" not in text
 
 
+@requires("vaderSentiment")
 def test_gold_score_on_hand_written_sentences():
     good, bad, flat = gold_score(
         [
@@ -62,6 +64,7 @@ def test_gold_score_on_hand_written_sentences():
     assert [sentiment_label(s) for s in (good, bad, flat)] == ["positive", "negative", "neutral"]
 
 
+@requires("vaderSentiment")
 def test_gold_reward_scores_responses_only():
     prompts = ["Write a one-sentence review of a western set in Cairo."] * 2
     rewards = gold_reward(prompts, ["A brilliant, joyful western.", "A terrible, boring western."])
@@ -71,6 +74,7 @@ def test_gold_reward_scores_responses_only():
         gold_reward(prompts, ["only one"])
 
 
+@requires("vaderSentiment")
 def test_sft_examples_are_one_sentence_mixed_and_from_train_only():
     rows = sft_examples()
     train, heldout = demo_prompts()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import requires
 from rlhfkit.cli import main
 from rlhfkit.demo import pipeline
 from rlhfkit.stages import run_stage
@@ -17,6 +18,7 @@ ON_CPU = ["--device", "cpu"]
 
 
 @pytest.mark.slow
+@requires("vaderSentiment")  # the gold judge
 def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path: Path, monkeypatch):
     devices = []
 
@@ -47,6 +49,7 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path: Path, monke
 
 
 @pytest.mark.slow
+@requires("vaderSentiment")  # the gold judge
 def test_demo_second_run_reuses_every_stage(tmp_path: Path, capfd):
     code = main(["demo", "--quick", "--output-dir", str(tmp_path), *ON_CPU])
     assert code == 0

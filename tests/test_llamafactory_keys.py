@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import EPS64, cpu_config, float32_tolerance, read_events, write_jsonl
+from conftest import EPS64, cpu_config, float32_tolerance, read_events, requires, write_jsonl
 from rlhfkit.config import build_config
 from rlhfkit.config.arguments import DEFAULT_ONLY_KEYS, IGNORED_KEYS
 from rlhfkit.errors import RlhfkitError
@@ -55,8 +55,9 @@ def _optimizer(layer: nn.Module, optim: str, learning_rate: float, weight_decay:
     return build_optimizer(list(layer.named_parameters()), args)
 
 
-@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
-                                   "adafactor", "sgd"])
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused",
+                                   *(pytest.param(name, marks=requires("bitsandbytes"))
+                                     for name in ("adamw_8bit", "paged_adamw_8bit")), "adafactor", "sgd"])
 def test_each_optimizer_reduces_the_loss(optim):
     layer, loss_fn = _regression()
     optimizer = _optimizer(layer, optim, learning_rate=0.5 if optim == "sgd" else 1e-2)
@@ -100,6 +101,7 @@ def test_unknown_optimizer_lists_the_allowed():
     assert "adafactor, sgd" in message
 
 
+@requires("bitsandbytes")
 def test_bitsandbytes_missing_or_without_kernels_fails_in_one_line(monkeypatch):
     import bitsandbytes
 
@@ -192,6 +194,7 @@ def _sft_keys(tiny_model_dir, tmp_path, **keys):
             "logging_steps": 1, "save_steps": 0, "learning_rate": 1e-2, **keys}
 
 
+@requires("wandb")
 def test_wandb_offline_and_tensorboard_get_every_record(tiny_model_dir, tmp_path, monkeypatch):
     for name in ("WANDB_DIR", "WANDB_PROJECT"):
         monkeypatch.delenv(name, raising=False)
@@ -233,6 +236,7 @@ def test_a_missing_tracker_package_fails_in_one_line_naming_it(tmp_path, monkeyp
         _one_line_error({"report_to": "neptune"})
 
 
+@requires("wandb")
 def test_a_tracker_that_cannot_start_fails_in_one_line(tmp_path, monkeypatch):
     """wandb without a login (here: its start raising wandb's own error) stops the run naming it and
     what to do; the trackers started before it are finished."""

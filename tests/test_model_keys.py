@@ -20,7 +20,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import CPU, TINY_WIDEST, cpu_config, float32_tolerance, logit_bound, random_lora, tiny_llama
+from conftest import CPU, TINY_WIDEST, cpu_config, float32_tolerance, logit_bound, random_lora, requires, tiny_llama
 from rlhfkit.cli import main
 from rlhfkit.config import FinetuningArguments, ModelArguments, TrainingArguments
 from rlhfkit.data import load_examples, resolve_datasets
@@ -343,12 +343,14 @@ def _cache(cache: Path, repo_id: str, source: Path) -> Path:
 @pytest.fixture
 def offline(monkeypatch):
     """HF_HUB_OFFLINE=1 for huggingface_hub and datasets (both read it when imported)."""
-    import datasets.config
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    if importlib.util.find_spec("datasets") is not None:
+        import datasets.config
+
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture
@@ -397,6 +399,7 @@ def test_offline_uncached_model_is_one_line(capsys, tmp_path, tiny_model_dir, js
     assert "model_name_or_path 'org/missing'" in line and "hf download org/missing" in line and "local folder" in line
 
 
+@requires("datasets")
 def test_hf_hub_url_dataset_goes_through_load_dataset(tmp_path, monkeypatch):
     import datasets
 
@@ -416,6 +419,7 @@ def test_hf_hub_url_dataset_goes_through_load_dataset(tmp_path, monkeypatch):
     assert [m["content"] for m in examples[1].messages] == ["say b", "bbbb"]
 
 
+@requires("datasets")
 def test_hf_hub_url_dataset_offline_is_one_line(tmp_path, offline):
     (tmp_path / "dataset_info.json").write_text(json.dumps({"hubset": {"hf_hub_url": "org/never-cached"}}))
     specs = resolve_datasets("hubset", str(tmp_path), cache_dir=str(tmp_path / "cache"))
