@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check in one call: the cuda-marked tests, then the G1/G2 PPO benchmarks (benchmarks/gpu.py).
+# The GPU check in one call: the cuda-marked tests and the whole suite with the GPU visible (8 xdist
+# workers; tests needing a package the image lacks skip), then the G1/G2 PPO benchmarks (benchmarks/gpu.py).
 #
 #   benchmarks/run_gpu.sh [--tests-only | --bench-only] [extra arguments for gpu.py]
 #
@@ -30,6 +31,8 @@ $PYTHON -c "import torch, transformers, peft; print('torch', torch.__version__, 
 status=0
 if [[ $mode != bench-only ]]; then
   PYTHONPATH=src timeout 240 $PYTHON -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider || status=$?
+  PYTHONPATH=src timeout 300 $PYTHON -m pytest -q -n "${WORKERS:-8}" -p no:cacheprovider tests \
+    --junitxml "$(dirname "$RESULTS")/suite.xml" || status=$?
 fi
 if [[ $mode != tests-only ]]; then
   PYTHONPATH=src timeout 390 $PYTHON benchmarks/gpu.py --tokenizer "$TOKENIZER" --out "$RESULTS" \
