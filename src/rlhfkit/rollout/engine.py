@@ -90,7 +90,7 @@ def build_rollout_engine(args: "GenerationArguments", tokenizer, stop_token_ids:
     generator = HFGenerator(tokenizer, args, stop_token_ids, speedups=speedups)
     chosen = rollout_engine_for(args.rollout_engine, device.type)
     if chosen == "static":
-        base = policy.get_base_model() if hasattr(policy, "peft_config") else policy
+        base = policy.get_base_model() if callable(getattr(policy, "get_base_model", None)) else policy  # PEFT
         reason = "sharded training (FSDP, ZeRO-3)" if sharded else static_engine_unsupported(base)
         if reason is not None:
             if args.rollout_engine == "static":

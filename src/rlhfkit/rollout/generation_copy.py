@@ -59,7 +59,7 @@ class GenerationCopy:
     """
 
     def __init__(self, policy, dtype: torch.dtype | None = None) -> None:
-        peft = hasattr(policy, "peft_config")
+        peft = callable(getattr(policy, "get_base_model", None))  # a PeftModel (its base has peft_config too)
         base = policy.get_base_model() if peft else policy
         self.adapter, self.dtype = (policy.active_adapter if peft else None), dtype
         with torch.device("meta"):
