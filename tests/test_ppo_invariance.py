@@ -10,6 +10,8 @@ in float32 by design, to one float32 log-softmax of the same logits (see conftes
 from __future__ import annotations
 
 import contextlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +34,15 @@ from conftest import (
     statistic_tolerances,
 )
 from rlhfkit.rl import PPOLoss
-from rlhfkit.stages.ppo_steps import Rollout, evaluate_rollout, ppo_update_minibatch, response_forward
+import rlhfkit
+from rlhfkit.stages.ppo_steps import (
+    Rollout,
+    evaluate_rollout,
+    micro_batch_bounds,
+    padding_bounds,
+    ppo_update_minibatch,
+    response_forward,
+)
 
 
 def _model(model_dir, attn="sdpa", dtype=torch.float64):
@@ -421,3 +431,78 @@ def test_a_compile_memory_budget_saves_fewer_activations_for_the_same_gradients(
     rtol, atol = _gradient_tolerances(grads[1.0], ids.numel())
     for name, grad in grads[1.0].items():
         torch.testing.assert_close(grads[0.2][name], grad, rtol=rtol, atol=atol, msg=name)
+
+
+# --------------------------------------------------------------------- host reads in the update
+
+
+def test_micro_batch_bounds_equal_each_micro_batchs_padding_bounds():
+    """Ragged left-padded prompts and right-padded responses, rows without any real prompt or response
+    token included: the bounds read at once equal `padding_bounds` of each run of rows."""
+    generator = torch.Generator().manual_seed(0)
+    rows, width, response_width = 11, 7, 6
+    prompt_lengths = torch.randint(0, width + 1, (rows,), generator=generator)
+    response_lengths = torch.randint(0, response_width + 1, (rows,), generator=generator)
+    query_mask = (torch.arange(width) >= width - prompt_lengths[:, None]).long()  # left padding
+    response_mask = torch.arange(response_width) < response_lengths[:, None]  # right padding
+    query_mask[3:6], response_mask[3:6] = 0, False  # a run of rows with nothing real
+    for size in (1, 2, 3, 4, 11, 16):
+        expected = [padding_bounds(query_mask[b:b + size], response_mask[b:b + size]) for b in range(0, rows, size)]
+        assert micro_batch_bounds(query_mask, response_mask, size) == expected, size
+
+
+@contextlib.contextmanager
+def host_reads_by_rlhfkit():
+    """Counts the tensor reads by the host (bool/float/int/index conversions, item, tolist) that rlhfkit's
+    own code makes inside: on an accelerator each waits for the device's queued work."""
+    package = str(Path(rlhfkit.__file__).parent)
+    count = [0]
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(original):
+        def read(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(package):
+                count[0] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, counting(original))
+        yield count
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+HOST_READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
+
+
+@pytest.mark.parametrize("policy_kind", ["full", "lora"])
+def test_the_update_reads_the_device_per_mini_batch_not_per_micro_batch(tiny_model_dir, policy_kind):
+    """One mini-batch of 4 rows in 4 micro-batches or in 1: the host reads the device as often, so it
+    queues each micro-batch's passes while the device still runs the previous one's."""
+    model = _model(tiny_model_dir)
+    policy = _lora(model) if policy_kind == "lora" else model
+    head = _head(model.config.hidden_size)
+    rollout = _fixed_rollout(policy, head, dtype=torch.float64)
+    loss_fn = PPOLoss(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, entropy_coef=0.01)
+    reads = {}
+    for micro in (4, 1):
+        with host_reads_by_rlhfkit() as count:
+            ppo_update_minibatch(OneProcessAccelerator(), policy, head, loss_fn, rollout, micro, 0.9, 1)
+        reads[micro] = count[0]
+    assert reads[1] == reads[4] > 0, reads
+
+
+def test_the_evaluate_phase_reads_the_device_once_for_all_its_chunks(tiny_model_dir):
+    """Old log-probs, values and reference log-probs in chunks of 1 or of 4 rows: as many host reads."""
+    model = _model(tiny_model_dir)
+    head = _head(model.config.hidden_size)
+    _, _, response, _, ids, mask = pad_prompts_and_responses(PROMPTS, RESPONSES, PAD_ID)
+    reads = {}
+    for chunk in (4, 1):
+        with host_reads_by_rlhfkit() as count:
+            evaluate_rollout(model, head, model, contextlib.nullcontext, ids, mask, response, 1.0, chunk_size=chunk)
+        reads[chunk] = count[0]
+    assert reads[1] == reads[4] > 0, reads

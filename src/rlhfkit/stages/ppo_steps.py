@@ -50,9 +50,10 @@ class Rollout:
         mask = torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], dim=1)
         return ids, mask
 
-    def trimmed(self) -> "Rollout":
-        """The same rows without the columns that are padding in every row (see `padding_bounds`)."""
-        start, end = padding_bounds(self.query_mask, self.response_mask)
+    def trimmed(self, bounds: tuple[int, int] | None = None) -> "Rollout":
+        """The same rows without the columns that are padding in every row (see `padding_bounds`;
+        `bounds`: those already computed, e.g. by `micro_batch_bounds`)."""
+        start, end = padding_bounds(self.query_mask, self.response_mask) if bounds is None else bounds
         return Rollout(**{f.name: _trim_field(f.name, getattr(self, f.name), start, end) for f in fields(self)})
 
 
@@ -85,6 +86,22 @@ def padding_bounds(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tup
     response_real = response_mask.bool().any(0).nonzero()
     end = int(response_real[-1]) + 1 if len(response_real) else 1
     return start, end
+
+
+def micro_batch_bounds(query_mask: torch.Tensor, response_mask: torch.Tensor, size: int) -> list[tuple[int, int]]:
+    """`padding_bounds` of each run of `size` consecutive rows (the last may be shorter), read by the
+    host at once: one wait for the device instead of several per micro-batch."""
+    rows, width = query_mask.shape
+    prompt, response = query_mask.bool(), response_mask.bool()
+    # per row: the first real prompt column (width - 1 if none) and the response's real width (0 if none)
+    first = torch.where(prompt.any(1), prompt.long().argmax(1), width - 1)
+    columns = torch.arange(1, response.shape[1] + 1, device=response.device)
+    last = (response.long() * columns).amax(1) if response.shape[1] else torch.zeros_like(first)
+    chunks = -(-rows // size)
+    padding = chunks * size - rows
+    first = torch.nn.functional.pad(first, (0, padding), value=width - 1).view(chunks, size).amin(1)
+    last = torch.nn.functional.pad(last, (0, padding), value=0).view(chunks, size).amax(1).clamp(min=1)
+    return [tuple(pair) for pair in torch.stack([first, last], 1).tolist()]
 
 
 def length_order(mask: torch.Tensor) -> torch.Tensor:
@@ -157,9 +174,10 @@ def evaluate_rollout(policy, value_head, reference, reference_context, ids, mask
     out["ref_logprobs"] = zeros()
     prompt_width = ids.shape[1] - width
     order = length_order(mask)  # chunks of similar length, each trimmed to its own padding
-    for begin in range(0, rows_total, chunk_size):
+    bounds = micro_batch_bounds(mask[order, :prompt_width], mask[order, prompt_width:], chunk_size)
+    for index, begin in enumerate(range(0, rows_total, chunk_size)):
         rows = order[begin:begin + chunk_size]
-        start, end = padding_bounds(mask[rows, :prompt_width], mask[rows, prompt_width:])
+        start, end = bounds[index]
         chunk_ids, chunk_mask = ids[rows, start:prompt_width + end], mask[rows, start:prompt_width + end]
         chunk_response = response_ids[rows, :end]
         computed = {}
@@ -216,13 +234,17 @@ def ppo_update_minibatch(accelerator, policy, value_head, loss_fn: PPOLoss, mini
     rows = minibatch.response_mask.shape[0]
     total_tokens, total_rows = global_sums(accelerator, float(minibatch.response_mask.sum()), rows)
     total_tokens = max(total_tokens, 1.0)
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     with_entropy = loss_fn.entropy_coef > 0
     with_values = minibatch.values is not None  # a critic
-    minibatch_loss = 0.0
     order = length_order(minibatch.sequences()[1])  # similar lengths together: less padding per pass
-    for begin in range(0, rows, micro_batch_size):
-        micro = minibatch.select(order[begin:begin + micro_batch_size]).trimmed()
+    ordered = minibatch.select(order)
+    bounds = micro_batch_bounds(ordered.query_mask, ordered.response_mask, micro_batch_size)
+    # The statistics stay on the device until the mini-batch ends: the host does not wait for
+    # each micro-batch's passes and keeps queueing the next one's (float64, as the sums are read).
+    minibatch_loss = torch.zeros((), dtype=torch.float64, device=minibatch.response_mask.device)
+    for index, begin in enumerate(range(0, rows, micro_batch_size)):
+        micro = ordered.select(slice(begin, begin + micro_batch_size)).trimmed(bounds[index])
         ids, mask = micro.sequences()
         last = begin + micro_batch_size >= rows
         with micro_batch_context(accelerator, policy, last), accelerator.autocast():
@@ -234,10 +256,10 @@ def ppo_update_minibatch(accelerator, policy, value_head, loss_fn: PPOLoss, mini
                                   micro.response_mask, entropy=entropy, normaliser=total_tokens,
                                   ref_logprobs=micro.ref_logprobs, sequence_normaliser=total_rows)
             accelerator.backward(loss * world)  # DDP averages gradients over processes
-        tokens = float(micro.response_mask.sum())
+        tokens = micro.response_mask.sum().double()
         for key, value in stats.items():
-            sums[key] = sums.get(key, 0.0) + float(value) * tokens
-        minibatch_loss += float(loss.detach())
+            sums[key] = sums.get(key, 0.0) + torch.as_tensor(value).double() * tokens
+        minibatch_loss += loss.detach().double()
     keys = sorted(sums)
     totals = global_sums(accelerator, minibatch_loss, *(sums[key] for key in keys))
     return {"loss": totals[0], **{key: value / total_tokens for key, value in zip(keys, totals[1:])}}

@@ -39,9 +39,24 @@ def micro_batch_context(accelerator, model, last: bool) -> Iterator[None]:
 
 
 def global_sums(accelerator, *values: float | torch.Tensor) -> list[float]:
-    """Each value summed over all processes, in one all-reduce."""
-    local = torch.tensor([float(v) for v in values], dtype=torch.float64, device=accelerator.device)
-    return accelerator.reduce(local, "sum").tolist()
+    """Each value summed over all processes, in one all-reduce, in float64.
+
+    Tensor values (one element each) are gathered on their device, so the host waits for the
+    device once, when it reads the sums, not once per value.
+    """
+    device = accelerator.device
+    numbers = [i for i, v in enumerate(values) if not isinstance(v, torch.Tensor)]
+    tensors = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    parts = []
+    if numbers:  # one host-to-device copy
+        parts.append(torch.tensor([float(values[i]) for i in numbers], dtype=torch.float64).to(device))
+    if tensors:
+        parts.append(torch.stack([values[i].detach().reshape(()).to(device, torch.float64) for i in tensors]))
+    summed = accelerator.reduce(torch.cat(parts), "sum").tolist()
+    result = [0.0] * len(values)
+    for position, index in enumerate(numbers + tensors):
+        result[index] = summed[position]
+    return result
 
 
 def global_masked_whiten(accelerator, values: torch.Tensor, mask: torch.Tensor, keep_mean: bool = False,
