@@ -1,23 +1,28 @@
 """Checks that need a CUDA device (marked `cuda`; skipped without one): a bf16 PPO step with LoRA and full
 fine-tuning through the accelerator's defaults (static rollout engine with a CUDA-graph decode step, chunked
-LM head), the compiled static engine against the recording loop, and the memory that gradient checkpointing
-and the chunked head save. Run them with ``pytest -m cuda``.
+LM head), the compiled static engine against the recording loop, the memory that gradient checkpointing
+and the chunked head save, and host waits for the device that do not grow with the micro-batches. Run them with ``pytest -m cuda``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
+from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from conftest import EOS_ID
+from rlhfkit.accelerator.transfer import batch_to_device
 from rlhfkit.config import GenerationArguments, build_config
 from rlhfkit.models.loading import enable_gradient_checkpointing
+from rlhfkit.models.value_head import ValueHead
+from rlhfkit.rl import PPOLoss
 from rlhfkit.rollout import HFGenerator, RecordingEngine, StaticCacheEngine
 from rlhfkit.stages import run_stage
-from rlhfkit.stages.ppo_steps import response_forward
+from rlhfkit.stages.ppo_steps import Rollout, ppo_update_minibatch, response_forward
 from rlhfkit.tracking.trainer_log import read_trainer_log
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -118,3 +123,70 @@ def test_gradient_checkpointing_and_the_chunked_head_lower_peak_memory():
     logits_bytes = 8 * 256 * 32000 * 4
     assert chunked < plain - logits_bytes, (plain, chunked)  # at least one float32 logits tensor less
     assert checkpointed < 0.7 * chunked, (chunked, checkpointed)
+
+
+def _device_waits(run) -> int:
+    """How often the host waits for the device inside `run` (torch's CUDA sync debug mode, warnings counted)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_the_update_waits_for_the_device_per_mini_batch_not_per_micro_batch(tiny_model_dir):
+    """One PPO mini-batch of 8 rows in 8 micro-batches or in 1: as many host waits (the statistics and the
+    micro-batches' padding bounds are read once), so the host queues each pass while the device runs."""
+    tokenizer, model, ids, mask = _tiny(tiny_model_dir, torch.float32)
+    model.train()
+    rows = 8
+    query, query_mask = ids.repeat(2, 1), mask.repeat(2, 1)
+    generator = torch.Generator(CUDA).manual_seed(0)
+    response = torch.randint(3, 50, (rows, 6), device=CUDA, generator=generator)
+    response_mask = torch.arange(6, device=CUDA) < torch.randint(1, 7, (rows, 1), device=CUDA, generator=generator)
+    noise = torch.randn(rows, 6, device=CUDA, generator=generator) * response_mask
+    rollout = Rollout(query, query_mask, response, response_mask, noise[:, 0], noise, noise, noise, noise, noise)
+    head = ValueHead(model.config.hidden_size).to(CUDA)
+    loss_fn = PPOLoss(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
+    accelerator = Accelerator()
+
+    def update(micro):
+        return lambda: ppo_update_minibatch(accelerator, model, head, loss_fn, rollout, micro, 1.0, 1)
+
+    update(rows)()  # warm-up: kernels and allocator
+    waits = {micro: _device_waits(update(micro)) for micro in (rows, 1)}
+    assert waits[1] == waits[rows], waits
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_sft_and_rm_steps_wait_for_the_device_per_step_not_per_micro_batch(stage, tmp_path, tiny_model_dir, jsonl):
+    """One optimizer step of 8 rows as 1 x 8 or 8 x 1 micro-batches: as many host waits over the whole run
+    (loading, the step, the save), so no micro-batch makes the host wait (batches are copied from pinned
+    memory, the losses summed on the device)."""
+    rows = ([{"instruction": f"say {w}", "output": w * 3} for w in "abcdefgh"] if stage == "sft" else
+            [{"instruction": f"say {w}", "chosen": w * 3, "rejected": "zz"} for w in "abcdefgh"])
+    data = jsonl(tmp_path / "d.jsonl", rows)
+
+    def run(micro):
+        values = {"stage": stage, "model_name_or_path": str(tiny_model_dir), "dataset": str(data),
+                  "finetuning_type": "lora", "per_device_train_batch_size": micro,
+                  "gradient_accumulation_steps": 8 // micro, "max_steps": 1, "save_steps": 0,
+                  "output_dir": str(tmp_path / f"{stage}-{micro}"), "overwrite_output_dir": True,
+                  "gradient_checkpointing": False}
+        return lambda: run_stage(build_config(values))
+
+    run(8)()  # warm-up
+    waits = {micro: _device_waits(run(micro)) for micro in (8, 1)}
+    assert waits[1] == waits[8], waits
+
+
+def test_batches_reach_the_device_from_pinned_memory_without_a_host_wait():
+    batch = {"input_ids": torch.arange(12).view(3, 4), "attention_mask": torch.ones(3, 4, dtype=torch.long)}
+    moved = {}
+    assert _device_waits(lambda: moved.update(batch_to_device(batch, CUDA))) == 0
+    for key, value in batch.items():
+        assert moved[key].device.type == "cuda" and torch.equal(moved[key].cpu(), value)

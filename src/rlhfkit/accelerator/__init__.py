@@ -2,6 +2,7 @@
 
 * `defaults`: the device-dependent defaults of keys left unset (micro-batch, evaluation chunk,
   chunked LM head) and the rollout engine `auto` picks.
+* `transfer`: host-to-device copies of training batches that do not wait for the device (pinned memory).
 
 The accelerator's rollout engine itself (static KV cache, compiled decode step, merged LoRA copy)
 lives with the other engines in `rlhfkit.rollout`. This package's `__init__` imports nothing

@@ -17,6 +17,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.accelerator.transfer import batch_to_device
 from rlhfkit.config import Config
 from rlhfkit.data import collate_pairwise
 from rlhfkit.models.adapters import merged_adapter_paths, split_paths
@@ -135,19 +136,21 @@ def rm_step(run: Training, items: list[dict], indices: list[int], pad_token_id: 
     rank_indices, real = rank_share(indices, accelerator.process_index, world)
     weights = (torch.arange(len(rank_indices)) < real).float().to(accelerator.device)  # 0: padding
     micros = micro_batches(list(range(len(rank_indices))), t.per_device_train_batch_size)
-    loss_sum, correct, margin, positions = 0.0, 0.0, 0.0, 0
+    # The sums stay on the device (float64) and are read once, at the end of the step.
+    loss_sum, correct, margin = (torch.zeros((), dtype=torch.float64, device=accelerator.device) for _ in range(3))
+    positions = 0
     for index, micro in enumerate(micros):
         batch = collate_pairwise([items[rank_indices[i]] for i in micro], pad_token_id)
         positions += batch["input_ids"].numel()
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = batch_to_device(batch, accelerator.device)
         weight = weights[micro[0]:micro[-1] + 1]
         with micro_batch_context(accelerator, run.model, index == len(micros) - 1), accelerator.autocast():
             chosen, rejected = pair_scores(run.model, batch)
             pair_loss = (-F.logsigmoid(chosen - rejected) * weight).sum()
             accelerator.backward(pair_loss * world / step_pairs)  # DDP averages over processes
-        loss_sum += float(pair_loss.detach())
-        correct += float(((chosen > rejected).float() * weight).sum())
-        margin += float(((chosen - rejected).detach() * weight).sum())
+        loss_sum += pair_loss.detach().double()
+        correct += ((chosen > rejected).float() * weight).sum().double()
+        margin += ((chosen - rejected).detach() * weight).sum().double()
     loss, accuracy, margin = (value / step_pairs for value in global_sums(accelerator, loss_sum, correct, margin))
     real_tokens = sum(len(items[i]["chosen_input_ids"]) + len(items[i]["rejected_input_ids"])
                       for i in rank_indices[:real])

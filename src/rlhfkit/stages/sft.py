@@ -15,6 +15,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.accelerator.transfer import batch_to_device
 from rlhfkit.config import Config
 from rlhfkit.data import collate_sft
 from rlhfkit.models.forward import causal_lm_forward, chunkable_head, head_returns_input
@@ -126,13 +127,13 @@ def sft_step(run: Training, items: list[dict], indices: list[int], pad_token_id:
     local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     (step_tokens,) = global_sums(accelerator, local_tokens)
     step_tokens = max(step_tokens, 1.0)
-    step_loss = 0.0
+    step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # read once, at the end
     for index, batch in enumerate(batches):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = batch_to_device(batch, accelerator.device)
         with micro_batch_context(accelerator, run.model, index == len(batches) - 1), accelerator.autocast():
             nll, _ = token_nll_sum(run.model, batch, t.logits_chunk_size)
             accelerator.backward(nll * world / step_tokens)  # DDP averages over processes
-        step_loss += float(nll.detach()) / step_tokens
+        step_loss += nll.detach().double() / step_tokens
     (step_loss,) = global_sums(accelerator, step_loss)
     return step_loss, tokens
 
