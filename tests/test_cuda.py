@@ -190,3 +190,16 @@ def test_batches_reach_the_device_from_pinned_memory_without_a_host_wait():
     assert _device_waits(lambda: moved.update(batch_to_device(batch, CUDA))) == 0
     for key, value in batch.items():
         assert moved[key].device.type == "cuda" and torch.equal(moved[key].cpu(), value)
+
+
+def test_tf32_key_sets_cuda_float32_products():
+    from rlhfkit.training.runtime import build_accelerator
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        for setting in (True, False):
+            build_accelerator(build_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o",
+                                            "tf32": setting}))
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (setting, setting)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -33,6 +34,7 @@ from rlhfkit.models.tiny import build_char_tokenizer
 from rlhfkit.models.value_head import ValueHead
 from rlhfkit.stages import run_stage
 from rlhfkit.training.optim import build_optimizer, param_groups
+from rlhfkit.training.runtime import build_accelerator
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed (pip install bitsandbytes); "
@@ -444,3 +446,16 @@ def test_push_offline_is_one_line(tmp_path, offline):
     with pytest.raises(RlhfkitError) as err:
         push_folder(tmp_path, "me/x", None, "hub_model_id")
     assert "'me/x'" in str(err.value) and "hf upload me/x" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tf32_is_a_cuda_switch_that_leaves_other_devices_alone(caplog):
+    """`tf32: true` on the CPU changes no global setting (it applies to CUDA products only) and says so."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    config = cpu_config({**BASE, "tf32": True})
+    assert config.training.tf32 is True and cpu_config(BASE).training.tf32 is None
+    with caplog.at_level(logging.INFO, logger="rlhfkit.accelerator.matmul"):
+        build_accelerator(config)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    assert "tf32: True applies to CUDA devices only" in caplog.text
+    with pytest.raises(RlhfkitError, match="tf32"):
+        cpu_config({**BASE, "tf32": "fast"})

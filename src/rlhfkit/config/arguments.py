@@ -166,6 +166,8 @@ class TrainingArguments:
     """Compute in bfloat16 (trainable parameters stay float32)."""
     fp16: bool = False
     """Compute in float16 (trainable parameters stay float32)."""
+    tf32: Optional[bool] = None
+    """On CUDA: float32 matrix products and convolutions on TF32 tensor cores (true: several times faster, products rounded to 10 mantissa bits) or in full float32 (false); unset keeps PyTorch's setting (full float32). Other devices: no effect."""
     logits_chunk_size: Optional[int] = None
     """Positions whose vocabulary logits exist at once in PPO's and SFT's training and evaluation passes: the LM head and log-softmax run in chunks of this many positions, gradients exact (0: off, one whole-tensor pass); unset: 0 on a CPU (its kept buffers are faster), 1024 on an accelerator."""
     gradient_checkpointing: Optional[bool] = None

@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from rlhfkit.accelerator.defaults import apply_device_defaults
+from rlhfkit.accelerator.matmul import apply_tf32
 from rlhfkit.config import Config
 from rlhfkit.errors import fail
 from rlhfkit.run_lock import holds_files
@@ -80,6 +81,7 @@ def build_accelerator(config: Config) -> Accelerator:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what `accelerate launch --use_deepspeed` sets
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu, log_with=trackers or None, deepspeed_plugin=plugin)
     filled = apply_device_defaults(config, accelerator.device.type)
+    apply_tf32(config.training.tf32, accelerator.device.type)
     if filled:
         logger.info("defaults for %s: %s", accelerator.device.type,
                     ", ".join(f"{key}={getattr(config.training, key)}" for key in filled))
