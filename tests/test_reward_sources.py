@@ -487,3 +487,29 @@ def test_score_batch_weights_penalty_and_clip(tiny_model_dir, tmp_path):
     assert scores.tolist() == [max(-2.0, min(2.0, s)) for s in penalised]
     assert stats["reward"] == sum(raw) / 4            # before penalty and clipping
     assert stats["score/len"] == 6.5 and stats["score/neg"] == -1.0
+
+
+def test_api_timeout_bounds_name_resolution(monkeypatch):
+    """A host name whose lookup hangs (the resolver has no timeout of its own) fails within
+    reward_api_timeout; a name that resolves at once reaches the server (its Host header kept)."""
+    import socket
+    import time
+
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "slow.test":
+            time.sleep(5)
+        return real_getaddrinfo("127.0.0.1" if host.endswith(".test") else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    with RewardServer(lambda number, payload: (200, json.dumps({"scores": [1.5] * 3}).encode())) as server:
+        port = server.httpd.server_address[1]
+        scores = ApiReward(f"http://scores.test:{port}/v1/score", timeout=5, retries=0).score(_batch(PROMPTS, RESPONSES))
+        assert scores.tolist() == [1.5] * 3
+        started = time.monotonic()
+        with pytest.raises(RlhfkitError) as info:
+            ApiReward(f"http://slow.test:{port}/v1/score", timeout=1, retries=0).score(_batch(PROMPTS, RESPONSES))
+        elapsed = time.monotonic() - started
+    assert elapsed < 1 + 1.0  # the timeout plus slack for a loaded machine; the lookup takes 5 s
+    assert "slow.test" in str(info.value) and "\n" not in str(info.value)

@@ -299,7 +299,7 @@ class PPOArguments:
     missing_eos_penalty: Optional[float] = None
     """Subtract this from the score of responses that never produced EOS (unset disables)."""
     reward_api_timeout: float = 30.0
-    """Seconds an HTTP reward request may take in all (connecting and every read) before it times out."""
+    """Seconds an HTTP reward request may take in all (resolving the host name, connecting and every read) before it times out."""
     reward_api_retries: int = 3
     """Retries of a failed HTTP reward request (exponential backoff) before the run stops."""
 

@@ -1,7 +1,7 @@
 """An HTTP reward server (LLaMA-Factory's protocol): POST {"model", "messages"}, read {"scores"}.
 
-Each request has one deadline, `timeout` seconds for connecting and every read together (a server
-that sends one byte at a time cannot hold it longer), follows at most `MAX_REDIRECTS` redirects and
+Each request has one deadline, `timeout` seconds for resolving the host name, connecting and every
+read together (a slow name server or a server that sends one byte at a time cannot hold it longer), follows at most `MAX_REDIRECTS` redirects and
 only to http(s) URLs, and reads at most `MAX_REPLY_BYTES`.
 """
 
@@ -68,9 +68,43 @@ class Deadline:
                 self.watch(conn.sock)
 
             conn.connect = connect_within_deadline
+            conn._create_connection = self.create_connection  # http.client's hook for opening the socket
             return conn
 
         return connection
+
+    def create_connection(self, address: tuple[str, int], timeout=None, source_address=None) -> socket.socket:
+        """`socket.create_connection` with the host name resolved within the time left: the resolver
+        (`getaddrinfo`) has no timeout of its own, so it runs in a thread the request stops waiting for."""
+        host, port = address
+        found: dict[str, object] = {}
+
+        def resolve() -> None:
+            try:
+                found["addresses"] = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            except OSError as error:
+                found["error"] = error
+
+        resolver = threading.Thread(target=resolve, daemon=True)
+        resolver.start()
+        resolver.join(self.left())
+        if resolver.is_alive():
+            raise TimeoutError(f"resolving {host} took longer than the time left")
+        if "error" in found:
+            raise found["error"]
+        error: OSError | None = None
+        for family, kind, protocol, _, socket_address in found["addresses"]:
+            sock = socket.socket(family, kind, protocol)
+            try:
+                sock.settimeout(self.left())
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(socket_address)
+                return sock
+            except OSError as failure:
+                error = failure
+                sock.close()
+        raise error if error is not None else OSError(f"no address for {host}")
 
 
 def _shut_down(sock: socket.socket) -> None:
