@@ -25,7 +25,7 @@ from conftest import (
 )
 from rlhfkit.rl.head_logprobs import head_logprobs
 from rlhfkit.stages.ppo_steps import response_forward
-from rlhfkit.stages.sft import token_nll_sum
+from rlhfkit.stages.sft import label_positions, token_nll_sum
 
 VOCAB, HIDDEN = 50, 8
 
@@ -175,3 +175,24 @@ def test_sft_loss_in_chunks_equals_cross_entropy_over_the_whole_logits():
     rtol, atol = gradient_tolerances(grads[0], ids.numel() * 48)  # float32 log-softmax in the plain path
     for name, expected in grads[0].items():
         torch.testing.assert_close(grads[3][name], expected, rtol=rtol, atol=atol, msg=name)
+
+
+def test_sft_label_positions_from_the_host_select_the_same_tokens():
+    """`label_positions` computed beforehand (as the SFT step does on the host) gives the chunked loss and
+    its gradients exactly as the positions found on the device do."""
+    _, _, _, _, ids, mask = _padded_batch()
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    labels[:, :2] = -100
+    outcomes = []
+    for given in (False, True):
+        model = tiny_llama(48, seed=6).double()
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if given:
+            batch["label_positions"] = label_positions(labels)
+        nll, count = token_nll_sum(model, batch, logits_chunk_size=3)
+        nll.backward()
+        outcomes.append((nll.detach(), count, {name: p.grad for name, p in model.named_parameters()}))
+    assert torch.equal(outcomes[0][0], outcomes[1][0]) and int(outcomes[0][1]) == int(outcomes[1][1])
+    for name, grad in outcomes[0][2].items():
+        assert torch.equal(outcomes[1][2][name], grad), name
+    assert label_positions(labels).numel() == int((labels[:, 1:] != -100).sum())

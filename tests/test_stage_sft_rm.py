@@ -124,8 +124,9 @@ def _big_and_accumulated(model_dir, tmp_path, batch: int, accumulation: int, **c
     return tmp_path / "big", tmp_path / "acc", weight_atol, log_rel
 
 
-@pytest.mark.parametrize("batch,accumulation", [(2, 2), (1, 4)])
-def test_sft_gradient_accumulation_equals_one_large_batch(tiny_model_dir, tmp_path, jsonl, batch, accumulation):
+@pytest.mark.parametrize("batch,accumulation,chunk", [(2, 2, 0), (1, 4, 0), (1, 4, 5)])
+def test_sft_gradient_accumulation_equals_one_large_batch(tiny_model_dir, tmp_path, jsonl, batch, accumulation, chunk):
+    """`chunk`: the LM head in chunks of that many label positions (found on the host) in both runs."""
     # Replies of 1, 3, 6 and 11 characters: a per-micro-batch mean would weight them differently
     # from the token-normalised mean over the whole step.
     rows = [{"instruction": "one", "output": "a"}, {"instruction": "three", "output": "bcd"},
@@ -133,7 +134,7 @@ def test_sft_gradient_accumulation_equals_one_large_batch(tiny_model_dir, tmp_pa
     data = jsonl(tmp_path / "sft.jsonl", rows)
     big_dir, acc_dir, weight_atol, log_rel = _big_and_accumulated(tiny_model_dir, tmp_path, batch, accumulation,
                                                                   stage="sft", finetuning_type="full",
-                                                                  dataset=str(data))
+                                                                  dataset=str(data), logits_chunk_size=chunk)
     big = load_file(str(big_dir / "model.safetensors"))
     acc = load_file(str(acc_dir / "model.safetensors"))
     base = load_file(str(tiny_model_dir / "model.safetensors"))

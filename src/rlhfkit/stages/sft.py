@@ -30,22 +30,35 @@ from rlhfkit.training.optim import total_optimizer_steps
 logger = logging.getLogger(__name__)
 
 
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices ``(n,)`` into ``(b, T)`` of the positions whose next token is a label (that token is
+    at the index + 1). Computed where `labels` are made (the host), a device selects them without
+    waiting to learn n."""
+    predicts = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    predicts[:, :-1] = labels[:, 1:] != -100
+    return predicts.reshape(-1).nonzero().squeeze(-1)
+
+
 def token_nll_sum(model, batch: dict[str, torch.Tensor], logits_chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token negative log-likelihood over label tokens, and their count.
 
     `logits_chunk_size` > 0: the LM head and log-softmax run only on the label positions, that many
     at a time (`rl.head_logprobs`), so the ``(b, T, v)`` logits never exist, wherever the head allows
-    it (`chunkable_head`).
+    it (`chunkable_head`). The positions come from ``batch["label_positions"]`` (`label_positions`)
+    when the batch has them.
     """
     shift_labels = batch["labels"][:, 1:]
     head = chunkable_head(model) if logits_chunk_size > 0 else None
     if head is not None:
         with head_returns_input(head):
             hidden = causal_lm_forward(model, batch["input_ids"], batch["attention_mask"]).logits  # (b, T, H)
-        labelled = shift_labels != -100  # (b, T - 1)
-        logprobs, _ = head_logprobs(hidden[:, :-1][labelled], head.weight, shift_labels[labelled],
-                                    chunk_size=logits_chunk_size)  # (n,)
-        return -logprobs.sum(), labelled.sum()
+        positions = batch.get("label_positions")
+        if positions is None:
+            positions = label_positions(batch["labels"])
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (n, H)
+        targets = batch["labels"].reshape(-1).index_select(0, positions + 1)  # (n,)
+        logprobs, _ = head_logprobs(flat_hidden, head.weight, targets, chunk_size=logits_chunk_size)  # (n,)
+        return -logprobs.sum(), (shift_labels != -100).sum()
     logits = causal_lm_forward(model, batch["input_ids"], batch["attention_mask"]).logits  # (b, T, v)
     shift_logits = logits[:, :-1].float()
     nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
@@ -60,7 +73,8 @@ def evaluate_sft(model, items: list[dict], batch_size: int, pad_token_id: int, d
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for begin in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in collate_sft(items[begin:begin + batch_size], pad_token_id).items()}
+        batch = collate_sft(items[begin:begin + batch_size], pad_token_id)
+        batch = batch_to_device({**batch, "label_positions": label_positions(batch["labels"])}, device)
         nll, n = token_nll_sum(model, batch, logits_chunk_size)
         total, count = total + nll.float(), count + n
     model.train()
@@ -129,7 +143,7 @@ def sft_step(run: Training, items: list[dict], indices: list[int], pad_token_id:
     step_tokens = max(step_tokens, 1.0)
     step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # read once, at the end
     for index, batch in enumerate(batches):
-        batch = batch_to_device(batch, accelerator.device)
+        batch = batch_to_device({**batch, "label_positions": label_positions(batch["labels"])}, accelerator.device)
         with micro_batch_context(accelerator, run.model, index == len(batches) - 1), accelerator.autocast():
             nll, _ = token_nll_sum(run.model, batch, t.logits_chunk_size)
             accelerator.backward(nll * world / step_tokens)  # DDP averages over processes
