@@ -78,7 +78,7 @@ def sample(model, reference, tokenizer, prompts: list[str], max_new_tokens: int,
                                                 skip_special_tokens=True)
         out.lengths += mask.sum(-1).tolist()
         out.ended += ended.tolist()
-        out.kl_to_reference += kl.cpu().tolist()
+        out.kl_to_reference += kl.tolist()
         progress.advance(batch_index)
         elapsed = time.time() - started
         per_batch = elapsed / batch_index
@@ -103,8 +103,8 @@ def reward_model_scores(base_dir: str | Path, rm_dir: str | Path, prompts: list[
                                                       {"role": "assistant", "content": response}])
             rows.append({"input_ids": [t for p, r in turns for t in p + r]})
         batch = collate_prompts(rows, tokenizer.pad_token_id)
-        scores += sequence_scores(model, head, batch["input_ids"].to(device),
-                                  batch["attention_mask"].to(device)).cpu().tolist()
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        scores += sequence_scores(model, head, ids, mask).tolist()
     return scores
 
 

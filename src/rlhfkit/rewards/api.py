@@ -1,8 +1,8 @@
 """An HTTP reward server (LLaMA-Factory's protocol): POST {"model", "messages"}, read {"scores"}.
 
 Each request has one deadline, `timeout` seconds for resolving the host name, connecting and every
-read together (a slow name server or a server that sends one byte at a time cannot hold it longer), follows at most `MAX_REDIRECTS` redirects and
-only to http(s) URLs, and reads at most `MAX_REPLY_BYTES`.
+read together (a slow name server or a server that sends one byte at a time cannot hold it longer),
+follows at most `MAX_REDIRECTS` redirects and only to http(s) URLs, and reads at most `MAX_REPLY_BYTES`.
 """
 
 from __future__ import annotations
@@ -92,19 +92,13 @@ class Deadline:
             raise TimeoutError(f"resolving {host} took longer than the time left")
         if "error" in found:
             raise found["error"]
-        error: OSError | None = None
-        for family, kind, protocol, _, socket_address in found["addresses"]:
-            sock = socket.socket(family, kind, protocol)
+        error: OSError = OSError(f"no address for {host}")
+        for *_, socket_address in found["addresses"]:  # numeric addresses: create_connection resolves none
             try:
-                sock.settimeout(self.left())
-                if source_address:
-                    sock.bind(source_address)
-                sock.connect(socket_address)
-                return sock
+                return socket.create_connection(socket_address[:2], self.left(), source_address)
             except OSError as failure:
                 error = failure
-                sock.close()
-        raise error if error is not None else OSError(f"no address for {host}")
+        raise error
 
 
 def _shut_down(sock: socket.socket) -> None:

@@ -39,6 +39,13 @@ def label_positions(labels: torch.Tensor) -> torch.Tensor:
     return predicts.reshape(-1).nonzero().squeeze(-1)
 
 
+def sft_batch_to_device(batch: dict[str, torch.Tensor], device, logits_chunk_size: int) -> dict[str, torch.Tensor]:
+    """A collated (host) batch on `device`, with its `label_positions` when the LM head runs in chunks."""
+    if logits_chunk_size > 0:
+        batch = {**batch, "label_positions": label_positions(batch["labels"])}
+    return batch_to_device(batch, device)
+
+
 def token_nll_sum(model, batch: dict[str, torch.Tensor], logits_chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token negative log-likelihood over label tokens, and their count.
 
@@ -73,8 +80,8 @@ def evaluate_sft(model, items: list[dict], batch_size: int, pad_token_id: int, d
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for begin in range(0, len(items), batch_size):
-        batch = collate_sft(items[begin:begin + batch_size], pad_token_id)
-        batch = batch_to_device({**batch, "label_positions": label_positions(batch["labels"])}, device)
+        batch = sft_batch_to_device(collate_sft(items[begin:begin + batch_size], pad_token_id), device,
+                                    logits_chunk_size)
         nll, n = token_nll_sum(model, batch, logits_chunk_size)
         total, count = total + nll.float(), count + n
     model.train()
@@ -143,7 +150,7 @@ def sft_step(run: Training, items: list[dict], indices: list[int], pad_token_id:
     step_tokens = max(step_tokens, 1.0)
     step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # read once, at the end
     for index, batch in enumerate(batches):
-        batch = batch_to_device({**batch, "label_positions": label_positions(batch["labels"])}, accelerator.device)
+        batch = sft_batch_to_device(batch, accelerator.device, t.logits_chunk_size)
         with micro_batch_context(accelerator, run.model, index == len(batches) - 1), accelerator.autocast():
             nll, _ = token_nll_sum(run.model, batch, t.logits_chunk_size)
             accelerator.backward(nll * world / step_tokens)  # DDP averages over processes
